@@ -1,0 +1,8 @@
+"""The one exception type that reaches users as a one-line message."""
+
+
+class ImgclfError(Exception):
+    """A problem the user can fix: the message names the problem and the fix.
+
+    The CLI prints it as a single line and exits with status 1; it never shows a traceback.
+    """
