@@ -1,0 +1,226 @@
+"""The `imgclf` command: a thin layer over the Python API.
+
+Exit status: 0 success, 1 a problem with the input (one line on stderr), 2 a usage error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, load_recipe
+from imgclf.errors import ImgclfError
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from imgclf.train import train
+
+    overrides = {k: getattr(args, k) for k in (
+        "dataset", "data_dir", "val_split", "subset", "image_size", "epochs", "batch_size", "lr", "optimizer",
+        "schedule", "warmup_epochs", "weight_decay", "label_smoothing", "augment", "ema", "early_stopping",
+        "precision", "device", "seed", "threads")}
+    overrides["grayscale"] = True if args.grayscale else None
+    overrides["tta"] = True if args.tta else None
+    if args.resume:
+        if not args.out:
+            raise ImgclfError("--resume needs --out RUN_DIR: the run folder to continue")
+        train(out=args.out, resume=True, device=args.device, threads=args.threads)
+        return
+    if not args.dataset and not args.recipe:
+        raise ImgclfError("no dataset given; add --dataset NAME (see `imgclf datasets`) or --recipe NAME")
+    train(recipe=args.recipe, model=args.model, out=args.out, **overrides)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from imgclf.evaluate import evaluate
+
+    metrics = evaluate(args.run, args.dataset, split=args.split, tta=True if args.tta else None,
+                       data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(metrics))
+        return
+    top5 = metrics["top5_accuracy"]
+    console.print(f"{metrics['dataset']} {metrics['split']} split, {metrics['num_images']:,} images"
+                  f"{' with TTA' if metrics['tta'] else ''}: accuracy [bold]{metrics['accuracy']:.2%}[/]"
+                  f"{f', top-5 {top5:.2%}' if top5 is not None else ''}, loss {metrics['loss']:.4f}")
+    table = Table("class", "precision", "recall", "F1", "support")
+    for name, m in metrics["per_class"].items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    console.print(table)
+    if len(metrics["confusion_matrix"]) <= 20:
+        matrix = Table("true \\ predicted", *[str(i) for i in range(len(metrics["confusion_matrix"]))])
+        for i, row in enumerate(metrics["confusion_matrix"]):
+            matrix.add_row(str(i), *[str(v) for v in row])
+        console.print(matrix)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from imgclf.evaluate import predict
+
+    results = predict(args.run, args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([{"image": str(path), "top": [{"label": c, "probability": p} for c, p in top]}
+                          for path, top in zip(args.images, results, strict=True)]))
+        return
+    for path, top in zip(args.images, results, strict=True):
+        console.print(f"{path}: " + ", ".join(f"[bold]{c}[/] {p:.1%}" if i == 0 else f"{c} {p:.1%}"
+                                               for i, (c, p) in enumerate(top)))
+
+
+def _summary(args: argparse.Namespace) -> None:
+    from imgclf.data import dataset_info
+    from imgclf.models import create_model, summarize
+
+    if args.recipe:
+        config = load_recipe(args.recipe)
+        name, options, dataset = config.model.name, config.model.options, args.dataset or config.data.dataset
+        grayscale = config.data.grayscale
+    elif args.model:
+        name, options, dataset, grayscale = args.model, {}, args.dataset or "cifar10", False
+    else:
+        raise ImgclfError("give --model NAME or --recipe NAME_OR_YAML")
+    info = dataset_info(dataset)
+    channels = 1 if grayscale else info.channels
+    net = create_model(name, num_classes=info.num_classes, in_channels=channels, image_size=info.image_size,
+                       **options)
+    summary = summarize(net, (channels, info.image_size, info.image_size))
+    if args.json:
+        print(json.dumps({"model": name, "input_shape": [channels, info.image_size, info.image_size],
+                          "num_classes": info.num_classes, **summary.to_dict()}))
+    else:
+        console.print(summary.table())
+
+
+def _models(args: argparse.Namespace) -> None:
+    from imgclf.models import list_models
+
+    table = Table("model", "description")
+    for name, description in list_models():
+        table.add_row(name, description)
+    console.print(table)
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    table = Table("recipe", "description")
+    for name, description in list_recipes():
+        table.add_row(name, description)
+    console.print(table)
+
+
+def _datasets(args: argparse.Namespace) -> None:
+    from imgclf.data import list_datasets, load_dataset
+
+    if args.name:
+        console.print(load_dataset(args.name, args.data_dir, val_split=args.val_split).summary())
+        return
+    table = Table("dataset", "classes", "image", "train", "test", "present")
+    for d in list_datasets(args.data_dir):
+        table.add_row(d["name"], str(d["classes"]), "x".join(map(str, d["shape"])), f"{d['train']:,}",
+                      f"{d['test']:,}" if d["test"] else "-", "yes" if d["present"] else "no (downloads)")
+    console.print(table)
+    console.print("Any folder of images (one sub-folder per class) works as a dataset too: --dataset PATH")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate and use image classifiers.")
+    parser.add_argument("--version", action="version", version=f"imgclf {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model into a run folder")
+    p.add_argument("--dataset", help="dataset name (see `imgclf datasets`) or image-folder path")
+    p.add_argument("--model", help="model name (see `imgclf models`); replaces the recipe's model")
+    p.add_argument("--recipe", help="recipe name (see `imgclf recipes`) or YAML file; flags override it")
+    p.add_argument("--data-dir", help="dataset folder (default: $IMGCLF_DATA or ~/.cache/imgclf)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--augment", help=f"comma-separated: {','.join(AUGMENTATIONS)} (or none)")
+    p.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")
+    p.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="epochs without val gain")
+    p.add_argument("--val-split", type=float, help="fraction held out for validation (default 0.1)")
+    p.add_argument("--subset", type=int, help="train on a stratified sample of N images")
+    p.add_argument("--grayscale", action="store_true")
+    p.add_argument("--image-size", type=int, help="image folders: resize to this size")
+    p.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation by default")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--out", help="run folder (default: runs/<dataset>-<model>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained run on a split")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--dataset", help="another dataset or folder with the same class names")
+    p.add_argument("--data-dir")
+    p.add_argument("--split", default="test", choices=("test", "val", "train"))
+    p.add_argument("--tta", action="store_true", help="test-time augmentation")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="top-k labels for image files")
+    p.add_argument("run", help="run folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("summary", help="Keras-like table of a model's layers and parameters")
+    p.add_argument("--model")
+    p.add_argument("--recipe")
+    p.add_argument("--dataset", help="input shape and classes from this dataset (default: the recipe's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_summary)
+
+    sub.add_parser("models", help="list the model registry").set_defaults(func=_models)
+    sub.add_parser("recipes", help="list the shipped recipes").set_defaults(func=_recipes)
+
+    p = sub.add_parser("datasets", help="list datasets, or describe one")
+    p.add_argument("name", nargs="?", help="a dataset name or folder: show its classes and class distribution")
+    p.add_argument("--data-dir")
+    p.add_argument("--val-split", type=float, default=0.1)
+    p.set_defaults(func=_datasets)
+    return parser
+
+
+def _version() -> str:
+    from imgclf import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ImgclfError as e:
+        print(f"imgclf: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imgclf: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: keep it to one line unless asked
+        if os.environ.get("IMGCLF_DEBUG"):
+            raise
+        print(f"imgclf: internal error: {type(e).__name__}: {e} (rerun with IMGCLF_DEBUG=1 for the traceback "
+              "and please report it)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

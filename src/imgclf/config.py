@@ -1,0 +1,202 @@
+"""Typed run configuration: dataclasses that load from and save to YAML recipes.
+
+A run is fully described by a `RunConfig` (data + model + train). Recipes are partial YAML
+files with the same three sections; command-line flags and keyword arguments override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgclf.errors import ImgclfError
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+AUGMENTATIONS = ("crop", "flip", "cutout")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # a dataset name or an image-folder path
+    data_dir: str | None = None  # None: $IMGCLF_DATA, else ~/.cache/imgclf
+    val_split: float = 0.1  # fraction of the training set held out for validation
+    subset: int | None = None  # stratified sample of N training images, for quick runs
+    grayscale: bool = False
+    image_size: int | None = None  # image folders only: resize to this (default: most common size)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    options: dict[str, Any] = field(default_factory=dict)  # keyword options of create_model
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # images per optimizer step
+    optimizer: str = "adam"
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # sgd/nesterov momentum, rmsprop momentum
+    weight_decay: float = 0.0  # decoupled for adamw, L2 gradient term otherwise; weights only, not biases/BN
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs
+    step_size: int = 10  # 'step' schedule: multiply lr by step_gamma every step_size epochs
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    augment: list[str] = field(default_factory=list)  # any of crop, flip, cutout
+    crop_padding: int | None = None  # pixels of translation by random crop; None: image size / 8 (4 for 32x32)
+    cutout_size: int | None = None  # pixels: side of the cutout square; None: image size / 4 (8 for 32x32)
+    ema: float | None = None  # decay of the exponential moving average of weights, e.g. 0.999
+    early_stopping: int | None = None  # patience in epochs without val accuracy improvement
+    tta: bool = False  # evaluate with test-time augmentation by default
+    precision: str = "auto"  # auto: bf16 where it is faster (convnets on AMX CPUs, CUDA), else fp32
+    device: str = "auto"
+    seed: int = 0
+    threads: int | None = None  # CPU threads; None: all physical cores
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str | None = None  # the recipe this run started from, for the record
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "recipe": self.recipe,
+            "data": dataclasses.asdict(self.data),
+            "model": {"name": self.model.name, **self.model.options},
+            "train": dataclasses.asdict(self.train),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
+        unknown = set(raw) - {"description", "recipe", "data", "model", "train"}
+        if unknown:
+            raise ImgclfError(f"{source}: unknown section(s) {sorted(unknown)}; use data, model, train")
+        model = dict(raw.get("model") or {})
+        config = cls(
+            data=_build(DataConfig, raw.get("data") or {}, f"{source}: data"),
+            model=ModelConfig(name=model.pop("name", "cnn"), options=model),
+            train=_build(TrainConfig, raw.get("train") or {}, f"{source}: train"),
+            recipe=raw.get("recipe"),
+            description=raw.get("description") or "",
+        )
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        t, d = self.train, self.data
+        checks = [
+            (t.optimizer in OPTIMIZERS, f"optimizer '{t.optimizer}'; choose one of {', '.join(OPTIMIZERS)}"),
+            (t.schedule in SCHEDULES, f"schedule '{t.schedule}'; choose one of {', '.join(SCHEDULES)}"),
+            (t.precision in PRECISIONS, f"precision '{t.precision}'; choose one of {', '.join(PRECISIONS)}"),
+            (t.device in DEVICES, f"device '{t.device}'; choose one of {', '.join(DEVICES)}"),
+            (set(t.augment) <= set(AUGMENTATIONS),
+             f"augmentation {sorted(set(t.augment) - set(AUGMENTATIONS))}; choose from {', '.join(AUGMENTATIONS)}"),
+            (t.epochs >= 1, f"epochs {t.epochs}; use 1 or more"),
+            (t.batch_size >= 1, f"batch size {t.batch_size}; use 1 or more"),
+            (t.lr > 0, f"learning rate {t.lr}; use a positive number"),
+            (0 <= t.label_smoothing < 1, f"label smoothing {t.label_smoothing}; use a value in [0, 1)"),
+            (t.ema is None or 0 < t.ema < 1, f"ema decay {t.ema}; use a value in (0, 1), e.g. 0.999"),
+            (0 <= d.val_split < 1, f"val split {d.val_split}; use a fraction in [0, 1)"),
+            (d.subset is None or d.subset > 0, f"subset {d.subset}; use a positive number of images"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ImgclfError(f"{source}: invalid {problem}")
+
+
+def _build(cls: type, values: dict[str, Any], source: str) -> Any:
+    if not isinstance(values, dict):
+        raise ImgclfError(f"{source} must be a mapping of option: value")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ImgclfError(f"{source}: unknown option(s) {sorted(unknown)}; valid options: {', '.join(names)}")
+    values = dict(values)
+    if isinstance(values.get("augment"), str):  # "crop,flip" as on the command line
+        values["augment"] = [a for a in values["augment"].split(",") if a]
+    return cls(**values)
+
+
+# ---- recipes -----------------------------------------------------------------------------------------
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("imgclf") / "recipes"))
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every shipped recipe."""
+    out = []
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        out.append((path.stem, raw.get("description", "")))
+    return out
+
+
+def load_recipe(name_or_path: str | Path) -> RunConfig:
+    """A shipped recipe by name, or a YAML file (a recipe, a run's config.yaml or a tuning best.yaml)."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = recipe_dir() / f"{name_or_path}.yaml"
+        if not path.exists():
+            names = ", ".join(n for n, _ in list_recipes())
+            raise ImgclfError(f"unknown recipe '{name_or_path}'; choose one of: {names} (or give a YAML path)")
+    if path.is_dir() and (path / "config.yaml").exists():
+        path = path / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ImgclfError(f"recipe file {path} does not exist; check the path") from None
+    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as e:
+        raise ImgclfError(f"recipe {path} is not valid YAML ({type(e).__name__}); fix or replace the file") from None
+    if not isinstance(raw, dict):
+        raise ImgclfError(f"recipe {path} must be a YAML mapping with data/model/train sections")
+    config = RunConfig.from_dict(raw, source=f"recipe {path.name}")
+    config.recipe = config.recipe or (path.stem if path.parent == recipe_dir() else str(path))
+    return config
+
+
+def make_config(recipe: str | Path | None = None, model: str | None = None, **overrides: Any) -> RunConfig:
+    """Build a RunConfig from an optional recipe, then apply flat overrides.
+
+    Override names are the fields of DataConfig and TrainConfig (e.g. dataset=, epochs=, lr=);
+    None means "not given". `model` replaces the recipe's model (and its options).
+    `model_options` merges into the model's options.
+    """
+    config = load_recipe(recipe) if recipe else RunConfig()
+    if model:
+        config.model = ModelConfig(name=model)
+    config.model.options.update(overrides.pop("model_options", None) or {})
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in data_fields:
+            section = config.data
+        elif key in train_fields:
+            section = config.train
+        else:
+            raise ImgclfError(f"unknown option '{key}'; valid options: {', '.join(sorted(data_fields | train_fields))}")
+        if key == "augment" and isinstance(value, str):
+            value = [a for a in value.split(",") if a and a != "none"]
+        setattr(section, key, value)
+    config.validate()
+    return config

@@ -1,0 +1,641 @@
+"""Datasets as whole uint8 tensors in memory: MNIST, Fashion-MNIST, CIFAR-10/100, digits, image folders.
+
+These datasets fit in RAM, and batches sliced from one (N, C, H, W) tensor are far faster on a CPU than a
+per-image DataLoader pipeline, so every source is decoded once into that form.
+"""
+
+import gzip
+import hashlib
+import http.client
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import struct
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from imgclf.errors import ImgclfError
+
+SPLITS = ("train", "val", "test")
+_FIXED_TEST_SEED = 0  # test splits we carve never depend on the run seed, so test scores stay comparable
+_CHUNK = 1024  # images per step of batched conversions: bounds the temporaries to tens of MB
+_DECODE_WORKERS = 2
+_POOL_MIN_FILES = 1000  # below this, starting worker processes costs more than it saves
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # palette images count as colour: telling needs a decode
+_TIMEOUT = 60  # seconds a download may stall before the next mirror is tried
+_FIX = "delete it and run again to re-download, or replace it with the canonical file"
+
+_IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_CIFAR100_FINE = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup
+dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard
+lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree
+pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal
+shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone
+television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+_CIFAR100_COARSE = """aquatic_mammals fish flowers food_containers fruit_and_vegetables
+household_electrical_devices household_furniture insects large_carnivores large_man-made_outdoor_things
+large_natural_outdoor_scenes large_omnivores_and_herbivores medium_mammals non-insect_invertebrates people
+reptiles small_mammals trees vehicles_1 vehicles_2""".split()
+_CIFAR100_SOURCE = {
+    "folder": "cifar100", "mirrors": ["https://www.cs.toronto.edu/~kriz/"],
+    "archive": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+    "files": {"cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
+              "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+              "cifar-100-python/meta": "7973b15100ade9c7d40fb424638fde48"},
+}
+
+# The canonical sources. files (name -> md5) live in <data root>/<folder>/; a file's url is a mirror + its
+# name, tried in order. Datasets with an archive download and extract it to get their files.
+DATASETS: dict[str, dict] = {
+    "mnist": {
+        "kind": "idx", "description": "handwritten digits, 28x28 grayscale",
+        "classes": [str(d) for d in range(10)], "shape": (1, 28, 28), "train_size": 60000, "test_size": 10000,
+        "folder": "mnist",
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+        "files": dict(zip(_IDX_FILES, ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                       "9fb629c4189551a2d022fa330f9573f3",
+                                       "ec29112dd5afa0611ce80d1b7f02629c"], strict=True)),
+    },
+    "fashion-mnist": {
+        "kind": "idx", "description": "Zalando clothing photos, 28x28 grayscale",
+        "classes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                    "Bag", "Ankle boot"],
+        "shape": (1, 28, 28), "train_size": 60000, "test_size": 10000,
+        "folder": "fashion-mnist", "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "files": dict(zip(_IDX_FILES, ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                       "bef4ecab320f06d8554ea6380940ec79",
+                                       "bb300cfdad3c16e7a12a480ee83cd310"], strict=True)),
+    },
+    "cifar10": {
+        "kind": "cifar10", "description": "tiny natural photos, 32x32 RGB",
+        "classes": "airplane automobile bird cat deer dog frog horse ship truck".split(),
+        "shape": (3, 32, 32), "train_size": 50000, "test_size": 10000,
+        "folder": "cifar10", "mirrors": ["https://www.cs.toronto.edu/~kriz/"],
+        "archive": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+        "files": {"cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
+                  "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                  "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+                  "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
+                  "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+                  "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
+                  "cifar-10-batches-py/batches.meta": "5ff9c542aee3614f3951f8cda6e48888"},
+    },
+    "cifar100": {
+        "kind": "cifar100", "description": "tiny natural photos, 32x32 RGB, 100 fine classes",
+        "classes": _CIFAR100_FINE, "shape": (3, 32, 32), "train_size": 50000, "test_size": 10000,
+        **_CIFAR100_SOURCE,
+    },
+    "cifar100-coarse": {
+        "kind": "cifar100", "description": "CIFAR-100 labelled with its 20 superclasses",
+        "classes": _CIFAR100_COARSE, "shape": (3, 32, 32), "train_size": 50000, "test_size": 10000,
+        **_CIFAR100_SOURCE,
+    },
+    "digits": {
+        "kind": "digits", "description": "scikit-learn's bundled handwritten digits, 8x8 grayscale, offline",
+        "classes": [str(d) for d in range(10)], "shape": (1, 8, 8), "train_size": 1437, "test_size": 360,
+        "folder": "digits", "mirrors": [], "files": {},
+    },
+}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset. A folder with only test/ loads with an empty train split, for evaluation; its mean
+    and std are then 0 and 1, so evaluate with the normalization stored with the trained model."""
+
+    name: str
+    class_names: list[str]
+    train: Split
+    val: Split | None
+    test: Split | None
+    mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] pixel units
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.images.shape[1:]
+        return c, h, w
+
+    @property
+    def in_channels(self) -> int:
+        return self.image_shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.image_shape[1]
+
+    def splits(self) -> dict[str, Split]:
+        """The non-empty splits, in train/val/test order."""
+        return {s: getattr(self, s) for s in SPLITS if getattr(self, s) is not None and len(getattr(self, s))}
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ImgclfError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        if name not in self.splits():
+            have = " or ".join(f"--split {s}" for s in self.splits())
+            carve = name == "val" and len(self.train) > 0
+            raise ImgclfError(f"{self.name} has no {name} split; use {have}"
+                              + ("; or set --val-split above 0 to carve one from train" if carve else ""))
+        return getattr(self, name)
+
+    def class_counts(self) -> dict[str, list[int]]:
+        return {s: torch.bincount(split.labels, minlength=self.num_classes).tolist()
+                for s, split in self.splits().items()}
+
+    def summary(self) -> str:
+        counts = self.class_counts()
+        sizes = ", ".join(f"{s} {len(split)}" for s, split in self.splits().items())
+        width = max(len("class"), *(len(n) for n in self.class_names)) + 2
+        shape = "x".join(map(str, self.image_shape))
+        mean, std = (tuple(round(v, 4) for v in values) for values in (self.mean, self.std))
+        lines = [f"{self.name}: {self.num_classes} classes, {shape} uint8 images; {sizes}",
+                 f"train mean {mean} std {std}",
+                 "class".ljust(width) + "".join(s.rjust(8) for s in counts)]
+        lines += [n.ljust(width) + "".join(str(counts[s][i]).rjust(8) for s in counts)
+                  for i, n in enumerate(self.class_names)]
+        return "\n".join(lines)
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    num_classes: int
+    channels: int | None  # None where unknown before decoding (image folders)
+    image_size: int | None
+    train_size: int | None
+    test_size: int | None
+    class_names: list[str]
+    description: str
+
+
+def data_root(data_dir: str | Path | None = None) -> Path:
+    return Path(data_dir or os.environ.get("IMGCLF_DATA") or "~/.cache/imgclf").expanduser()
+
+
+def _unknown(name: str) -> ImgclfError:
+    return ImgclfError(f"unknown dataset {name!r}: not a known name and not an existing folder; "
+                       f"use one of {', '.join(DATASETS)}, or the path of an image folder")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name in DATASETS:
+        d = DATASETS[name]
+        c, h, _ = d["shape"]
+        return DatasetInfo(name, len(d["classes"]), c, h, d["train_size"], d["test_size"], list(d["classes"]),
+                           d["description"])
+    if not Path(name).expanduser().is_dir():
+        raise _unknown(name)
+    class_names, _ = _scan_folder(Path(name).expanduser())
+    return DatasetInfo(name, len(class_names), None, None, None, None, class_names, "image folder")
+
+
+def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
+    root = data_root(data_dir)
+    return [{"name": name, "classes": len(d["classes"]), "shape": d["shape"], "train": d["train_size"],
+             "test": d["test_size"], "description": d["description"],
+             "present": all((root / d["folder"] / f).is_file() for f in d["files"])}
+            for name, d in DATASETS.items()]
+
+
+# ---- downloads and checksums ----
+
+def _md5(path: Path | str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def _verify(name: str, path: Path, md5: str) -> None:
+    if (got := _md5(path)) != md5:
+        raise ImgclfError(f"{name}: {path} failed its md5 check (got {got}, want {md5}); {_FIX}")
+
+
+def _download(urls: list[str], dest: Path, md5: str) -> None:
+    """Fetch dest from the first url that answers; raise OSError naming every url's failure if none does."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for url in urls:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT) as response:
+                size = int(response.headers.get("Content-Length") or 0)
+                print(f"downloading {url} ({size / 1e6:.1f} MB)", file=sys.stderr, flush=True)
+                shutil.copyfileobj(response, out, 1 << 20)
+            if (got := _md5(tmp)) != md5:
+                raise ImgclfError(f"{url} failed its md5 check (got {got}, want {md5}); the download was "
+                                  f"corrupted or the mirror changed; run again, or put the canonical file "
+                                  f"at {dest}")
+            os.chmod(tmp, 0o644)  # mkstemp makes files private; datasets are meant to be shared
+            os.replace(tmp, dest)
+            return
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+            failures.append(f"{url}: {e}")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    raise OSError(", ".join(failures))
+
+
+def _extract(name: str, archive: Path, folder: Path, wanted: list[str]) -> None:
+    """Extract into a temp dir, then move only the wanted files into place: nothing already there changes."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".extract-"))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")  # refuses absolute paths, '..', devices and links out of tmp
+        for rel in wanted:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / rel, folder / rel)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ImgclfError(f"{name}: could not extract {archive} ({e}); {_FIX}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ensure_files(name: str, root: Path, download: bool) -> Path:
+    spec = DATASETS[name]
+    folder = root / spec["folder"]
+    missing = [f for f in spec["files"] if not (folder / f).is_file()]
+    if missing:
+        archive, archive_md5 = spec.get("archive") or (None, None)
+        need = f"{archive} (or its extracted {missing[0].split('/')[0]}/)" if archive else ", ".join(missing)
+        where = (f"put {need} in {folder}, or point --data-dir (or IMGCLF_DATA) at a folder that has "
+                 f"{spec['folder']}/ with them")
+        if not download:
+            raise ImgclfError(f"{name}: {', '.join(missing)} missing from {folder}; {where}, "
+                              "or allow downloads")
+        try:
+            for f in [archive] if archive else missing:
+                if not (folder / f).is_file():
+                    _download([m + f for m in spec["mirrors"]], folder / f, archive_md5 or spec["files"][f])
+        except OSError as e:
+            raise ImgclfError(f"{name}: could not download ({e}); {where}") from e
+        if archive:
+            _verify(name, folder / archive, archive_md5)
+            _extract(name, folder / archive, folder, missing)
+    for f, md5 in spec["files"].items():
+        _verify(name, folder / f, md5)
+    return folder
+
+
+# ---- named datasets: each loader gives class names and {split: (images NCHW uint8, labels int64)} ----
+
+Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _checked(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int, path: Path):
+    if len(images) != len(labels):
+        raise ImgclfError(f"{name}: {path} has {len(labels)} labels for {len(images)} images; {_FIX}")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise ImgclfError(f"{name}: {path} has labels outside 0..{num_classes - 1}; {_FIX}")
+    return np.ascontiguousarray(images), labels.astype(np.int64)
+
+
+def _read_idx(name: str, path: Path, magic: int, ndim: int) -> np.ndarray:
+    try:
+        with gzip.open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # not gzip, or truncated
+        raise ImgclfError(f"{name}: {path} is not a readable gzip file ({e}); {_FIX}") from e
+    header = 4 + 4 * ndim
+    if len(raw) < header or struct.unpack(">I", raw[:4])[0] != magic:
+        raise ImgclfError(f"{name}: {path} is not an IDX file (magic {raw[:4].hex()}, want {magic:08x}); "
+                          f"{_FIX}")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) - header != np.prod(shape):
+        raise ImgclfError(f"{name}: {path} holds {len(raw) - header} bytes of data but its header {shape} "
+                          f"says {np.prod(shape)}; {_FIX}")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape).copy()
+
+
+def _load_idx(name: str, folder: Path) -> tuple[list[str], Arrays]:
+    classes = DATASETS[name]["classes"]
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(name, folder / f"{prefix}-images-idx3-ubyte.gz", 0x803, 3)
+        labels_path = folder / f"{prefix}-labels-idx1-ubyte.gz"
+        labels = _read_idx(name, labels_path, 0x801, 1)
+        splits[split] = _checked(name, images[:, None], labels, len(classes), labels_path)
+    return list(classes), splits
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Pickles can run arbitrary code, so only the globals that pickled numpy arrays need are allowed."""
+
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")  # the originals are Python 2 pickles with byte-string keys
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.allowed:
+            raise ImgclfError(f"refusing to unpickle {module}.{name} in {self.path}: not a CIFAR file; "
+                              f"{_FIX}")
+        return super().find_class(module, name)
+
+
+def _unpickle(name: str, path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, path).load()
+    except ImgclfError:
+        raise
+    except Exception as e:  # a damaged pickle can fail in many ways; all mean the same to the user
+        raise ImgclfError(f"{name}: {path} is not a readable CIFAR pickle ({e!r}); {_FIX}") from e
+    if not isinstance(obj, dict):
+        raise ImgclfError(f"{name}: {path} holds a {type(obj).__name__}, not a CIFAR dict; {_FIX}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_arrays(name: str, path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    d = _unpickle(name, path)
+    data = d.get("data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ImgclfError(f"{name}: {path} has no (N, 3072) uint8 'data' array; {_FIX}")
+    if label_key not in d:
+        raise ImgclfError(f"{name}: {path} has no {label_key!r}; {_FIX}")
+    return _checked(name, data.reshape(-1, 3, 32, 32), np.asarray(d[label_key]), num_classes, path)
+
+
+def _names(name: str, path: Path, key: str) -> list[str]:
+    if not (names := _unpickle(name, path).get(key)):
+        raise ImgclfError(f"{name}: {path} has no {key!r}; {_FIX}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _load_cifar10(name: str, folder: Path) -> tuple[list[str], Arrays]:
+    base = folder / "cifar-10-batches-py"
+    classes = _names(name, base / "batches.meta", "label_names")
+    batches = [_cifar_arrays(name, base / f"data_batch_{i}", "labels", len(classes)) for i in range(1, 6)]
+    train = np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+    return classes, {"train": train, "test": _cifar_arrays(name, base / "test_batch", "labels", len(classes))}
+
+
+def _load_cifar100(name: str, folder: Path) -> tuple[list[str], Arrays]:
+    base = folder / "cifar-100-python"
+    level = "coarse" if name.endswith("coarse") else "fine"
+    classes = _names(name, base / "meta", f"{level}_label_names")
+    return classes, {s: _cifar_arrays(name, base / s, f"{level}_labels", len(classes))
+                     for s in ("train", "test")}
+
+
+def _load_digits(name: str, folder: Path) -> tuple[list[str], Arrays]:
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # sklearn stores 0..16
+    labels = digits.target.astype(np.int64)
+    train, test = _split_indices(labels, _FIXED_TEST_SEED, test_size=0.2)  # digits comes as one set
+    return list(DATASETS[name]["classes"]), {"train": (images[train], labels[train]),
+                                             "test": (images[test], labels[test])}
+
+
+_LOADERS = {"idx": _load_idx, "cifar10": _load_cifar10, "cifar100": _load_cifar100, "digits": _load_digits}
+
+
+# ---- image folders ----
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file below folder in a stable order, leaving out hidden ones (.DS_Store, .ipynb_checkpoints/)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+    return found
+
+
+def _scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+    """Class names and (file, class) per split; a root without train/val/test folders is one split, 'all'."""
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"all": root}
+    files, classes = {}, set()
+    for split, d in split_dirs.items():
+        class_dirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes.update(p.name for p in class_dirs)
+        files[split] = [(f, c.name) for c in class_dirs for f in _files_under(c)]
+    if not classes:
+        raise ImgclfError(f"{root} has no class sub-folders; put images in {root}/<class>/ "
+                          f"or {root}/train/<class>/")
+    return sorted(classes), files
+
+
+def _read_header(path: str) -> tuple[int, int, bool] | None:
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.width, im.height, im.mode in _GRAY_MODES
+    except Exception:  # PIL raises many exception types for non-images; each means "skip this file"
+        return None
+
+
+def _decode_image(path: str, mode: str, size: tuple[int, int]) -> np.ndarray | None:
+    try:
+        with Image.open(path) as im:
+            im.draft(mode, size)  # JPEG: decode big photos at 1/2..1/8 scale, ~5x faster, ~same pixels
+            converted = im.convert(mode)
+        if converted.size != size:
+            converted = converted.resize(size, Image.Resampling.BILINEAR)
+        pixels = np.asarray(converted)
+    except Exception:  # truncated or corrupt files pass the header check and fail only here
+        return None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _map(fn, items: list) -> list:
+    if len(items) < _POOL_MIN_FILES:
+        return [fn(x) for x in items]
+    with multiprocessing.Pool(_DECODE_WORKERS) as pool:
+        return pool.map(fn, items, chunksize=256)
+
+
+def _decode_folder(root: Path, files: dict, class_names: list[str], channels: int | None,
+                   image_size: int | None) -> dict[str, np.ndarray]:
+    paths = [p for entries in files.values() for p, _ in entries]
+    headers = dict(zip(paths, _map(_read_header, paths), strict=True))
+    if not (readable := [h for h in headers.values() if h is not None]):
+        raise ImgclfError(f"{root} has no readable images among {len(paths)} files; put PNG/JPEG/BMP/WebP/"
+                          f"GIF images in {root}/<class>/ or {root}/<split>/<class>/")
+    channels = channels or (1 if all(gray for _, _, gray in readable) else 3)
+    most_common = Counter((w, h) for w, h, _ in readable).most_common(1)[0][0]
+    w, h = (image_size, image_size) if image_size else most_common
+    todo = [p for p in paths if headers[p] is not None]
+    decode = partial(_decode_image, mode="L" if channels == 1 else "RGB", size=(w, h))
+    decoded = dict(zip(todo, _map(decode, todo), strict=True))
+    label_of = {c: i for i, c in enumerate(class_names)}
+    arrays = {"skipped": np.array([p for p in paths if decoded.get(p) is None], dtype=str)}
+    for split, entries in files.items():
+        kept = [(decoded[p], label_of[c]) for p, c in entries if decoded.get(p) is not None]
+        images = np.stack([x for x, _ in kept]) if kept else np.zeros((0, channels, h, w), np.uint8)
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = np.array([y for _, y in kept], np.int64)
+    return arrays
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)  # uncompressed: reading the cache must be much faster than decoding
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not write the folder cache {path} ({e}); the next load decodes again",
+                      stacklevel=4)
+    finally:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _load_folder(root: Path, cache_root: Path, channels: int | None,
+                 image_size: int | None) -> tuple[list[str], Arrays]:
+    class_names, files = _scan_folder(root.resolve())
+    stats = [(p, st.st_size, st.st_mtime_ns) for entries in files.values() for p, _ in entries
+             for st in [os.stat(p)]]
+    key = json.dumps(["v1", channels, image_size, stats])  # absolute paths: a moved folder decodes again
+    cache = cache_root / "folder-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    try:
+        with np.load(cache) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # no cache yet, or a damaged one
+        arrays = _decode_folder(root, files, class_names, channels, image_size)
+        _write_cache(cache, arrays)
+    if len(skipped := arrays["skipped"]):
+        warnings.warn(f"{root}: skipped {len(skipped)} unreadable or non-image files, e.g. "
+                      f"{', '.join(skipped[:3])}", stacklevel=3)
+    splits = {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in files}
+    if "all" in splits:
+        images, labels = splits.pop("all")
+        train, test = _split_indices(labels, _FIXED_TEST_SEED, test_size=0.2)
+        splits = {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+    if "train" not in splits:  # evaluation-only folder
+        images = next(iter(splits.values()))[0]
+        splits["train"] = images[:0], np.zeros(0, np.int64)
+    return class_names, splits
+
+
+# ---- common processing ----
+
+def _split_indices(labels: np.ndarray, seed: int, **size) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of range(len(labels)) by train_size= or test_size=; both parts sorted."""
+    idx = np.arange(len(labels))
+    try:
+        a, b = train_test_split(idx, stratify=labels, random_state=seed, **size)
+    except ValueError:  # a class too small to stratify: an unstratified split beats refusing
+        try:
+            a, b = train_test_split(idx, random_state=seed, **size)
+        except ValueError as e:
+            raise ImgclfError(f"cannot split {len(labels)} images ({e}); use more images, or a smaller "
+                              "--val-split / --subset") from e
+    return np.sort(a), np.sort(b)
+
+
+def _to_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    if channels is None or images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601, as PIL's convert("L")
+    out = torch.empty((len(images), 1, *images.shape[2:]), dtype=torch.uint8)
+    for i in range(0, len(images), _CHUNK):
+        out[i:i + _CHUNK] = (images[i:i + _CHUNK] * luma).sum(1, keepdim=True).round().clamp(0, 255)
+    return out
+
+
+def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or images.shape[2:] == (size, size):
+        return images
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
+    for i in range(0, len(images), _CHUNK):
+        x = F.interpolate(images[i:i + _CHUNK].float(), (size, size), mode="bilinear", antialias=True)
+        out[i:i + _CHUNK] = x.round().clamp(0, 255)
+    return out
+
+
+def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact, from per-channel pixel histograms: uint8 has 256 values, and counting beats float sums.
+    numpy's single-threaded bincount, because torch's threaded ops slow down badly on a busy CPU."""
+    c = images.shape[1]
+    if len(images) == 0:
+        return (0.0,) * c, (1.0,) * c
+    pixels, hist = images.numpy(), np.zeros((c, 256), np.int64)
+    for i in range(0, len(pixels), _CHUNK):
+        for ch in range(c):
+            hist[ch] += np.bincount(pixels[i:i + _CHUNK, ch].ravel(), minlength=256)
+    p = hist / hist.sum(1, keepdims=True)
+    values = np.arange(256) / 255
+    mean = p @ values
+    std = np.sqrt(np.maximum(p @ values**2 - mean**2, 0))
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: float = 0.1,
+                 subset: int | None = None, grayscale: bool = False, seed: int = 0, download: bool = True,
+                 image_size: int | None = None, channels: int | None = None) -> Dataset:
+    """Load a named dataset (see DATASETS) or an image folder. A name wins over a same-named folder in the
+    working directory (write ./mnist for the folder). A folder's own val/ is used whatever val_split says."""
+    if not 0 <= val_split < 1:
+        raise ImgclfError(f"val_split must be in [0, 1), got {val_split}; use e.g. --val-split 0.1, or 0")
+    if channels not in (None, 1, 3):
+        raise ImgclfError(f"channels must be 1 or 3, got {channels}; use --channels 1 or --channels 3")
+    if grayscale and channels == 3:
+        raise ImgclfError("grayscale means 1 channel but channels=3; drop --grayscale or --channels 3")
+    if image_size is not None and image_size < 1 or subset is not None and subset < 1:
+        raise ImgclfError(f"image_size and subset must be positive, got {image_size} and {subset}; fix them")
+    channels = 1 if grayscale else channels
+    root = data_root(data_dir)
+    if name in DATASETS:
+        spec = DATASETS[name]
+        folder = _ensure_files(name, root, download) if spec["files"] else root / spec["folder"]
+        class_names, arrays = _LOADERS[spec["kind"]](name, folder)
+    elif Path(name).expanduser().is_dir():
+        class_names, arrays = _load_folder(Path(name).expanduser(), root, channels, image_size)
+    else:
+        raise _unknown(name)
+
+    splits = {s: (_resize(_to_channels(torch.from_numpy(x), channels), image_size), torch.from_numpy(y))
+              for s, (x, y) in arrays.items()}
+    images, labels = splits["train"]
+    if "val" not in splits and val_split > 0 and len(labels):
+        keep, held = _split_indices(labels.numpy(), seed, test_size=val_split)
+        splits["val"] = images[held], labels[held]
+        images, labels = images[keep], labels[keep]
+    if subset is not None:
+        if subset < len(class_names):
+            raise ImgclfError(f"subset={subset} is fewer than the {len(class_names)} classes; use --subset "
+                              f"{len(class_names)} or more")
+        if subset < len(labels):
+            keep, _ = _split_indices(labels.numpy(), seed, train_size=subset)
+            images, labels = images[keep], labels[keep]
+    mean, std = _mean_std(images)
+    val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
+    return Dataset(name, class_names, Split(images, labels), val, test, mean, std)

@@ -1,0 +1,181 @@
+"""Evaluation and prediction: metrics of a trained model on a split, top-k labels for image files."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image, UnidentifiedImageError
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from imgclf.data import Dataset, load_dataset
+from imgclf.errors import ImgclfError
+from imgclf.loader import normalize
+from imgclf.runs import TrainedModel, load_model
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def tta_views(images: torch.Tensor, augment: list[str]) -> list[torch.Tensor]:
+    """The views averaged by test-time augmentation: those the net saw in training (flip, 1-pixel shifts)."""
+    views = [images, images.flip(3)] if "flip" in augment else [images]
+    if "crop" in augment:
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        h, w = images.shape[-2:]
+        for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
+            views += [shifted, shifted.flip(3)] if "flip" in augment else [shifted]
+    return views
+
+
+@torch.no_grad()
+def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, batch_size: int = 500,
+                   precision: str = "fp32", tta_augment: list[str] | None = None) -> torch.Tensor:
+    """Float32 logits for uint8 images (N, C, H, W); with tta_augment, averaged over the TTA views."""
+    device = next(net.parameters()).device
+    mean_t = torch.tensor(mean, device=device)
+    std_t = torch.tensor(std, device=device)
+    memory_format = torch.channels_last if precision != "fp32" and images.dim() == 4 else torch.contiguous_format
+    was_training = net.training
+    net.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device), mean_t, std_t)
+        x = x.contiguous(memory_format=memory_format)
+        views = tta_views(x, tta_augment) if tta_augment is not None else [x]
+        with autocast(device, precision):
+            out.append(torch.stack([net(v).float() for v in views]).mean(0))
+    net.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    labels = labels.cpu()
+    logits = logits.cpu()
+    predicted = logits.argmax(1)
+    k = min(5, len(class_names))
+    top5 = (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    classes = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels.numpy(), predicted.numpy(), labels=classes, zero_division=0)
+    return {
+        "accuracy": (predicted == labels).float().mean().item(),
+        "top5_accuracy": top5 if len(class_names) >= 10 else None,
+        "loss": F.cross_entropy(logits, labels).item(),
+        "num_images": len(labels),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)},
+        "confusion_matrix": confusion_matrix(labels.numpy(), predicted.numpy(), labels=classes).tolist(),
+    }
+
+
+def _as_model(run_or_model: str | Path | TrainedModel) -> tuple[TrainedModel, Path | None]:
+    if isinstance(run_or_model, TrainedModel):
+        return run_or_model, None
+    return load_model(run_or_model), Path(run_or_model)
+
+
+def _run_data_options(run_dir: Path | None) -> dict[str, Any]:
+    """The data options of the run (seed, val split, grayscale...), so its val split is rebuilt exactly."""
+    if run_dir is None or not (run_dir / "config.yaml").exists():
+        return {}
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    data = config.get("data") or {}
+    seed = (config.get("train") or {}).get("seed", 0)
+    return {"dataset": data.get("dataset"), "data_dir": data.get("data_dir"), "val_split": data.get("val_split", 0.1),
+            "grayscale": data.get("grayscale", False), "image_size": data.get("image_size"), "seed": seed}
+
+
+def _align_labels(split_labels: torch.Tensor, data_classes: list[str], model_classes: list[str]) -> torch.Tensor:
+    if data_classes == model_classes:
+        return split_labels
+    if set(data_classes) - set(model_classes):
+        extra = sorted(set(data_classes) - set(model_classes))[:5]
+        raise ImgclfError(f"the dataset has classes the model does not know ({', '.join(extra)}); "
+                          "evaluate on data whose class names match the model's")
+    mapping = torch.tensor([model_classes.index(c) for c in data_classes])
+    return mapping[split_labels]
+
+
+def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | None = None, *,
+             split: str = "test", tta: bool | None = None, data_dir: str | None = None,
+             batch_size: int = 500) -> dict[str, Any]:
+    """Accuracy, top-5, loss, per-class precision/recall/F1 and the confusion matrix on a split.
+
+    By default the run's own dataset (with its own validation split and seed) and its test split.
+    `tta=None` uses the run's recipe setting.
+    """
+    model, run_dir = _as_model(run_or_model)
+    options = _run_data_options(run_dir)
+    if data_dir is not None:
+        options["data_dir"] = data_dir
+    if isinstance(dataset, Dataset):
+        data = dataset
+    else:
+        name = dataset or options.pop("dataset", None) or model.info.get("dataset")
+        options.pop("dataset", None)
+        if name is None:
+            raise ImgclfError("this model does not record its dataset; pass --dataset NAME_OR_FOLDER")
+        if dataset is not None:  # another dataset: keep only how to read it, not the run's split settings
+            options = {"data_dir": options.get("data_dir")}
+        options["channels"], options["image_size"] = model.input_shape[:2]  # read data as the model takes it
+        data = load_dataset(name, **options)
+    chosen = data.split(split)
+    if tuple(chosen.images.shape[1:]) != tuple(model.input_shape):
+        raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
+                          f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
+    if tta is None:
+        tta = bool(model.info.get("tta", False))
+    augment = model.info.get("augment", []) if tta else None
+    precision = model.info.get("precision", "fp32")
+    logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size,
+                            precision=precision, tta_augment=augment)
+    labels = _align_labels(chosen.labels, data.class_names, model.class_names)
+    metrics = classification_metrics(logits, labels, model.class_names)
+    return {"dataset": data.name, "split": split, "tta": tta, **metrics}
+
+
+def read_images(paths: list[str | Path], input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Image files of any size and mode -> uint8 (N, C, H, W) in the model's channels and size."""
+    c, h, w = input_shape
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if c == 1 else "RGB")
+                if image.size != (w, h):
+                    image = image.resize((w, h), Image.BILINEAR)
+                arrays.append(np.asarray(image, dtype=np.uint8).reshape(h, w, c))
+        except FileNotFoundError:
+            raise ImgclfError(f"{path} does not exist; check the path") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ImgclfError(f"{path} is not an image that can be read ({type(e).__name__}); "
+                              "give PNG, JPEG, BMP or WebP files") from None
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def predict(run_or_model: str | Path | TrainedModel, images: list[str | Path] | torch.Tensor, *,
+            top_k: int = 5, tta: bool | None = None) -> list[list[tuple[str, float]]]:
+    """Top-k (class name, probability) for each image file (or uint8 image tensor)."""
+    model, _ = _as_model(run_or_model)
+    if not isinstance(images, torch.Tensor):
+        images = read_images(list(images), model.input_shape)
+    if tta is None:
+        tta = bool(model.info.get("tta", False))
+    logits = predict_logits(model.net, images, model.mean, model.std,
+                            precision=model.info.get("precision", "fp32"),
+                            tta_augment=model.info.get("augment", []) if tta else None)
+    probabilities = logits.softmax(1)
+    k = max(1, min(top_k, model.num_classes))
+    top = probabilities.topk(k, dim=1)
+    return [[(model.class_names[i], float(p)) for p, i in zip(ps.tolist(), idx.tolist(), strict=True)]
+            for ps, idx in zip(top.values, top.indices, strict=True)]

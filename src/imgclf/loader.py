@@ -1,0 +1,72 @@
+"""Batches from in-memory uint8 tensors, augmented whole-batch on the device.
+
+No per-image Python work: a batch is gathered with one index op, cropped with one gather,
+flipped with one `where` and cut out with one broadcast mask (the airbench way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, normalized with per-channel mean/std given in [0, 1] units."""
+    return (images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to `padding` pixels (a random crop of the reflect-padded image)."""
+    n, c, h, w = images.shape
+    padded = F.pad(images.float(), (padding,) * 4, mode="reflect").to(images.dtype)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero a size x size square at a random centre of each image (it may overlap the border)."""
+    n, _, h, w = images.shape
+    cy = torch.randint(0, h, (n, 1, 1), generator=generator, device=images.device)
+    cx = torch.randint(0, w, (n, 1, 1), generator=generator, device=images.device)
+    ys = torch.arange(h, device=images.device)[None, :, None]
+    xs = torch.arange(w, device=images.device)[None, None, :]
+    inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
+    return images * ~inside[:, None]
+
+
+def augment(images: torch.Tensor, kinds: list[str], generator: torch.Generator,
+            crop_padding: int = 4, cutout_size: int = 8) -> torch.Tensor:
+    if "crop" in kinds and crop_padding > 0:
+        images = random_crop(images, crop_padding, generator)
+    if "flip" in kinds:
+        images = random_flip(images, generator)
+    if "cutout" in kinds and cutout_size > 0:
+        images = random_cutout(images, cutout_size, generator)
+    return images
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+            generator: torch.Generator | None = None, drop_last: bool = False
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches in order, or in a fresh permutation when shuffle is set."""
+    n = len(images)
+    order = torch.randperm(n, generator=generator, device=images.device) if shuffle else None
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            yield images[start:start + batch_size], labels[start:start + batch_size]
+        else:
+            index = order[start:start + batch_size]
+            yield images[index], labels[index]

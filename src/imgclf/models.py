@@ -1,0 +1,520 @@
+"""The model zoo: a registry of builders, and Keras-style parameter counts and summaries.
+
+Every net takes a normalized float batch (N, C, H, W) and returns raw logits (N, num_classes).
+Builders validate their options up front so a bad config fails with a one-line ImgclfError
+instead of a shape error deep inside torch.
+"""
+
+import functools
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from imgclf.errors import ImgclfError
+
+Builder = Callable[..., nn.Module]
+
+
+class ModelEntry(NamedTuple):
+    builder: Builder
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+# Every builder takes these positionally; everything after them is a user option.
+_SHAPE_ARGS = ("num_classes", "in_channels", "image_size")
+
+
+def register_model(name: str, description: str) -> Callable[[Builder], Builder]:
+    def decorator(builder: Builder) -> Builder:
+        MODELS[name] = ModelEntry(builder, description)
+        return builder
+
+    return decorator
+
+
+def list_models() -> list[tuple[str, str]]:
+    return sorted((name, entry.description) for name, entry in MODELS.items())
+
+
+def _option_defaults(builder: Builder) -> dict[str, Any]:
+    params = inspect.signature(builder).parameters
+    return {k: p.default for k, p in params.items() if k not in _SHAPE_ARGS}
+
+
+def _jsonable(value: Any) -> Any:
+    # Defaults are tuples (immutable); specs go through JSON/YAML, which only know lists.
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def create_model(
+    name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **options: Any
+) -> nn.Module:
+    if name not in MODELS:
+        raise ImgclfError(
+            f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))} (see `imgclf models`)"
+        )
+    builder = MODELS[name].builder
+    defaults = _option_defaults(builder)
+    for key in options:
+        if key not in defaults:
+            raise ImgclfError(
+                f"unknown option {key!r} for model {name}; valid options: {', '.join(defaults)}"
+            )
+    for arg, value in zip(_SHAPE_ARGS, (num_classes, in_channels, image_size), strict=True):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ImgclfError(f"{arg} must be a positive integer, got {value!r}")
+    try:
+        model = builder(num_classes, in_channels, image_size, **options)
+    except ImgclfError as e:
+        raise ImgclfError(f"model {name}: {e}") from None
+    # The state dict carries any loaded weights, so a rebuild must not need the original file.
+    resolved = {**defaults, **options, **({"weights": None} if "weights" in defaults else {})}
+    model.spec = {
+        "name": name,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "image_size": image_size,
+        "options": {k: _jsonable(v) for k, v in resolved.items()},
+    }
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Option checks shared by the builders
+
+
+def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ImgclfError(f"option {option} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _check_int(option: str, value: Any, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ImgclfError(f"option {option} takes integers >= {minimum}; got {value!r}")
+    return value
+
+
+def _check_ints(option: str, values: Any, minimum: int = 1) -> list[int]:
+    if not isinstance(values, list | tuple):
+        raise ImgclfError(f"option {option} must be a list of integers, e.g. [32, 64]; got {values!r}")
+    return [_check_int(option, v, minimum) for v in values]
+
+
+def _check_bool(option: str, value: Any) -> bool:
+    # bool("false") is True, so a string from a command line must not slip through.
+    if not isinstance(value, bool):
+        raise ImgclfError(f"option {option} must be true or false; got {value!r}")
+    return value
+
+
+def _check_dropout(option: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ImgclfError(f"option {option} must be a dropout rate in [0, 1); got {value!r}")
+    return float(value)
+
+
+def _per_layer(option: str, value: Any, n: int) -> list[Any]:
+    """Broadcast a scalar to every conv layer, or check a list has one value per conv layer."""
+    if not isinstance(value, list | tuple):
+        return [value] * n
+    if len(value) != n:
+        raise ImgclfError(
+            f"option {option} has {len(value)} values but filters has {n} conv layers; "
+            f"give one value per conv layer or a single value for all"
+        )
+    return list(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU}
+
+Layers = list[tuple[str, nn.Module]]
+
+
+def _conv_stack(
+    in_channels: int,
+    image_size: int,
+    filters: list[int],
+    kernel_size: list[int],
+    padding: str,
+    batch_norm: list[bool],
+    pool: list[int],
+    dropout: list[float],
+    activation: str,
+    bn_first: bool = False,
+) -> tuple[Layers, int, int]:
+    """Named conv layers (Keras-style names) plus the output channels and spatial size."""
+    layers: Layers = []
+    channels, size = in_channels, image_size
+    for i, (out, k, bn, p, drop) in enumerate(
+        zip(filters, kernel_size, batch_norm, pool, dropout, strict=True), start=1
+    ):
+        name = f"conv{i}"
+        if padding == "valid":
+            if size - k + 1 < 1:
+                raise ImgclfError(
+                    f"conv layer {i} ({k}x{k}, padding 'valid') gets a {size}x{size} feature map and would "
+                    f"shrink it below 1x1; use padding: same, a smaller kernel_size or fewer pools"
+                )
+            size = size - k + 1
+        elif k % 2 == 0:
+            # torch's padding="same" warns on even kernels; pad explicitly, the extra row/column at the
+            # bottom/right as Keras does.
+            layers.append((f"{name}_pad", nn.ZeroPad2d(((k - 1) // 2, k // 2, (k - 1) // 2, k // 2))))
+        same = padding == "same" and k % 2 == 1
+        layers.append((name, nn.Conv2d(channels, out, k, padding=k // 2 if same else 0)))
+        act = (f"{name}_act", _ACTIVATIONS[activation]())
+        norm = [(f"{name}_bn", nn.BatchNorm2d(out))] if bn else []
+        layers += [*norm, act] if bn_first else [act, *norm]
+        if p > 1:
+            if size // p < 1:
+                raise ImgclfError(
+                    f"max-pool {p} after conv layer {i} gets a {size}x{size} feature map and would shrink it "
+                    f"to 0x0; use fewer max-pools{' or padding: same' if padding == 'valid' else ''}"
+                )
+            layers.append((f"{name}_pool", nn.MaxPool2d(p)))
+            size //= p
+        if drop > 0:
+            layers.append((f"{name}_drop", nn.Dropout(drop)))
+        channels = out
+    return layers, channels, size
+
+
+def _dense_stack(
+    in_features: int, dense: list[int], num_classes: int, batch_norm: bool, dropout: float, activation: str
+) -> Layers:
+    layers: Layers = []
+    for i, units in enumerate(dense, start=1):
+        layers += [
+            (f"dense{i}", nn.Linear(in_features, units)),
+            (f"dense{i}_act", _ACTIVATIONS[activation]()),
+        ]
+        if batch_norm:
+            layers.append((f"dense{i}_bn", nn.BatchNorm1d(units)))
+        if dropout > 0:
+            layers.append((f"dense{i}_drop", nn.Dropout(dropout)))
+        in_features = units
+    layers.append(("logits", nn.Linear(in_features, num_classes)))
+    return layers
+
+
+def _flatten_or_pool(global_pool: bool) -> Layers:
+    if global_pool:
+        return [("global_pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+    return [("flatten", nn.Flatten())]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+
+
+@register_model("mlp", "multi-layer perceptron: flatten, hidden dense layers with dropout, logits")
+def mlp(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    hidden: tuple[int, ...] | list[int] = (512, 512),
+    dropout: float = 0.2,
+    batch_norm: bool = False,
+    activation: str = "relu",
+) -> nn.Module:
+    hidden = _check_ints("hidden", hidden)
+    dropout = _check_dropout("dropout", dropout)
+    activation = _check_choice("activation", activation, tuple(_ACTIVATIONS))
+    in_features = in_channels * image_size * image_size
+    batch_norm = _check_bool("batch_norm", batch_norm)
+    layers = _dense_stack(in_features, hidden, num_classes, batch_norm, dropout, activation)
+    return nn.Sequential(OrderedDict([("flatten", nn.Flatten()), *layers]))
+
+
+@register_model("cnn", "configurable Keras-style conv stack (conv-act-BN-pool-dropout blocks, dense head)")
+def cnn(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    filters: tuple[int, ...] | list[int] = (32, 64, 128),
+    kernel_size: int | list[int] = 3,
+    padding: str = "same",
+    batch_norm: bool | list[bool] = False,
+    pool: int | list[int] = 2,
+    dropout: float | list[float] = 0.0,
+    dense: tuple[int, ...] | list[int] = (128,),
+    dense_batch_norm: bool = False,
+    dense_dropout: float = 0.0,
+    global_pool: bool = False,
+    activation: str = "relu",
+) -> nn.Module:
+    filters = _check_ints("filters", filters)
+    n = len(filters)
+    kernel_size = [_check_int("kernel_size", k) for k in _per_layer("kernel_size", kernel_size, n)]
+    pool = [_check_int("pool", p, minimum=0) for p in _per_layer("pool", pool, n)]
+    dropout = [_check_dropout("dropout", d) for d in _per_layer("dropout", dropout, n)]
+    batch_norm = [_check_bool("batch_norm", b) for b in _per_layer("batch_norm", batch_norm, n)]
+    padding = _check_choice("padding", padding, ("same", "valid"))
+    activation = _check_choice("activation", activation, tuple(_ACTIVATIONS))
+    dense = _check_ints("dense", dense)
+    dense_dropout = _check_dropout("dense_dropout", dense_dropout)
+    dense_batch_norm = _check_bool("dense_batch_norm", dense_batch_norm)
+    global_pool = _check_bool("global_pool", global_pool)
+
+    convs, channels, size = _conv_stack(
+        in_channels, image_size, filters, kernel_size, padding, batch_norm, pool, dropout, activation
+    )
+    in_features = channels if global_pool else channels * size * size
+    head = _dense_stack(in_features, dense, num_classes, dense_batch_norm, dense_dropout, activation)
+    return nn.Sequential(OrderedDict([*convs, *_flatten_or_pool(global_pool), *head]))
+
+
+# LeNet-5 is just a cnn with other defaults, so every cnn option still applies.
+lenet = register_model("lenet", "LeNet-5: conv6 5x5, pool, conv16 5x5, pool, dense 120-84 (a cnn preset)")(
+    functools.partial(cnn, filters=(6, 16), kernel_size=5, padding="valid", dense=(120, 84))
+)
+
+
+_VGG_LAYOUTS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", *[512, 512, 512, 512, "M"] * 2],
+}
+
+
+class VGG(nn.Sequential):
+    """A conv base (`features`) followed by a head; the base can be frozen for transfer learning."""
+
+    def __init__(self, features: nn.Sequential, head: Layers, freeze_features: bool) -> None:
+        super().__init__(OrderedDict([("features", features), *head]))
+        self.freeze_features = freeze_features
+        if freeze_features:
+            features.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> "VGG":
+        super().train(mode)
+        if self.freeze_features:
+            # Keras trainable=False semantics: a frozen base keeps its BN running stats fixed.
+            self.features.eval()
+        return self
+
+
+def _load_features(features: nn.Module, path: str) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ImgclfError(f"weights file {path!r} not found; give the path to a .safetensors file")
+    try:
+        loaded = load_file(path)
+    except SafetensorError as e:
+        raise ImgclfError(
+            f"cannot read weights file {path!r} ({e}); it must be a .safetensors file"
+        ) from None
+    expected = features.state_dict()
+    missing = sorted(expected.keys() - loaded.keys())
+    unexpected = sorted(loaded.keys() - expected.keys())
+    if missing or unexpected:
+        raise ImgclfError(
+            f"weights file {path!r} does not match the {len(expected)}-tensor conv base: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}; check layout and batch_norm"
+        )
+    for key, tensor in expected.items():
+        if loaded[key].shape != tensor.shape:
+            raise ImgclfError(
+                f"weights file {path!r}: {key} has shape {tuple(loaded[key].shape)} but the model expects "
+                f"{tuple(tensor.shape)}; check layout and in_channels"
+            )
+    features.load_state_dict(loaded, strict=True)
+
+
+@register_model("vgg", "VGG-11/13/16/19 or a custom layout, batch norm, freezable conv base for transfer")
+def vgg(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    layout: str | list[int | str] = "vgg11",
+    batch_norm: bool = True,
+    dense: tuple[int, ...] | list[int] = (),
+    dropout: float = 0.0,
+    global_pool: bool = True,
+    freeze_features: bool = False,
+    weights: str | None = None,
+) -> nn.Module:
+    if isinstance(layout, str):
+        layout = _VGG_LAYOUTS[_check_choice("layout", layout, tuple(_VGG_LAYOUTS))]
+    if (
+        not isinstance(layout, list | tuple)
+        or not layout
+        or layout[0] == "M"
+        or any(a == b == "M" for a, b in zip(layout, layout[1:], strict=False))
+        or not all(v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0) for v in layout)
+    ):
+        raise ImgclfError(
+            f"option layout must be one of {', '.join(_VGG_LAYOUTS)} or a list of conv filters and 'M' "
+            f"(max-pool) starting with a conv, with no two 'M' in a row; got {layout!r}"
+        )
+    filters = [v for v in layout if v != "M"]
+    pools = [2 if nxt == "M" else 0 for v, nxt in zip(layout, [*layout[1:], None], strict=True) if v != "M"]
+    dense = _check_ints("dense", dense)
+    dropout = _check_dropout("dropout", dropout)
+    batch_norm = _check_bool("batch_norm", batch_norm)
+    global_pool = _check_bool("global_pool", global_pool)
+    freeze_features = _check_bool("freeze_features", freeze_features)
+    n = len(filters)
+
+    # BN before the activation, as in the original VGG-BN, so converted pretrained weights behave.
+    convs, channels, size = _conv_stack(
+        in_channels,
+        image_size,
+        filters,
+        [3] * n,
+        "same",
+        [batch_norm] * n,
+        pools,
+        [0.0] * n,
+        "relu",
+        bn_first=True,
+    )
+    features = nn.Sequential(OrderedDict(convs))
+    if weights is not None:
+        _load_features(features, str(weights))
+    in_features = channels if global_pool else channels * size * size
+    # Dropout goes before every linear layer (Keras transfer heads put it right after the pooling).
+    head = _dense_stack(in_features, dense, num_classes, False, dropout, "relu")
+    if dropout > 0:
+        head.insert(0, ("dropout", nn.Dropout(dropout)))
+    return VGG(features, [*_flatten_or_pool(global_pool), *head], freeze_features)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU()
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+@register_model("resnet18", "ResNet-18, CIFAR variant (3x3 stem, no stem max-pool), ~11.2M params")
+def resnet18(num_classes: int, in_channels: int, image_size: int, width: int = 64) -> nn.Module:
+    width = _check_int("width", width)
+    widths = [width, 2 * width, 4 * width, 8 * width]
+    stem = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            bn=nn.BatchNorm2d(width),
+            relu=nn.ReLU(),
+        )
+    )
+    layers: Layers = [("stem", stem)]
+    channels = width
+    for i, w in enumerate(widths, start=1):
+        stride = 1 if i == 1 else 2
+        layers.append((f"layer{i}", nn.Sequential(BasicBlock(channels, w, stride), BasicBlock(w, w, 1))))
+        channels = w
+    layers += [*_flatten_or_pool(True), ("fc", nn.Linear(channels, num_classes))]
+    return nn.Sequential(OrderedDict(layers))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter counts and summaries
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), Keras-style: total also counts batch-norm running mean/var as non-trainable."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = sum(p.numel() for p in model.parameters())
+    bn_stats = sum(
+        b.numel()
+        for name, b in model.named_buffers()
+        if name.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+    )
+    return trainable, params + bn_stats
+
+
+class LayerRow(NamedTuple):
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]  # without the batch dimension
+    params: int  # Keras-style: includes batch-norm running stats
+
+
+@dataclass
+class ModelSummary:
+    rows: list[LayerRow]
+    trainable_params: int
+    total_params: int
+    non_trainable_params: int
+
+    def table(self) -> Table:
+        table = Table(show_footer=True)
+        table.add_column("Layer (type)", footer="Total params\nTrainable params\nNon-trainable params")
+        table.add_column("Output shape")
+        table.add_column(
+            "Param #",
+            justify="right",
+            footer=f"{self.total_params:,}\n{self.trainable_params:,}\n{self.non_trainable_params:,}",
+        )
+        for row in self.rows:
+            shape = "(" + ", ".join(["N", *map(str, row.output_shape)]) + ")"
+            table.add_row(f"{row.name} ({row.kind})", shape, f"{row.params:,}")
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "non_trainable_params": self.non_trainable_params,
+            "layers": [{**row._asdict(), "output_shape": list(row.output_shape)} for row in self.rows],
+        }
+
+
+def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
+    """Trace one zero image through the model and record every leaf module's output shape, in call order."""
+    rows: list[LayerRow] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
+        rows.append(LayerRow(names[module], type(module).__name__, shape, count_params(module)[1]))
+
+    names = {m: name for name, m in model.named_modules() if not any(m.children())}
+    handles = [m.register_forward_hook(hook) for m in names]
+    # Restore every module's own mode, not just the root's: a frozen base stays in eval inside a training net.
+    modes = {m: m.training for m in model.modules()}
+    param = next(model.parameters(), torch.zeros(()))
+    x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    trainable, total = count_params(model)
+    return ModelSummary(rows, trainable, total, total - trainable)

@@ -1,0 +1,145 @@
+"""Run folders, trained models on disk, and atomic writes.
+
+A run folder holds:
+  config.yaml        everything needed to repeat the run
+  metrics.csv        one row per finished epoch
+  model.safetensors  the trained weights (tensors only: loading runs no code)
+  model.json         how to rebuild the net, class names, normalization, input shape, version
+  checkpoint.pt      the state to resume from, rewritten atomically after every epoch
+  summary.json       final metrics and timings, written when the run finishes
+Every file is written to a temporary file first and then renamed, so a crash or a kill
+leaves the previous version intact, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from imgclf import __version__
+from imgclf.errors import ImgclfError
+from imgclf.models import create_model
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, out.getvalue())
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        # weights_only: a checkpoint is tensors, numbers and dicts; refuse anything that would run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ImgclfError(f"no checkpoint at {path}; start the run without --resume") from None
+    except Exception as e:
+        raise ImgclfError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
+                          "start the run again without --resume into a new --out") from None
+
+
+@dataclass
+class TrainedModel:
+    """A net plus everything needed to feed it: the result of `load_model`."""
+
+    net: torch.nn.Module
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    info: dict[str, Any] = field(default_factory=dict)  # the rest of model.json (dataset, augment, tta, ...)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def save_model(run_dir: Path, net: torch.nn.Module, class_names: list[str], mean, std,
+               input_shape: tuple[int, int, int], **info: Any) -> None:
+    run_dir = Path(run_dir)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    atomic_write(run_dir / "model.safetensors", safetensors.torch.save(state))
+    meta = {
+        "format": "imgclf-model",
+        "imgclf_version": __version__,
+        "architecture": net.spec,
+        "class_names": list(class_names),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "input_shape": list(input_shape),
+        **info,
+    }
+    atomic_write(run_dir / "model.json", json.dumps(meta, indent=2))
+
+
+def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
+    """Rebuild a trained net from a run folder, reading only JSON and safetensors."""
+    run_dir = Path(run_dir)
+    meta_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
+    if not run_dir.is_dir():
+        raise ImgclfError(f"{run_dir} is not a run folder; give the --out folder of an `imgclf train` run")
+    if not meta_path.exists() or not weights_path.exists():
+        raise ImgclfError(f"{run_dir} holds no trained model (model.json + model.safetensors); "
+                          "train it first, or give the --out folder of a finished `imgclf train` run")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != "imgclf-model":
+            raise ValueError("not an imgclf model")
+        arch = meta["architecture"]
+        net = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                           image_size=arch["image_size"], **arch.get("options", {}))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ImgclfError(f"{meta_path} is not an imgclf model description ({type(e).__name__}: {e}); "
+                          "retrain the run or restore the file") from None
+    try:
+        state = safetensors.torch.load_file(str(weights_path))
+        net.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImgclfError(f"{weights_path} does not hold this model's weights ({first}); "
+                          "retrain the run or restore the file") from None
+    net.to(device).eval()
+    return TrainedModel(net=net, class_names=meta["class_names"], mean=tuple(meta["mean"]),
+                        std=tuple(meta["std"]), input_shape=tuple(meta["input_shape"]),
+                        info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")})

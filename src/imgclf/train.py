@@ -1,0 +1,344 @@
+"""Training: one readable loop over in-memory uint8 tensors augmented in whole batches.
+
+`train()` makes or resumes a run folder (see runs.py), trains with the optimizer, schedule,
+augmentation, label smoothing, EMA and early stopping of its config, and saves a resumable
+checkpoint, the metrics and the model after every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from imgclf import __version__
+from imgclf.config import RunConfig, make_config
+from imgclf.data import Dataset, load_dataset
+from imgclf.errors import ImgclfError
+from imgclf.evaluate import autocast, predict_logits
+from imgclf.loader import augment, batches, normalize
+from imgclf.models import count_params, create_model
+from imgclf.runs import atomic_write, load_checkpoint, read_metrics, save_checkpoint, save_model, write_metrics
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict[str, float]]  # the metrics.csv rows
+    summary: dict[str, Any]  # the summary.json content
+    reused: bool = False  # True when an identical finished run was found and nothing was trained
+
+
+# ---- choices made from the config and the machine ---------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ImgclfError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 make bf16 convolutions several times faster than fp32; elsewhere bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ImgclfError("fp16 is for CUDA GPUs; use --precision bf16 or fp32 on the CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Measured on Sapphire Rapids (benchmarks/RESULTS.md): bf16 wins for convnets, loses for small MLPs.
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    return "bf16" if has_conv and cpu_has_fast_bf16() else "fp32"
+
+
+def build_optimizer(net: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    # Weight decay on weights only: decaying biases and batch-norm scales only hurts.
+    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer in ("sgd", "nesterov"):
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum if cfg.momentum else 0.0)
+
+
+def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at an optimizer step: linear warm-up, then the schedule."""
+    epoch = step / steps_per_epoch
+    total = cfg.epochs
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        return (epoch + 1 / steps_per_epoch) / cfg.warmup_epochs
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** int(epoch // cfg.step_size)
+    progress = (epoch - cfg.warmup_epochs) / max(total - cfg.warmup_epochs, 1e-9)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.schedule == "onecycle":  # up for the first 25% (unless warm-up is set), then linearly down to 0
+        if cfg.warmup_epochs == 0 and progress < 0.25:
+            return 0.04 + 0.96 * progress / 0.25
+        return max(0.0, 1 - (progress - 0.25 * (cfg.warmup_epochs == 0)) / (1 - 0.25 * (cfg.warmup_epochs == 0)))
+    return 1.0
+
+
+# ---- the run folder -----------------------------------------------------------------------------------
+
+def default_run_dir(config: RunConfig) -> Path:
+    dataset = Path(config.data.dataset).name if os.sep in config.data.dataset else config.data.dataset
+    return Path("runs") / f"{dataset}-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A config without the fields that say where, not what (so a moved data folder still matches)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config_dict.items()}
+    out["data"].pop("data_dir", None)
+    out["train"].pop("device", None)
+    out["train"].pop("threads", None)
+    return out
+
+
+def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, str]:
+    """Decide what to do with the folder: 'new', 'resume' or 'reuse'. Never touches an unrelated run."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        if resume:
+            raise ImgclfError(f"{run_dir} holds no run to resume; drop --resume to start a new run there")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ImgclfError(f"{run_dir} exists and is not an imgclf run folder; choose another --out")
+        return config, "new"
+    stored = RunConfig.from_dict(yaml.safe_load(config_path.read_text()), source=str(config_path))
+    finished = (run_dir / "summary.json").exists()
+    if resume:
+        stored.data.data_dir = config.data.data_dir or stored.data.data_dir
+        stored.train.device, stored.train.threads = config.train.device, config.train.threads
+        return stored, "reuse" if finished else "resume"
+    if _comparable(stored.to_dict()) != _comparable(config.to_dict()):
+        raise ImgclfError(f"{run_dir} already holds a different run; choose another --out "
+                          "(or --resume to continue that run); nothing was changed")
+    if finished:
+        return stored, "reuse"
+    raise ImgclfError(f"{run_dir} holds an unfinished run of this configuration; "
+                      "add --resume to continue it, or choose another --out")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console, transient=True)
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+def train(config: RunConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
+          dataset: Dataset | str | None = None, recipe: str | None = None, model: str | None = None,
+          quiet: bool = False, **overrides: Any) -> TrainResult:
+    """Train a model and return its run folder and metrics.
+
+    Either pass a RunConfig, or build one from a recipe and/or flat options, e.g.
+    `train(dataset="mnist", model="mlp", epochs=1, out="runs/mnist-mlp")`.
+    A Dataset object may be passed as `dataset` to skip loading (its name is recorded).
+    """
+    dataset_obj = dataset if isinstance(dataset, Dataset) else None
+    if config is None:
+        name = dataset_obj.name if dataset_obj else dataset
+        config = make_config(recipe=recipe, model=model, dataset=name, **overrides)
+    run_dir = Path(out) if out else default_run_dir(config)
+    config, mode = prepare_run_dir(config, run_dir, resume)
+    say = (lambda *a: None) if quiet else console.print
+    if mode == "reuse":
+        say(f"{run_dir} already holds a finished run of this configuration: reusing its model, not retraining "
+            "(delete the folder or choose another --out to train again)")
+        return TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"),
+                           json.loads((run_dir / "summary.json").read_text()), reused=True)
+
+    cfg = config.train
+    started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = dataset_obj or load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
+                                       subset=config.data.subset, grayscale=config.data.grayscale,
+                                       seed=cfg.seed, image_size=config.data.image_size)
+    if len(data.train) == 0:
+        raise ImgclfError(f"{data.name} has no training images; give a dataset or folder with a train split")
+    c, h, w = data.train.images.shape[1:]
+    net = create_model(config.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
+                       **config.model.options).to(device)
+    precision = resolve_precision(cfg.precision, device, net)
+    memory_format = torch.channels_last if precision != "fp32" and any(
+        isinstance(m, torch.nn.Conv2d) for m in net.modules()) else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    optimizer = build_optimizer(net, cfg)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    train_images, train_labels = data.train.images.to(device), data.train.labels.to(device)
+    mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
+    steps_per_epoch = math.ceil(len(train_images) / cfg.batch_size)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    best = {"val_acc": -1.0, "epoch": 0, "state": None}
+    start_epoch = 1
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "resume":
+        state = load_checkpoint(run_dir / "checkpoint.pt")
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best = state["history"], state["best"]
+        start_epoch = state["epoch"] + 1
+        say(f"resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
+    else:
+        atomic_write(run_dir / "config.yaml", config.to_yaml())
+    crop_padding = cfg.crop_padding if cfg.crop_padding is not None else max(1, h // 8)
+    cutout_size = cfg.cutout_size if cfg.cutout_size is not None else max(1, h // 4)
+
+    trainable, total = count_params(net)
+    say(f"[bold]{config.model.name}[/] on {data.name}: {len(train_images):,} train / "
+        f"{len(data.val) if data.val is not None else 0:,} val images {tuple(data.train.images.shape[1:])}, "
+        f"{data.num_classes} classes, {trainable:,} trainable params, {precision} on {device.type} "
+        f"({torch.get_num_threads()} threads) -> {run_dir}")
+
+    def evaluation_net() -> torch.nn.Module:
+        return ema.module if ema is not None else net
+
+    def save_all(epoch: int) -> None:
+        save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
+                   dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, precision=precision)
+        write_metrics(run_dir / "metrics.csv", history)
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),  # dropout draws from it
+            "history": history, "best": best})
+
+    epoch = start_epoch - 1
+    try:
+        with _progress() as progress:
+            for epoch in range(start_epoch, cfg.epochs + 1):
+                task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, stats="")
+                row = train_one_epoch(net, optimizer, scaler, ema, train_images, train_labels, mean, std, cfg,
+                                      (epoch - 1) * steps_per_epoch, steps_per_epoch, crop_padding, cutout_size,
+                                      generator, device, precision, memory_format, progress, task)
+                row["epoch"] = epoch
+                if data.val is not None and len(data.val) > 0:
+                    logits = predict_logits(evaluation_net(), data.val.images, data.mean, data.std,
+                                            precision=precision)
+                    labels = data.val.labels.to(logits.device)
+                    row["val_loss"] = F.cross_entropy(logits, labels).item()
+                    row["val_acc"] = (logits.argmax(1) == labels).float().mean().item()
+                progress.remove_task(task)
+                history.append(row)
+                improved = row.get("val_acc", -1.0) > best["val_acc"]
+                if improved and cfg.early_stopping:
+                    best = {"val_acc": row["val_acc"], "epoch": epoch,
+                            "state": {k: v.detach().clone() for k, v in evaluation_net().state_dict().items()}}
+                say(_epoch_line(row, cfg.epochs, len(train_images)))
+                save_all(epoch)
+                if cfg.early_stopping and epoch - best["epoch"] >= cfg.early_stopping and epoch < cfg.epochs:
+                    say(f"early stopping: no val accuracy gain for {cfg.early_stopping} epochs; "
+                        f"keeping the weights of epoch {best['epoch']}")
+                    break
+    except KeyboardInterrupt:
+        console.print(f"\ninterrupted in epoch {epoch}: the checkpoint after epoch {epoch - 1} is saved in "
+                      f"{run_dir}; continue with `imgclf train --resume --out {run_dir}`")
+        raise
+
+    if cfg.early_stopping and best["state"] is not None:
+        evaluation_net().load_state_dict(best["state"])
+    seconds = time.perf_counter() - started
+    summary = {
+        "imgclf_version": __version__, "torch_version": torch.__version__, "dataset": data.name,
+        "model": config.model.name, "recipe": config.recipe, "epochs_run": len(history),
+        "trainable_params": trainable, "total_params": total, "precision": precision, "device": str(device),
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": _cpu_name(),
+        "seconds": round(seconds, 2), "train_seconds": round(sum(r["seconds"] for r in history), 2),
+        "final": history[-1] if history else {},
+        "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
+    }
+    save_all(len(history))
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    say(f"done in {seconds:.1f}s: model saved to {run_dir}")
+    return TrainResult(run_dir, history, summary)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def train_one_epoch(net, optimizer, scaler, ema, images, labels, mean, std, cfg, first_step, steps_per_epoch,
+                    crop_padding, cutout_size, generator, device, precision, memory_format, progress, task
+                    ) -> dict[str, float]:
+    net.train()
+    started = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for step, (x, y) in enumerate(batches(images, labels, cfg.batch_size, shuffle=True, generator=generator)):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, first_step + step, steps_per_epoch)
+        x = augment(x, cfg.augment, generator, crop_padding, cutout_size)
+        x = normalize(x, mean, std).contiguous(memory_format=memory_format)
+        with autocast(device, precision):
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise ImgclfError(f"training diverged (loss is {loss.item()}) at step {step + 1}; the checkpoint of "
+                              "the last finished epoch is kept: lower --lr or use --precision fp32")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update_parameters(net)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if step % 10 == 0 or seen == len(images):
+            rate = seen / (time.perf_counter() - started)
+            progress.update(task, completed=step + 1,
+                            stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} "
+                                  f"{rate:,.0f} img/s")
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _epoch_line(row: dict[str, float], epochs: int, n: int) -> str:
+    val = (f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if "val_acc" in row else "")
+    return (f"epoch {int(row['epoch'])}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
+            f"{val}  lr {row['lr']:.3g}  {row['seconds']:.1f}s  {n / row['seconds']:,.0f} img/s")

@@ -1,0 +1,125 @@
+"""The command line, as a user runs it: exit codes, one-line errors, JSON outputs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgclf.cli import main
+from imgclf.data import load_dataset
+
+
+def run_cli(*args, cwd=None):
+    """Run `python -m imgclf` in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "imgclf", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits-cnn"
+    assert main(["train", "--dataset", "digits", "--model", "cnn", "--epochs", "5", "--batch-size", "64",
+                 "--lr", "0.003", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_evaluate_json(digits_run, capsys):
+    assert main(["evaluate", str(digits_run), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0.85 < metrics["accuracy"] <= 1
+    assert metrics["split"] == "test" and metrics["num_images"] == 360
+    assert len(metrics["confusion_matrix"]) == 10 and len(metrics["per_class"]) == 10
+    assert metrics["top5_accuracy"] >= metrics["accuracy"] and metrics["loss"] > 0
+
+
+def test_evaluate_table_and_tta(digits_run, capsys):
+    assert main(["evaluate", str(digits_run), "--split", "val", "--tta"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_predict_names_the_digit(digits_run, tmp_path, capsys):
+    test = load_dataset("digits").test
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(test.images[i, 0].numpy()).resize((40, 40)).convert("RGB").save(path)
+        paths.append(str(path))
+    assert main(["predict", str(digits_run), *paths, "--json", "--top-k", "2"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    predicted = [r["top"][0]["label"] for r in results]
+    truth = [str(int(label)) for label in test.labels[:5]]
+    assert sum(p == t for p, t in zip(predicted, truth, strict=True)) >= 4
+    assert all(len(r["top"]) == 2 for r in results)
+
+
+def test_summary_json_of_a_reference_recipe(capsys):
+    assert main(["summary", "--recipe", "ref-mnist-cnn", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trainable_params"] == 128_266 and summary["total_params"] == 128_266
+
+
+@pytest.mark.parametrize("command", [["models"], ["recipes"], ["datasets"], ["datasets", "digits"],
+                                     ["summary", "--model", "resnet18"]])
+def test_listing_commands(command, capsys):
+    assert main(command) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--dataset", "nosuchdata", "--model", "mlp"], "nosuchdata"),
+    (["train", "--dataset", "digits", "--model", "nosuchmodel"], "unknown model"),
+    (["train", "--recipe", "nosuchrecipe"], "unknown recipe"),
+    (["train", "--dataset", "digits", "--augment", "rotate"], "augmentation"),
+    (["train", "--dataset", "digits", "--val-split", "1.5"], "val split"),
+    (["train", "--resume"], "--out"),
+    (["evaluate", "."], "holds no trained model"),
+    (["evaluate", "no/such/run"], "not a run folder"),
+])
+def test_bad_input_gets_one_line_and_status_1(args, message, tmp_path):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_predict_refuses_a_non_image(digits_run, tmp_path):
+    junk = tmp_path / "notes.png"
+    junk.write_text("this is not an image")
+    result = run_cli("predict", digits_run, junk)
+    assert result.returncode == 1 and "not an image" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_weights_are_refused_and_nothing_is_written(digits_run, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_run, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    result = run_cli("evaluate", broken)
+    assert result.returncode == 1 and "model.safetensors" in result.stderr
+    assert (broken / "model.safetensors").read_bytes() == b"\x00" * 64
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run_cli("train", "--optimizer", "nosuch", cwd=tmp_path).returncode == 2
+    assert run_cli("nosuchcommand", cwd=tmp_path).returncode == 2
+
+
+def test_image_folder_end_to_end(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("test", 10)):
+        for label, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            folder = tmp_path / "shapes" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (12, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(tmp_path / "shapes"), "--model", "mlp", "--epochs", "5",
+                 "--lr", "0.01", "--out", str(out), "--data-dir", str(tmp_path / "cache")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] >= 0.9

@@ -1,0 +1,492 @@
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import re
+import socket
+import struct
+import tarfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgclf import data
+from imgclf.data import DATASETS, dataset_info, list_datasets, load_dataset
+from imgclf.errors import ImgclfError
+
+REAL_DATA = Path("/work/shared/datasets")
+
+
+# ---- writers for small files in the canonical formats ----
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes())
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def trust(monkeypatch, name: str, folder: Path) -> None:
+    """Point the canonical md5s at the test files, as if they were the real ones."""
+    files = {f: md5(folder / f) for f in DATASETS[name]["files"]}
+    monkeypatch.setitem(DATASETS[name], "files", files)
+
+
+def make_mnist(folder: Path, n_train: int = 50, n_test: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n) % 10
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images, 0x803)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels, 0x801)
+        arrays[split] = images, labels
+    return arrays
+
+
+@pytest.fixture
+def mnist(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    arrays = make_mnist(root / "mnist")
+    trust(monkeypatch, "mnist", root / "mnist")
+    monkeypatch.setenv("IMGCLF_DATA", str(root))
+    return root, arrays
+
+
+def cifar_batch(n: int, label_key: str, num_classes: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    return {"data": images, label_key: [i % num_classes for i in range(n)]}
+
+
+def as_py2(d: dict) -> dict:
+    """Byte-string keys and names, as in the original Python 2 pickles."""
+    return {k.encode(): [n.encode() for n in v] if k.endswith("names") else v for k, v in d.items()}
+
+
+def py2_pickle(d: dict) -> bytes:
+    """The bytes Python 2's cPickle writes for a CIFAR dict: byte strings, numpy.core globals, protocol 2."""
+    def string(b: bytes) -> bytes:
+        return b"T" + struct.pack("<I", len(b)) + b
+
+    def value(v) -> bytes:
+        if isinstance(v, np.ndarray):
+            shape = b"".join(b"J" + struct.pack("<i", n) for n in v.shape) + b"\x86"  # a 2-tuple
+            dtype = (b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R(K\x03" + string(b"|")
+                     + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+            return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b")
+                    + b"\x87R(K\x01" + shape + dtype + b"\x89" + string(v.tobytes()) + b"tb")
+        if isinstance(v, list):
+            return b"](" + b"".join(value(x) for x in v) + b"e"
+        return b"J" + struct.pack("<i", v) if isinstance(v, int) else string(v.encode())
+
+    return b"\x80\x02}(" + b"".join(string(k.encode()) + value(v) for k, v in d.items()) + b"u."
+
+
+def make_cifar10(folder: Path, style: str = "py3") -> dict[str, dict]:
+    base = folder / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    batches = {f"data_batch_{i}": cifar_batch(20, "labels", 10, seed=i) for i in range(1, 6)}
+    batches["test_batch"] = cifar_batch(30, "labels", 10, seed=9)
+    batches["batches.meta"] = {"label_names": DATASETS["cifar10"]["classes"], "num_vis": 3072}
+    write = {"py3": partial(pickle.dumps, protocol=5), "py2": py2_pickle,
+             "bytes-keys": lambda d: pickle.dumps(as_py2(d), protocol=2)}[style]
+    for name, d in batches.items():
+        (base / name).write_bytes(write(d))
+    return batches
+
+
+def make_cifar100(folder: Path) -> dict[str, dict]:
+    base = folder / "cifar-100-python"
+    base.mkdir(parents=True)
+    files = {s: cifar_batch(n, "fine_labels", 100, seed=n) for s, n in (("train", 400), ("test", 100))}
+    for d in files.values():
+        d["coarse_labels"] = [label // 5 for label in d["fine_labels"]]
+    files["meta"] = {"fine_label_names": DATASETS["cifar100"]["classes"],
+                     "coarse_label_names": DATASETS["cifar100-coarse"]["classes"]}
+    for name, d in files.items():
+        (base / name).write_bytes(pickle.dumps(d))
+    return files
+
+
+def make_image(path: Path, size=(12, 12), mode="RGB", color=(200, 30, 10), fmt=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode != "L" else color[0]).save(path, fmt)
+
+
+def make_folder(root: Path, splits=("train", "test")) -> None:
+    """12 readable images per class and split in mixed sizes, modes and formats; the first split also has
+    a junk text file and a corrupt PNG. splits=("",) makes a root of class folders only."""
+    for split in splits:
+        base = root / split
+        for i in range(10):
+            make_image(base / "cat" / f"{i}.png", color=(10 * i, 0, 0))
+            make_image(base / "dog" / f"{i}.jpg", mode="L", color=(100 + i, 0, 0))
+        make_image(base / "dog" / "big.bmp", size=(40, 30))
+        make_image(base / "dog" / "small.gif", size=(6, 6))
+        make_image(base / "cat" / "gray.webp", mode="L", fmt="WEBP")
+        make_image(base / "cat" / "alpha.png", mode="RGBA", color=(1, 2, 3, 4))
+    base = root / splits[0]
+    (base / "cat" / "notes.txt").write_text("not an image")
+    (base / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+
+
+# ---- named datasets ----
+
+def test_data_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("IMGCLF_DATA", raising=False)
+    assert data.data_root() == Path.home() / ".cache" / "imgclf"
+    monkeypatch.setenv("IMGCLF_DATA", str(tmp_path))
+    assert data.data_root() == tmp_path
+    assert data.data_root(tmp_path / "x") == tmp_path / "x"
+
+
+def test_mnist_parses(mnist):
+    _, arrays = mnist
+    d = load_dataset("mnist", val_split=0)
+    assert d.class_names == [str(i) for i in range(10)] and d.val is None
+    assert d.train.images.shape == (50, 1, 28, 28) and d.train.images.dtype == torch.uint8
+    assert d.train.labels.dtype == torch.int64 and d.train.images.is_contiguous()
+    assert torch.equal(d.train.images[:, 0], torch.from_numpy(arrays["train"][0]))
+    assert torch.equal(d.test.labels, torch.from_numpy(arrays["test"][1]))
+    assert (d.num_classes, d.in_channels, d.image_size, d.image_shape) == (10, 1, 28, (1, 28, 28))
+    pixels = arrays["train"][0] / 255
+    assert d.mean[0] == pytest.approx(pixels.mean()) and d.std[0] == pytest.approx(pixels.std())
+
+
+def test_val_split_is_stratified_and_seeded(mnist):
+    a = load_dataset("mnist", val_split=0.2, seed=1)
+    b = load_dataset("mnist", val_split=0.2, seed=1)
+    c = load_dataset("mnist", val_split=0.2, seed=2)
+    assert (len(a.train), len(a.val), len(a.test)) == (40, 10, 20)
+    assert a.class_counts()["val"] == [1] * 10 and a.class_counts()["train"] == [4] * 10
+    assert torch.equal(a.val.images, b.val.images) and not torch.equal(a.val.images, c.val.images)
+    assert {tuple(x.flatten()[:8].tolist()) for x in torch.cat([a.train.images, a.val.images])} == {
+        tuple(x.flatten()[:8].tolist()) for x in torch.from_numpy(mnist[1]["train"][0])}
+
+
+def test_subset_is_stratified(mnist):
+    d = load_dataset("mnist", val_split=0, subset=20, seed=3)
+    assert d.class_counts()["train"] == [2] * 10
+    assert len(load_dataset("mnist", val_split=0, subset=10_000).train) == 50
+    with pytest.raises(ImgclfError, match="fewer than the 10 classes"):
+        load_dataset("mnist", subset=5)
+
+
+def test_bad_arguments(mnist):
+    with pytest.raises(ImgclfError, match="val_split"):
+        load_dataset("mnist", val_split=1.0)
+    with pytest.raises(ImgclfError, match="unknown dataset 'nope'.*mnist, fashion-mnist"):
+        load_dataset("nope")
+
+
+def test_split_access_and_summary(mnist):
+    d = load_dataset("mnist", val_split=0)
+    assert d.split("test") is d.test
+    with pytest.raises(ImgclfError, match="mnist has no val split; use --split train or --split test"):
+        d.split("val")
+    with pytest.raises(ImgclfError, match="unknown split"):
+        d.split("dev")
+    text = d.summary()
+    assert "mnist: 10 classes, 1x28x28" in text and "train 50, test 20" in text
+    assert len(text.splitlines()) == 3 + 10
+
+
+def test_resize_and_channels_for_named_datasets(mnist):
+    d = load_dataset("mnist", val_split=0, image_size=32, channels=3)
+    assert d.train.images.shape == (50, 3, 32, 32) and d.test.images.shape == (20, 3, 32, 32)
+    assert torch.equal(d.train.images[:, 0], d.train.images[:, 2]) and len(d.mean) == 3
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: write_idx(p, np.zeros((5, 28, 28)), 0x801), "not an IDX file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:200]), "not a readable gzip"),
+    (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-10])), "header"),
+    (lambda p: p.write_bytes(b"hello"), "not a readable gzip"),
+])
+def test_corrupt_idx_names_the_file(mnist, monkeypatch, damage, message):
+    root, _ = mnist
+    path = root / "mnist" / "train-images-idx3-ubyte.gz"
+    damage(path)
+    trust(monkeypatch, "mnist", root / "mnist")
+    with pytest.raises(ImgclfError, match=message) as e:
+        load_dataset("mnist")
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_md5_mismatch_is_reported_and_file_kept(mnist):
+    root, _ = mnist
+    path = root / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    write_idx(path, np.ones(20), 0x801)
+    with pytest.raises(ImgclfError, match=re.escape(f"{path} failed its md5 check")):
+        load_dataset("mnist")
+    assert path.exists()
+
+
+def test_missing_files_without_download(tmp_path):
+    where = re.escape(f"missing from {tmp_path / 'mnist'}")
+    with pytest.raises(ImgclfError, match=where + ".*--data-dir.*IMGCLF_DATA"):
+        load_dataset("mnist", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("style", ["py3", "bytes-keys", "py2"])
+def test_cifar10(tmp_path, monkeypatch, style):
+    written = make_cifar10(tmp_path / "cifar10", style)
+    trust(monkeypatch, "cifar10", tmp_path / "cifar10")
+    d = load_dataset("cifar10", tmp_path, val_split=0)
+    assert d.class_names[0] == "airplane" and d.train.images.shape == (100, 3, 32, 32)
+    assert d.test.images.shape == (30, 3, 32, 32)
+    first = written["data_batch_1"]
+    assert torch.equal(d.train.images[0].flatten(), torch.from_numpy(first["data"][0]))
+    assert d.train.labels[:20].tolist() == first["labels"]
+
+
+def test_cifar100_fine_and_coarse(tmp_path, monkeypatch):
+    written = make_cifar100(tmp_path / "cifar100")
+    trust(monkeypatch, "cifar100", tmp_path / "cifar100")
+    trust(monkeypatch, "cifar100-coarse", tmp_path / "cifar100")
+    fine = load_dataset("cifar100", tmp_path, val_split=0)
+    coarse = load_dataset("cifar100-coarse", tmp_path, val_split=0)
+    assert fine.num_classes == 100 and coarse.num_classes == 20 and coarse.class_names[0] == "aquatic_mammals"
+    assert fine.train.labels.tolist() == written["train"]["fine_labels"]
+    assert coarse.train.labels.tolist() == written["train"]["coarse_labels"]
+    assert torch.equal(fine.train.images, coarse.train.images)
+
+
+def test_grayscale_uses_luma(tmp_path, monkeypatch):
+    make_cifar10(tmp_path / "cifar10")
+    trust(monkeypatch, "cifar10", tmp_path / "cifar10")
+    rgb = load_dataset("cifar10", tmp_path, val_split=0)
+    gray = load_dataset("cifar10", tmp_path, val_split=0, grayscale=True)
+    assert gray.train.images.shape == (100, 1, 32, 32) and len(gray.mean) == 1
+    want = (rgb.train.images.double() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).round()
+    assert (gray.train.images[:, 0].double() - want).abs().max() <= 1
+
+
+class Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    make_cifar10(tmp_path / "cifar10")
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(pickle.dumps({"data": Evil(marker), "labels": []}))
+    trust(monkeypatch, "cifar10", tmp_path / "cifar10")
+    with pytest.raises(ImgclfError, match=r"refusing to unpickle (posix|os)\.system in .*data_batch_3"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+def test_digits_test_split_is_fixed():
+    a = load_dataset("digits", seed=0)
+    b = load_dataset("digits", seed=5)
+    assert torch.equal(a.test.images, b.test.images) and len(a.test) == 360
+    assert len(a.train) + len(a.val) == 1437 and not torch.equal(a.val.images, b.val.images)
+    assert a.image_shape == (1, 8, 8) and a.train.images.max() == 255
+
+
+# ---- downloads from a local server ----
+
+@pytest.fixture
+def server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield served, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/"
+
+
+def test_download_mnist(tmp_path, monkeypatch, server, capsys):
+    served, url = server
+    make_mnist(served)
+    trust(monkeypatch, "mnist", served)
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", [closed_port_url(), url])  # the first mirror is down
+    d = load_dataset("mnist", tmp_path / "data", val_split=0)
+    assert len(d.train) == 50
+    downloaded = sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir())
+    assert downloaded == sorted(DATASETS["mnist"]["files"])  # and no temp files
+    assert "downloading" in capsys.readouterr().err
+
+
+def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch, server):
+    served, url = server
+    make_mnist(served)
+    trust(monkeypatch, "mnist", served)
+    write_idx(served / "train-labels-idx1-ubyte.gz", np.zeros(50), 0x801)  # no longer matches its md5
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", [url])
+    with pytest.raises(ImgclfError, match=re.escape(f"{url}train-labels-idx1-ubyte.gz failed its md5 check")):
+        load_dataset("mnist", tmp_path)
+    left = [p.name for p in (tmp_path / "mnist").iterdir()]
+    assert "train-labels-idx1-ubyte.gz" not in left and not [n for n in left if n.endswith(".part")]
+
+
+def test_offline_error_says_what_to_put_where(tmp_path, monkeypatch):
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", [closed_port_url()])
+    with pytest.raises(ImgclfError) as e:
+        load_dataset("mnist", tmp_path)
+    message = str(e.value)
+    assert "could not download" in message and "t10k-labels-idx1-ubyte.gz" in message and "\n" not in message
+    assert str(tmp_path / "mnist") in message and "--data-dir" in message and "IMGCLF_DATA" in message
+    assert not list((tmp_path / "mnist").iterdir())
+
+
+def make_tarball(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+
+
+def test_download_and_extract_cifar10(tmp_path, monkeypatch, server):
+    served, url = server
+    make_cifar10(tmp_path / "src")
+    trust(monkeypatch, "cifar10", tmp_path / "src")
+    make_tarball(served / "cifar-10-python.tar.gz",
+                 {f: (tmp_path / "src" / f).read_bytes() for f in DATASETS["cifar10"]["files"]})
+    monkeypatch.setitem(DATASETS["cifar10"], "mirrors", [url])
+    monkeypatch.setitem(DATASETS["cifar10"], "archive", ("cifar-10-python.tar.gz",
+                                                         md5(served / "cifar-10-python.tar.gz")))
+    assert len(load_dataset("cifar10", tmp_path / "data", val_split=0).train) == 100
+    assert [p.name for p in (tmp_path / "data" / "cifar10").iterdir() if p.name.startswith(".")] == []
+
+
+def test_unsafe_tarball_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    make_tarball(folder / "cifar-10-python.tar.gz", {"../escaped": b"x"})
+    monkeypatch.setitem(DATASETS["cifar10"], "archive", ("cifar-10-python.tar.gz",
+                                                         md5(folder / "cifar-10-python.tar.gz")))
+    with pytest.raises(ImgclfError, match="could not extract"):
+        load_dataset("cifar10", tmp_path, download=True)
+    assert not (tmp_path / "escaped").exists()
+
+
+# ---- image folders ----
+
+def test_folder_with_splits(tmp_path):
+    make_folder(tmp_path / "pets")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable or non-image files, e\.g\. .*broken\.png"):
+        d = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0)
+    assert d.class_names == ["cat", "dog"] and d.name == str(tmp_path / "pets")
+    assert d.train.images.shape == (24, 3, 12, 12) and d.test.images.shape == (24, 3, 12, 12)
+    assert d.class_counts() == {"train": [12, 12], "test": [12, 12]}
+    assert d.train.images[0, :, 0, 0].tolist() == [0, 0, 0]  # cat/0.png, converted as is
+    with pytest.warns(UserWarning):
+        gray = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0, grayscale=True,
+                            image_size=8)
+    assert gray.train.images.shape == (24, 1, 8, 8)
+
+
+def test_folder_all_gray_gives_one_channel_and_union_of_classes(tmp_path):
+    make_image(tmp_path / "f" / "train" / "a" / "1.png", mode="L")
+    make_image(tmp_path / "f" / "train" / "a" / "2.png", mode="L")
+    make_image(tmp_path / "f" / "val" / "b" / "1.png", mode="L")
+    d = load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    assert d.class_names == ["a", "b"] and d.in_channels == 1
+    assert len(d.val) == 1 and d.val.labels.tolist() == [1] and d.test is None
+
+
+def test_folder_of_classes_carves_a_fixed_test_split(tmp_path):
+    make_folder(tmp_path / "pets", splits=("",))
+    with pytest.warns(UserWarning):
+        a = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", seed=0, val_split=0.25)
+        b = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", seed=7, val_split=0.25)
+    assert len(a.test) == 5 and torch.equal(a.test.images, b.test.images)  # 20% of the 24 readable images
+    assert len(a.train) + len(a.val) == 19 and a.class_counts()["test"] in ([2, 3], [3, 2])
+    assert not torch.equal(a.val.images, b.val.images)
+
+
+def test_folder_with_only_test_serves_evaluation(tmp_path):
+    make_image(tmp_path / "f" / "test" / "a" / "1.png")
+    make_image(tmp_path / "f" / "test" / "b" / "1.png")
+    d = load_dataset(str(tmp_path / "f"), tmp_path / "cache", image_size=16)
+    assert len(d.train) == 0 and d.val is None and d.split("test").images.shape == (2, 3, 16, 16)
+    assert d.image_shape == (3, 16, 16) and d.mean == (0.0, 0.0, 0.0)
+    with pytest.raises(ImgclfError, match="has no train split; use --split test"):
+        d.split("train")
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    (tmp_path / "f" / "a" / "x.txt").write_text("x")
+    with pytest.raises(ImgclfError, match="no readable images"):
+        load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    (tmp_path / "g").mkdir()
+    with pytest.raises(ImgclfError, match="no class sub-folders"):
+        load_dataset(str(tmp_path / "g"), tmp_path / "cache")
+
+
+def test_folder_cache_hit_skips_decoding(tmp_path, monkeypatch):
+    make_folder(tmp_path / "pets")
+    with pytest.warns(UserWarning):
+        first = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0)
+    assert len(list((tmp_path / "cache" / "folder-cache").glob("*.npz"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(data, "_decode_image", fail)
+    monkeypatch.setattr(data, "_read_header", fail)
+    with pytest.warns(UserWarning, match="skipped 2"):  # the cache remembers what was skipped
+        again = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0)
+    assert torch.equal(first.train.images, again.train.images)
+    assert torch.equal(first.test.labels, again.test.labels)
+    make_image(tmp_path / "pets" / "train" / "cat" / "new.png")  # a changed folder is decoded again
+    with pytest.raises(AssertionError, match="decoded although cached"):
+        load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0)
+
+
+def test_folder_decodes_in_worker_processes(tmp_path, monkeypatch):
+    make_folder(tmp_path / "pets")
+    monkeypatch.setattr(data, "_POOL_MIN_FILES", 0)
+    with pytest.warns(UserWarning, match="skipped 2"):
+        d = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0)
+    assert d.train.images.shape == (24, 3, 12, 12)
+
+
+# ---- metadata ----
+
+def test_dataset_info_and_list(tmp_path, mnist):
+    info = dataset_info("fashion-mnist")
+    assert (info.num_classes, info.channels, info.image_size, info.train_size) == (10, 1, 28, 60000)
+    assert info.class_names[-1] == "Ankle boot" and dataset_info("cifar100-coarse").num_classes == 20
+    make_image(tmp_path / "f" / "x" / "1.png")
+    folder = dataset_info(str(tmp_path / "f"))
+    assert folder.class_names == ["x"] and folder.train_size is None and folder.image_size is None
+    with pytest.raises(ImgclfError, match="use one of mnist, fashion-mnist, cifar10"):
+        dataset_info("imagenet")
+    listed = {d["name"]: d for d in list_datasets()}
+    assert listed["mnist"]["present"] and not listed["cifar10"]["present"] and listed["digits"]["present"]
+    assert listed["cifar10"]["shape"] == (3, 32, 32) and listed["cifar100"]["classes"] == 100
+
+
+@pytest.mark.skipif(not (REAL_DATA / "mnist").is_dir(), reason="needs the real MNIST files")
+def test_real_mnist():
+    d = load_dataset("mnist", REAL_DATA, val_split=0)
+    assert (len(d.train), len(d.test)) == (60000, 10000)
+    assert d.mean[0] == pytest.approx(0.1307, abs=1e-4) and d.std[0] == pytest.approx(0.3081, abs=1e-4)

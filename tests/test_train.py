@@ -1,0 +1,110 @@
+import importlib
+
+import pytest
+import safetensors.torch
+import torch
+
+from imgclf import evaluate, train
+from imgclf.config import TrainConfig
+from imgclf.errors import ImgclfError
+from imgclf.models import create_model
+from imgclf.runs import read_metrics
+from imgclf.train import lr_factor, resolve_precision
+
+FAST = dict(dataset="digits", model="cnn", batch_size=64, lr=3e-3, quiet=True)
+
+
+def test_training_learns_digits(tmp_path):
+    result = train(epochs=6, out=tmp_path / "run", **FAST)
+    for name in ("config.yaml", "metrics.csv", "model.safetensors", "model.json", "checkpoint.pt", "summary.json"):
+        assert (result.run_dir / name).exists(), name
+    rows = read_metrics(result.run_dir / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["val_acc"] > 0.9
+    metrics = evaluate(result.run_dir)
+    assert metrics["accuracy"] > 0.9
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["num_images"] == 360
+
+
+def test_identical_rerun_reuses_the_model(tmp_path):
+    first = train(epochs=1, out=tmp_path / "run", **FAST)
+    before = (first.run_dir / "model.safetensors").stat().st_mtime_ns
+    again = train(epochs=1, out=tmp_path / "run", **FAST)
+    assert again.reused and (first.run_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_different_run_into_the_same_folder_is_refused(tmp_path):
+    train(epochs=1, out=tmp_path / "run", **FAST)
+    config_before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ImgclfError, match="different run"):
+        train(epochs=2, out=tmp_path / "run", **FAST)
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_before
+
+
+def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch):
+    options = dict(FAST, epochs=3, augment="crop,flip", model_options={"dropout": 0.2})
+    straight = train(out=tmp_path / "straight", **options)
+
+    train_module = importlib.import_module("imgclf.train")  # the module, not the function imgclf.train
+    real_epoch = train_module.train_one_epoch
+    calls = []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(out=tmp_path / "resumed", **options)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "resumed" / "metrics.csv")] == [1, 2]
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+
+    resumed = train(out=tmp_path / "resumed", resume=True, quiet=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    a = safetensors.torch.load_file(straight.run_dir / "model.safetensors")
+    b = safetensors.torch.load_file(resumed.run_dir / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    with pytest.raises(ImgclfError, match="diverged"):
+        train(epochs=3, out=tmp_path / "run", **dict(FAST, lr=1e12, optimizer="sgd"))
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw", "rmsprop"])
+def test_every_optimizer_trains(tmp_path, optimizer):
+    lr = 0.05 if optimizer in ("sgd", "nesterov") else 1e-3
+    result = train(epochs=1, out=tmp_path / "run", **dict(FAST, optimizer=optimizer, lr=lr))
+    assert result.history[0]["train_loss"] > 0
+
+
+def test_ema_early_stopping_schedule_label_smoothing(tmp_path):
+    result = train(epochs=4, out=tmp_path / "run", ema=0.9, early_stopping=1, schedule="cosine",
+                   warmup_epochs=1, label_smoothing=0.1, augment="crop,cutout", weight_decay=5e-4, **FAST)
+    assert 1 <= len(result.history) <= 4
+    assert evaluate(result.run_dir, split="val")["accuracy"] > 0.5
+
+
+def test_lr_schedules():
+    steps = 10
+    cosine = TrainConfig(epochs=4, schedule="cosine", warmup_epochs=1)
+    factors = [lr_factor(cosine, s, steps) for s in range(40)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert max(factors) <= 1.0 and factors[-1] < 0.01
+    step = TrainConfig(epochs=30, schedule="step", step_size=10, step_gamma=0.1)
+    assert lr_factor(step, 0, steps) == 1 and lr_factor(step, 100, steps) == pytest.approx(0.1)
+    onecycle = TrainConfig(epochs=4, schedule="onecycle")
+    factors = [lr_factor(onecycle, s, steps) for s in range(40)]
+    assert factors.index(max(factors)) == 10 and factors[-1] < 0.05
+
+
+def test_auto_precision_picks_fp32_for_mlp():
+    device = torch.device("cpu")
+    assert resolve_precision("auto", device, create_model("mlp", in_channels=1, image_size=8)) == "fp32"
+    assert resolve_precision("fp32", device, create_model("cnn")) == "fp32"
+    with pytest.raises(ImgclfError, match="fp16"):
+        resolve_precision("fp16", device, create_model("cnn"))
