@@ -76,7 +76,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _summary(args: argparse.Namespace) -> None:
-    from imgclf.data import dataset_info
+    from imgclf.data import dataset_info, load_dataset
     from imgclf.models import create_model, summarize
 
     if args.recipe:
@@ -88,13 +88,16 @@ def _summary(args: argparse.Namespace) -> None:
     else:
         raise ImgclfError("give --model NAME or --recipe NAME_OR_YAML")
     info = dataset_info(dataset)
-    channels = 1 if grayscale else info.channels
-    net = create_model(name, num_classes=info.num_classes, in_channels=channels, image_size=info.image_size,
-                       **options)
-    summary = summarize(net, (channels, info.image_size, info.image_size))
+    if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
+        data = load_dataset(dataset, val_split=0, grayscale=grayscale)
+        channels, size, classes = data.in_channels, data.image_size, data.num_classes
+    else:
+        channels, size, classes = 1 if grayscale else info.channels, info.image_size, info.num_classes
+    net = create_model(name, num_classes=classes, in_channels=channels, image_size=size, **options)
+    summary = summarize(net, (channels, size, size))
     if args.json:
-        print(json.dumps({"model": name, "input_shape": [channels, info.image_size, info.image_size],
-                          "num_classes": info.num_classes, **summary.to_dict()}))
+        print(json.dumps({"model": name, "input_shape": [channels, size, size], "num_classes": classes,
+                          **summary.to_dict()}))
     else:
         console.print(summary.table())
 

@@ -45,7 +45,7 @@ class TrainConfig:
     batch_size: int = 128  # images per optimizer step
     optimizer: str = "adam"
     lr: float = 1e-3  # peak learning rate
-    momentum: float = 0.9  # sgd/nesterov momentum, rmsprop momentum
+    momentum: float | None = None  # None: 0.9 for sgd/nesterov, 0 for rmsprop (the Keras default)
     weight_decay: float = 0.0  # decoupled for adamw, L2 gradient term otherwise; weights only, not biases/BN
     schedule: str = "constant"
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs

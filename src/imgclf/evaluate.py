@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from imgclf.data import Dataset, load_dataset
+from imgclf.data import Dataset, load_dataset, read_image
 from imgclf.errors import ImgclfError
 from imgclf.loader import normalize
 from imgclf.runs import TrainedModel, load_model
@@ -150,17 +150,13 @@ def read_images(paths: list[str | Path], input_shape: tuple[int, int, int]) -> t
     arrays = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image = image.convert("L" if c == 1 else "RGB")
-                if image.size != (w, h):
-                    image = image.resize((w, h), Image.BILINEAR)
-                arrays.append(np.asarray(image, dtype=np.uint8).reshape(h, w, c))
+            arrays.append(read_image(path, "L" if c == 1 else "RGB", (w, h)))
         except FileNotFoundError:
             raise ImgclfError(f"{path} does not exist; check the path") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ImgclfError(f"{path} is not an image that can be read ({type(e).__name__}); "
                               "give PNG, JPEG, BMP or WebP files") from None
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(arrays))
 
 
 def predict(run_or_model: str | Path | TrainedModel, images: list[str | Path] | torch.Tensor, *,

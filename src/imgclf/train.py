@@ -80,12 +80,13 @@ def build_optimizer(net: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer in ("sgd", "nesterov"):
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+        momentum = 0.9 if cfg.momentum is None else cfg.momentum
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.optimizer == "nesterov")
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum if cfg.momentum else 0.0)
+    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum or 0.0)
 
 
 def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
@@ -199,7 +200,10 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
 
     train_images, train_labels = data.train.images.to(device), data.train.labels.to(device)
     mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
-    steps_per_epoch = math.ceil(len(train_images) / cfg.batch_size)
+    # Drop the last partial batch (each epoch reshuffles, so no image is lost for good): a batch of one
+    # would break batch norm, and small last batches make noisy steps.
+    drop_last = len(train_images) >= cfg.batch_size
+    steps_per_epoch = len(train_images) // cfg.batch_size if drop_last else 1
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
@@ -309,7 +313,9 @@ def train_one_epoch(net, optimizer, scaler, ema, images, labels, mean, std, cfg,
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for step, (x, y) in enumerate(batches(images, labels, cfg.batch_size, shuffle=True, generator=generator)):
+    drop_last = len(images) >= cfg.batch_size
+    for step, (x, y) in enumerate(batches(images, labels, cfg.batch_size, shuffle=True, generator=generator,
+                                          drop_last=drop_last)):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, first_step + step, steps_per_epoch)
         x = augment(x, cfg.augment, generator, crop_padding, cutout_size)
@@ -329,7 +335,7 @@ def train_one_epoch(net, optimizer, scaler, ema, images, labels, mean, std, cfg,
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        if step % 10 == 0 or seen == len(images):
+        if step % 10 == 0 or step + 1 == steps_per_epoch:
             rate = seen / (time.perf_counter() - started)
             progress.update(task, completed=step + 1,
                             stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} "
