@@ -286,6 +286,9 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         "trainable_params": trainable, "total_params": total, "precision": precision, "device": str(device),
         "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": _cpu_name(),
         "seconds": round(seconds, 2), "train_seconds": round(sum(r["seconds"] for r in history), 2),
+        "train_images": len(train_images),
+        "train_images_per_s": round(steps_per_epoch * cfg.batch_size * len(history)
+                                    / max(sum(r["seconds"] for r in history), 1e-9), 1),
         "final": history[-1] if history else {},
         "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
     }

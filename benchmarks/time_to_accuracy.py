@@ -1,0 +1,227 @@
+"""Measure time-to-accuracy of a recipe (or a model), or the raw throughput of every registered model.
+
+    python benchmarks/time_to_accuracy.py --recipe mnist-fast --runs 3 [--dataset D] [--data-dir DIR]
+    python benchmarks/time_to_accuracy.py --model mlp --dataset mnist --epochs 1
+    python benchmarks/time_to_accuracy.py --throughput [--models cnn,mlp] [--batch-size 512]
+
+Each timed run is a fresh process (seed 0, 1, ...): wall seconds run from that process's start to the
+evaluated model, so imports, data loading (already downloaded), training and evaluation all count.
+Accuracy is on the test split, or on the held-out validation split where a dataset has no test split.
+Rows are printed and appended to benchmarks/RESULTS.md with the machine, torch version, date and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores {cpu}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def append_results(header: str, row: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n\nEach row comes from its command.\n"
+    if header not in text:
+        text += f"\n{header}\n"
+    RESULTS.write_text(text.rstrip("\n") + "\n" + row + "\n")
+
+
+# ---- one timed run (the child process) -------------------------------------------------------------------
+
+def child(args: argparse.Namespace) -> None:
+    import imgclf
+
+    overrides = json.loads(args.overrides)
+    result = imgclf.train(recipe=args.recipe, model=args.model, out=args.out, quiet=True, **overrides)
+    metrics = imgclf.evaluate(result.run_dir, split=args.split)
+    print(json.dumps({
+        "accuracy": metrics["accuracy"], "split": args.split, "dataset": result.summary["dataset"],
+        "train_seconds": result.summary["train_seconds"], "epochs": len(result.history),
+        "train_images_per_s": result.summary["train_images_per_s"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "precision": result.summary["precision"], "threads": result.summary["threads"],
+    }))
+
+
+def time_to_accuracy(args: argparse.Namespace) -> None:
+    import imgclf
+    from imgclf.config import make_config
+
+    overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
+                                   "val_split": args.val_split}.items() if v is not None}
+    config = make_config(recipe=args.recipe, model=args.model, **overrides)
+    # Download and decode once before timing: the timed runs measure training, not the network.
+    data = imgclf.load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
+                               grayscale=config.data.grayscale)
+    split = "test" if data.test is not None and len(data.test) else "val"
+    runs = []
+    for seed in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, __file__, "--child", "--out", f"{tmp}/run", "--split", split,
+                       "--overrides", json.dumps({**overrides, "seed": seed})]
+            command += ["--recipe", args.recipe] if args.recipe else []
+            command += ["--model", args.model] if args.model else []
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if done.returncode != 0:
+                sys.exit(f"run {seed} failed:\n{done.stderr[-3000:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            run["wall_seconds"] = wall
+            runs.append(run)
+            print(f"seed {seed}: {run['accuracy']:.4f} {split} accuracy in {wall:.1f}s "
+                  f"({run['train_images_per_s']:,.0f} train img/s, peak RSS {run['peak_rss_mib']:,.0f} MiB)")
+    accuracies = [r["accuracy"] * 100 for r in runs]
+    walls = [r["wall_seconds"] for r in runs]
+    std = statistics.stdev(accuracies) if len(runs) > 1 else 0.0
+    name = args.recipe or f"{args.model} ({args.epochs or config.train.epochs} epochs)"
+    command = "python benchmarks/time_to_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rate = statistics.mean(r["train_images_per_s"] for r in runs)
+    row = (f"| {name} | {runs[0]['dataset']} | {split} | {statistics.mean(accuracies):.2f} ± {std:.2f} "
+           f"(n={len(runs)}) | {statistics.mean(walls):.1f} | {rate:,.0f} "
+           f"| {max(r['peak_rss_mib'] for r in runs):,.0f} | {runs[0]['precision']}, {runs[0]['threads']} threads "
+           f"| {machine()} | {_torch_version()} | {time.strftime('%Y-%m-%d')} | {git_commit()} | `{command}` |")
+    header = ("## Time to accuracy\n\n| recipe | dataset | split | accuracy % (mean ± std) | wall s | train img/s "
+              "| peak RSS MiB | precision | machine | torch | date | commit | command |\n"
+              "|---|---|---|---|---:|---:|---:|---|---|---|---|---|---|")
+    print(row)
+    if not args.no_save:
+        append_results(header, row)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+# ---- throughput --------------------------------------------------------------------------------------------
+
+def images_per_second(net, batch_size: int, shape: tuple[int, int, int], precision: str, min_steps: int,
+                      min_seconds: float) -> tuple[float, float]:
+    """(train, inference) images/s of a net on random data: train = forward, backward and an SGD step."""
+    import torch
+    import torch.nn.functional as F
+
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    fmt = torch.channels_last if precision == "bf16" and has_conv else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = torch.randn(batch_size, *shape).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch_size,))
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def train_step() -> None:
+        with autocast:
+            loss = F.cross_entropy(net(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer_step() -> None:
+        with torch.no_grad(), autocast:
+            net(x)
+
+    rates = []
+    for step, training in ((train_step, True), (infer_step, False)):
+        net.train(training)
+        step()  # warm-up: oneDNN picks its kernels on the first call
+        started, n = time.perf_counter(), 0
+        while n < min_steps or time.perf_counter() - started < min_seconds:
+            step()
+            n += 1
+        rates.append(n * batch_size / (time.perf_counter() - started))
+    return rates[0], rates[1]
+
+
+def throughput(args: argparse.Namespace) -> None:
+    import torch
+
+    from imgclf.models import MODELS, create_model
+
+    names = args.models.split(",") if args.models else sorted(MODELS)
+    c, size = (1, 28) if args.shape == "28x28x1" else (3, 32)
+    command = "python benchmarks/time_to_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    header = (f"## Throughput (images/s, batch {args.batch_size})\n\n| model | input | precision | train img/s "
+              "| inference img/s | machine | torch | date | commit | command |\n"
+              "|---|---|---|---:|---:|---|---|---|---|---|")
+    torch.manual_seed(0)
+    for name in names:
+        for precision in ("fp32", "bf16"):
+            try:
+                net = create_model(name, num_classes=10, in_channels=c, image_size=size)
+            except Exception as e:  # a model that does not fit this input size
+                print(f"{name}: skipped ({e})")
+                break
+            train_rate, infer_rate = images_per_second(net, args.batch_size, (c, size, size), precision,
+                                                       args.min_steps, args.min_seconds)
+            row = (f"| {name} | {c}x{size}x{size} | {precision} | {train_rate:,.0f} | {infer_rate:,.0f} "
+                   f"| {machine()} | {torch.__version__} | {time.strftime('%Y-%m-%d')} | {git_commit()} "
+                   f"| `{command}` |")
+            print(row)
+            if not args.no_save:
+                append_results(header, row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe")
+    parser.add_argument("--model")
+    parser.add_argument("--dataset")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--val-split", type=float)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--models", help="throughput: comma-separated model names (default: all)")
+    parser.add_argument("--shape", default="32x32x3", choices=("32x32x3", "28x28x1"))
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--min-steps", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=5.0)
+    parser.add_argument("--no-save", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--split", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+    elif args.throughput:
+        throughput(args)
+    elif args.recipe or args.model:
+        time_to_accuracy(args)
+    else:
+        parser.error("give --recipe or --model (time to accuracy) or --throughput")
+
+
+if __name__ == "__main__":
+    main()
