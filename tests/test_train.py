@@ -102,9 +102,34 @@ def test_lr_schedules():
     assert factors.index(max(factors)) == 10 and factors[-1] < 0.05
 
 
-def test_auto_precision_picks_fp32_for_mlp():
+def test_auto_precision_is_bf16_only_where_the_cpu_has_fast_bf16(monkeypatch):
     device = torch.device("cpu")
-    assert resolve_precision("auto", device, create_model("mlp", in_channels=1, image_size=8)) == "fp32"
+    mlp = create_model("mlp", in_channels=1, image_size=8)
+    train_module = importlib.import_module("imgclf.train")
+    monkeypatch.setattr(train_module, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", device, mlp) == "bf16"
+    monkeypatch.setattr(train_module, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", device, mlp) == "fp32"
     assert resolve_precision("fp32", device, create_model("cnn")) == "fp32"
     with pytest.raises(ImgclfError, match="fp16"):
         resolve_precision("fp16", device, create_model("cnn"))
+
+
+def test_fast_training_options(tmp_path):
+    """The speed-record tricks: whitening init from data, altflip, lookahead, linear decay, bias lr scale."""
+    result = train(epochs=3, out=tmp_path / "run", **dict(
+        FAST, model="fastnet", model_options={"widths": [16, 32, 32]}, optimizer="nesterov", lr=0.2,
+        schedule="linear", warmup_epochs=1, final_lr_fraction=0.1, bias_lr_scale=2, lookahead=True,
+        augment="crop,altflip", label_smoothing=0.2, batch_size=32))
+    assert result.history[-1]["val_acc"] > 0.7
+    assert evaluate(result.run_dir, split="val", tta=True)["accuracy"] > 0.7
+
+
+def test_fastnet_whitening_decorrelates_patches():
+    net = create_model("fastnet", in_channels=3, image_size=16, widths=[8, 8, 8])
+    images = torch.randn(64, 3, 16, 16) @ torch.randn(16, 16)  # correlated pixels
+    net.init_from_data(images)
+    out = net.whiten(images)[:, :12]  # the positive half: one channel per eigenvector
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = torch.cov(flat.T)
+    assert torch.allclose(covariance, torch.eye(12), atol=0.05)

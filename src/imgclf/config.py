@@ -17,8 +17,8 @@ import yaml
 from imgclf.errors import ImgclfError
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
-AUGMENTATIONS = ("crop", "flip", "cutout")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
+AUGMENTATIONS = ("crop", "flip", "altflip", "cutout")  # altflip: each image flipped every other epoch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -49,10 +49,13 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled for adamw, L2 gradient term otherwise; weights only, not biases/BN
     schedule: str = "constant"
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs
+    final_lr_fraction: float = 0.0  # 'linear' schedule: decay linearly to lr * this at the end
+    bias_lr_scale: float = 1.0  # lr multiplier for biases and batch-norm shifts (fast nets use 64)
+    lookahead: bool = False  # pull the weights towards their moving average every 5 steps (fast nets)
     step_size: int = 10  # 'step' schedule: multiply lr by step_gamma every step_size epochs
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
-    augment: list[str] = field(default_factory=list)  # any of crop, flip, cutout
+    augment: list[str] = field(default_factory=list)  # any of crop, flip, altflip, cutout
     crop_padding: int | None = None  # pixels of translation by random crop; None: image size / 8 (4 for 32x32)
     cutout_size: int | None = None  # pixels: side of the cutout square; None: image size / 4 (8 for 32x32)
     ema: float | None = None  # decay of the exponential moving average of weights, e.g. 0.999

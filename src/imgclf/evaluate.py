@@ -28,12 +28,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def tta_views(images: torch.Tensor, augment: list[str]) -> list[torch.Tensor]:
     """The views averaged by test-time augmentation: those the net saw in training (flip, 1-pixel shifts)."""
-    views = [images, images.flip(3)] if "flip" in augment else [images]
+    flip = "flip" in augment or "altflip" in augment
+    views = [images, images.flip(3)] if flip else [images]
     if "crop" in augment:
         padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
         h, w = images.shape[-2:]
         for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
-            views += [shifted, shifted.flip(3)] if "flip" in augment else [shifted]
+            views += [shifted, shifted.flip(3)] if flip else [shifted]
     return views
 
 

@@ -46,6 +46,16 @@ def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator) -
     return images * ~inside[:, None]
 
 
+def alternating_flip(images: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """Flip a fixed random half of the images in odd epochs and the other half in even epochs.
+
+    Every image is seen both ways within two epochs, which random flipping only gives on average.
+    """
+    halves = torch.rand(len(images), generator=torch.Generator().manual_seed(seed)).to(images.device) < 0.5
+    flip = halves ^ bool(epoch % 2)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
 def augment(images: torch.Tensor, kinds: list[str], generator: torch.Generator,
             crop_padding: int = 4, cutout_size: int = 8) -> torch.Tensor:
     if "crop" in kinds and crop_padding > 0:

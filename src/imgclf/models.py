@@ -518,3 +518,97 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
             m.training = training
     trainable, total = count_params(model)
     return ModelSummary(rows, trainable, total, total - trainable)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fastnet: a CIFAR speed-record style net (after airbench and hlb-CIFAR10; our own code)
+
+
+class _ShiftOnlyBatchNorm(nn.BatchNorm2d):
+    """Batch norm with a fixed scale of 1 (only the shift learns) and fast-moving running statistics.
+
+    A frozen scale is enough in front of a GELU and saves a parameter group; momentum 0.6 lets the
+    running statistics follow the fast-changing weights of a few-epoch run.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.6) -> None:
+        super().__init__(channels, momentum=momentum, eps=1e-12)
+        self.weight.requires_grad_(False)
+
+
+class _FastBlock(nn.Module):
+    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, pool: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.bn1 = _ShiftOnlyBatchNorm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = _ShiftOnlyBatchNorm(out_channels)
+        self.act = nn.GELU()
+        for conv in (self.conv1, self.conv2):
+            # Identity (Dirac) init of the first filters: the block starts close to passing its input on.
+            n = min(conv.in_channels, conv.out_channels)
+            nn.init.dirac_(conv.weight.data[:n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.pool(self.conv1(x))))
+        return self.act(self.bn2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    """Frozen patch-whitening conv, three conv blocks, max-pool, linear head with a fixed 1/9 scale."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: list[int],
+                 whiten_kernel: int, logit_scale: float) -> None:
+        super().__init__()
+        k = whiten_kernel
+        self.whiten = nn.Conv2d(in_channels, 2 * in_channels * k * k, k, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)  # set from the data by init_from_data, then frozen
+        self.act = nn.GELU()
+        channels, size, blocks = self.whiten.out_channels, image_size - k + 1, []
+        for width in widths:
+            blocks.append(_FastBlock(channels, width, pool=size >= 2))
+            channels, size = width, size // 2 if size >= 2 else size
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(channels, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Whitening filters from the eigenvectors of the covariance of the training images' patches.
+
+        Each eigenvector, scaled by 1/sqrt(eigenvalue), appears with both signs so the GELU keeps both halves.
+        """
+        k = self.whiten.kernel_size[0]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * k * k)  # rows in (C, k, k) order
+        patches = patches - patches.mean(0)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).float()
+        filters = filters.reshape(-1, images.shape[1], k, k)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        self.whiten.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.act(self.whiten(x)))
+        return self.head(self.pool(x).flatten(1)) * self.logit_scale
+
+
+@register_model("fastnet", "CIFAR speed-record style net: frozen patch whitening, 3 GELU conv blocks, scaled head")
+def fastnet(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    widths: tuple[int, ...] | list[int] = (64, 256, 256),
+    whiten_kernel: int = 2,
+    logit_scale: float = 1 / 9,
+) -> nn.Module:
+    widths = _check_ints("widths", widths)
+    whiten_kernel = _check_int("whiten_kernel", whiten_kernel)
+    if whiten_kernel >= image_size:
+        raise ImgclfError(f"option whiten_kernel {whiten_kernel} must be smaller than the image ({image_size})")
+    return FastNet(num_classes, in_channels, image_size, widths, whiten_kernel, float(logit_scale))
