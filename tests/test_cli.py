@@ -123,3 +123,15 @@ def test_image_folder_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] >= 0.9
+
+
+def test_evaluate_on_another_dataset_with_matching_class_names(digits_run, tmp_path, capsys):
+    test = load_dataset("digits").test
+    for i in range(100):  # the digits test images as a user's folder: test/<class>/<n>.png
+        folder = tmp_path / "mydigits" / "test" / str(int(test.labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.images[i, 0].numpy()).save(folder / f"{i}.png")
+    assert main(["evaluate", str(digits_run), "--dataset", str(tmp_path / "mydigits"), "--json",
+                 "--data-dir", str(tmp_path / "cache")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["num_images"] == 100 and metrics["accuracy"] > 0.8
