@@ -49,10 +49,19 @@ def git_commit() -> str:
 
 
 def append_results(header: str, row: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n\nEach row comes from its command.\n"
-    if header not in text:
-        text += f"\n{header}\n"
-    RESULTS.write_text(text.rstrip("\n") + "\n" + row + "\n")
+    """Add a row at the end of the first table below the header's title in RESULTS.md (made if missing)."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n"
+    title = header.splitlines()[0]
+    if title not in text.splitlines():
+        text = text.rstrip("\n") + f"\n\n{header}\n"
+    lines = text.splitlines()
+    at = lines.index(title)
+    while not lines[at].startswith("|"):  # skip the prose between the title and its table
+        at += 1
+    while at < len(lines) and lines[at].startswith("|"):
+        at += 1
+    lines.insert(at, row)
+    RESULTS.write_text("\n".join(lines) + "\n")
 
 
 # ---- one timed run (the child process) -------------------------------------------------------------------
