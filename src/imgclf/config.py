@@ -50,7 +50,7 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs
     final_lr_fraction: float = 0.0  # 'linear' schedule: decay linearly to lr * this at the end
-    bias_lr_scale: float = 1.0  # lr multiplier for biases and batch-norm shifts (fast nets use 64)
+    bias_lr_scale: float = 1.0  # lr multiplier for batch-norm parameters (fast nets use 64)
     lookahead: bool = False  # pull the weights towards their moving average every 5 steps (fast nets)
     step_size: int = 10  # 'step' schedule: multiply lr by step_gamma every step_size epochs
     step_gamma: float = 0.1

@@ -611,9 +611,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
     if not 0 <= val_split < 1:
         raise ImgclfError(f"val_split must be in [0, 1), got {val_split}; use e.g. --val-split 0.1, or 0")
     if channels not in (None, 1, 3):
-        raise ImgclfError(f"channels must be 1 or 3, got {channels}; use --channels 1 or --channels 3")
+        raise ImgclfError(f"channels must be 1 or 3, got {channels}; pass channels=1 or channels=3")
     if grayscale and channels == 3:
-        raise ImgclfError("grayscale means 1 channel but channels=3; drop --grayscale or --channels 3")
+        raise ImgclfError("grayscale means 1 channel but channels=3; drop grayscale or channels")
     if image_size is not None and image_size < 1 or subset is not None and subset < 1:
         raise ImgclfError(f"image_size and subset must be positive, got {image_size} and {subset}; fix them")
     channels = 1 if grayscale else channels

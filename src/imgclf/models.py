@@ -527,11 +527,12 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
 class _ShiftOnlyBatchNorm(nn.BatchNorm2d):
     """Batch norm with a fixed scale of 1 (only the shift learns) and fast-moving running statistics.
 
-    A frozen scale is enough in front of a GELU and saves a parameter group; momentum 0.6 lets the
-    running statistics follow the fast-changing weights of a few-epoch run.
+    A frozen scale is enough in front of a GELU and saves a parameter group; a high momentum (torch's
+    convention: the weight of the newest batch) lets the running statistics follow the fast-changing
+    weights of a few-epoch run.
     """
 
-    def __init__(self, channels: int, momentum: float = 0.6) -> None:
+    def __init__(self, channels: int, momentum: float) -> None:
         super().__init__(channels, momentum=momentum, eps=1e-12)
         self.weight.requires_grad_(False)
 
@@ -539,13 +540,13 @@ class _ShiftOnlyBatchNorm(nn.BatchNorm2d):
 class _FastBlock(nn.Module):
     """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, pool: bool, bn_momentum: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
-        self.bn1 = _ShiftOnlyBatchNorm(out_channels)
+        self.bn1 = _ShiftOnlyBatchNorm(out_channels, bn_momentum)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = _ShiftOnlyBatchNorm(out_channels)
+        self.bn2 = _ShiftOnlyBatchNorm(out_channels, bn_momentum)
         self.act = nn.GELU()
         for conv in (self.conv1, self.conv2):
             # Identity (Dirac) init of the first filters: the block starts close to passing its input on.
@@ -561,7 +562,7 @@ class FastNet(nn.Module):
     """Frozen patch-whitening conv, three conv blocks, max-pool, linear head with a fixed 1/9 scale."""
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: list[int],
-                 whiten_kernel: int, logit_scale: float) -> None:
+                 whiten_kernel: int, logit_scale: float, bn_momentum: float) -> None:
         super().__init__()
         k = whiten_kernel
         self.whiten = nn.Conv2d(in_channels, 2 * in_channels * k * k, k, padding=0, bias=True)
@@ -569,7 +570,7 @@ class FastNet(nn.Module):
         self.act = nn.GELU()
         channels, size, blocks = self.whiten.out_channels, image_size - k + 1, []
         for width in widths:
-            blocks.append(_FastBlock(channels, width, pool=size >= 2))
+            blocks.append(_FastBlock(channels, width, pool=size >= 2, bn_momentum=bn_momentum))
             channels, size = width, size // 2 if size >= 2 else size
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -606,9 +607,13 @@ def fastnet(
     widths: tuple[int, ...] | list[int] = (64, 256, 256),
     whiten_kernel: int = 2,
     logit_scale: float = 1 / 9,
+    bn_momentum: float = 0.6,
 ) -> nn.Module:
     widths = _check_ints("widths", widths)
     whiten_kernel = _check_int("whiten_kernel", whiten_kernel)
     if whiten_kernel >= image_size:
         raise ImgclfError(f"option whiten_kernel {whiten_kernel} must be smaller than the image ({image_size})")
-    return FastNet(num_classes, in_channels, image_size, widths, whiten_kernel, float(logit_scale))
+    if not 0 < bn_momentum <= 1:
+        raise ImgclfError(f"option bn_momentum must be in (0, 1], the weight of each new batch; got {bn_momentum}")
+    return FastNet(num_classes, in_channels, image_size, widths, whiten_kernel, float(logit_scale),
+                   float(bn_momentum))

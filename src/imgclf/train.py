@@ -75,11 +75,16 @@ def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module
 
 
 def build_optimizer(net: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    # Weight decay on weights only: decaying biases and batch-norm scales only hurts.
-    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale}]
+    # Weight decay on weights only: decaying biases and batch-norm scales only hurts. Batch-norm parameters
+    # get their own lr scale: fast nets train BN shifts at a far higher lr than the (scale-free) convs.
+    norm = {id(p) for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters()}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in norm], "weight_decay": 0.0,
+               "lr_scale": 1.0},
+              {"params": [p for p in trainable if id(p) in norm], "weight_decay": 0.0,
+               "lr_scale": cfg.bias_lr_scale}]
     if cfg.optimizer in ("sgd", "nesterov"):
         momentum = 0.9 if cfg.momentum is None else cfg.momentum
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.optimizer == "nesterov")
