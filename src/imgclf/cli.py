@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -32,11 +33,11 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         if not args.out:
             raise ImgclfError("--resume needs --out RUN_DIR: the run folder to continue")
-        train(out=args.out, resume=True, device=args.device, threads=args.threads)
+        train(out=args.out, resume=True, device=args.device, threads=args.threads, report=args.report)
         return
     if not args.dataset and not args.recipe:
         raise ImgclfError("no dataset given; add --dataset NAME (see `imgclf datasets`) or --recipe NAME")
-    train(recipe=args.recipe, model=args.model, out=args.out, **overrides)
+    train(recipe=args.recipe, model=args.model, out=args.out, report=args.report, **overrides)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -121,6 +122,18 @@ def _recipes(args: argparse.Namespace) -> None:
 def _datasets(args: argparse.Namespace) -> None:
     from imgclf.data import list_datasets, load_dataset
 
+    if args.name == "show":  # `imgclf datasets show NAME`: pictures of the dataset (a folder named show: ./show)
+        if not args.show_name:
+            raise ImgclfError("`imgclf datasets show` needs a dataset: imgclf datasets show NAME [--out DIR]")
+        from imgclf.report import show_dataset
+
+        data = load_dataset(args.show_name, args.data_dir, val_split=args.val_split)
+        console.print(data.summary())
+        for path in show_dataset(data, args.out or f"dataset-{Path(args.show_name).name}"):
+            console.print(f"wrote {path}")
+        return
+    if args.show_name or args.out:
+        raise ImgclfError(f"a second name and --out only go with `show`; to draw it: imgclf datasets show {args.name}")
     if args.name:
         console.print(load_dataset(args.name, args.data_dir, val_split=args.val_split).summary())
         return
@@ -130,6 +143,32 @@ def _datasets(args: argparse.Namespace) -> None:
                       f"{d['test']:,}" if d["test"] else "-", "yes" if d["present"] else "no (downloads)")
     console.print(table)
     console.print("Any folder of images (one sub-folder per class) works as a dataset too: --dataset PATH")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from imgclf.report import write_report
+
+    path = write_report(args.run, split=args.split)
+    print(path)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from imgclf.report import compare_runs
+
+    rows = compare_runs(args.runs, args.out)
+    table = Table("dataset", "model", "params", "epochs", "accuracy", "top-5", "minutes")
+    table.add_column("run", overflow="fold")  # wrap a long folder name rather than cut it
+    for r in rows:
+        top5 = "-" if r["top5"] is None else f"{r['top5']:.2%}"
+        table.add_row(r["dataset"], r["model"], f"{r['params']:,}", str(r["epochs"]),
+                      f"{r['accuracy']:.2%}" + (" (val)" if r["split"] == "val" else ""), top5, f"{r['minutes']:.2f}",
+                      r["run"])
+    console.print(table)
+    console.print(f"wrote {Path(args.out) / 'compare.html'}, compare.csv, accuracy.png, accuracy_vs_time.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<model>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--report", action="store_true", help="write RUN/report.html when training ends")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a split")
@@ -192,8 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model registry").set_defaults(func=_models)
     sub.add_parser("recipes", help="list the shipped recipes").set_defaults(func=_recipes)
 
-    p = sub.add_parser("datasets", help="list datasets, or describe one")
-    p.add_argument("name", nargs="?", help="a dataset name or folder: show its classes and class distribution")
+    p = sub.add_parser("report", help="figures and an HTML report of a trained run")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--split", choices=("test", "val"), help="default: test, or val when there is no test split")
+    p.add_argument("--open", action="store_true", help="open the report in a web browser")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("compare", help="compare finished runs: table, CSV, charts and an HTML page")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="compare", help="output folder (default: compare/)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("datasets", help="list datasets, describe one, or `show NAME` to draw it",
+                       usage="imgclf datasets [NAME] | imgclf datasets show NAME [--out DIR] [--data-dir DIR]")
+    p.add_argument("name", nargs="?", help="a dataset name or folder: show its classes and class distribution; "
+                   "or `show`, then NAME: write samples.png and distribution.png")
+    p.add_argument("show_name", nargs="?", metavar="NAME", help="after `show`: the dataset to draw")
+    p.add_argument("--out", help="with show: output folder (default: ./dataset-<name>)")
     p.add_argument("--data-dir")
     p.add_argument("--val-split", type=float, default=0.1)
     p.set_defaults(func=_datasets)

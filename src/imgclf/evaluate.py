@@ -85,7 +85,7 @@ def _as_model(run_or_model: str | Path | TrainedModel) -> tuple[TrainedModel, Pa
     return load_model(run_or_model), Path(run_or_model)
 
 
-def _run_data_options(run_dir: Path | None) -> dict[str, Any]:
+def run_data_options(run_dir: Path | None) -> dict[str, Any]:
     """The data options of the run (seed, val split, grayscale...), so its val split is rebuilt exactly."""
     if run_dir is None or not (run_dir / "config.yaml").exists():
         return {}
@@ -116,7 +116,7 @@ def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | N
     `tta=None` uses the run's recipe setting.
     """
     model, run_dir = _as_model(run_or_model)
-    options = _run_data_options(run_dir)
+    options = run_data_options(run_dir)
     if data_dir is not None:
         options["data_dir"] = data_dir
     if isinstance(dataset, Dataset):

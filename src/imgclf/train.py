@@ -164,12 +164,13 @@ def _progress() -> Progress:
 
 def train(config: RunConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
           dataset: Dataset | str | None = None, recipe: str | None = None, model: str | None = None,
-          quiet: bool = False, **overrides: Any) -> TrainResult:
+          quiet: bool = False, report: bool = False, **overrides: Any) -> TrainResult:
     """Train a model and return its run folder and metrics.
 
     Either pass a RunConfig, or build one from a recipe and/or flat options, e.g.
     `train(dataset="mnist", model="mlp", epochs=1, out="runs/mnist-mlp")`.
     A Dataset object may be passed as `dataset` to skip loading (its name is recorded).
+    `report=True` writes RUN/report.html when training ends; RUN/figures/curves.png is redrawn every epoch.
     """
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
     if config is None:
@@ -253,6 +254,9 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, precision=precision)
         write_metrics(run_dir / "metrics.csv", history)
+        if history:  # a live loss plot: users can watch the figure while training runs
+            from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
+            plot_curves(history, run_dir / "figures" / "curves.png")
         save_checkpoint(run_dir / "checkpoint.pt", {
             "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "generator": generator.get_state(),
@@ -313,6 +317,9 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     save_all(len(history))
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"done in {seconds:.1f}s: model saved to {run_dir}")
+    if report:
+        from imgclf.report import write_report
+        say(f"report: {write_report(run_dir)}")
     return TrainResult(run_dir, history, summary)
 
 

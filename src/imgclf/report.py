@@ -1,0 +1,508 @@
+"""Reports: figures and an HTML page for a trained run, a comparison of runs, and pictures of a dataset.
+
+Every figure is a PNG written atomically; the HTML pages use only inline CSS and relative image paths,
+so a run folder (or a comparison folder) can be zipped and opened anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never open a window, work without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.colors import Normalize, PowerNorm  # noqa: E402
+
+from imgclf.data import Dataset, load_dataset  # noqa: E402
+from imgclf.errors import ImgclfError  # noqa: E402
+from imgclf.evaluate import evaluate, predict_logits, run_data_options  # noqa: E402
+from imgclf.runs import TrainedModel, atomic_write, load_model, read_metrics  # noqa: E402
+
+GREEN, RED = "#1a7f37", "#cf222e"
+TRAIN_COLOR, VAL_COLOR = "#0969da", "#e36209"
+NUM_EXAMPLES = 24  # images per example grid: 3 rows of 8
+
+plt.rcParams.update({"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+                     "grid.alpha": 0.3, "font.size": 10, "axes.titleweight": "bold"})
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+# ---- single figures ----
+
+def plot_curves(metrics_rows: list[dict[str, float]], path: str | Path) -> Path:
+    """Loss and accuracy per epoch, train vs validation, with the learning rate underneath."""
+    fig = plt.figure(figsize=(10, 6.2))
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 1.3], hspace=0.45, wspace=0.25)
+    loss_ax, acc_ax, lr_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
+    epochs = [r["epoch"] for r in metrics_rows]
+    marker = "o" if len(epochs) <= 30 else None  # dots help read short runs, clutter long ones
+
+    def series(key: str) -> list[float] | None:
+        values = [r.get(key, math.nan) for r in metrics_rows]
+        return values if any(not math.isnan(v) for v in values) else None  # no val split: no val line
+
+    for ax, key, title in ((loss_ax, "loss", "Loss"), (acc_ax, "acc", "Accuracy")):
+        for split, color, label in (("train", TRAIN_COLOR, "train"), ("val", VAL_COLOR, "validation")):
+            values = series(f"{split}_{key}")
+            if values is not None:
+                values = [v * 100 for v in values] if key == "acc" else values
+                ax.plot(epochs, values, color=color, marker=marker, markersize=4, label=label)
+        ax.set(title=title, xlabel="epoch", ylabel="accuracy (%)" if key == "acc" else "cross-entropy")
+        ax.legend(frameon=False)
+    lrs = series("lr")
+    if lrs is not None:
+        lr_ax.plot(epochs, lrs, color="#6e7781", marker=marker, markersize=3)
+    lr_ax.set(title="Learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return _save(fig, path)
+
+
+def plot_confusion(confusion, class_names: list[str], path: str | Path) -> Path:
+    """Heat-map of the confusion matrix, coloured by row (the fraction of each true class)."""
+    counts = np.asarray(confusion)
+    n = len(class_names)
+    normalized = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = min(max(5.5, 0.5 * n + 2), 16)  # cells stay square; 100 classes still fit a screen
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    small = n > 20  # past 20 classes the cells are too small for numbers
+    # With many classes the few mistakes per pair are faint next to the diagonal: a square-root scale shows them.
+    norm = PowerNorm(0.5, vmin=0, vmax=1) if small else Normalize(0, 1)
+    image = ax.imshow(normalized, cmap="Blues", norm=norm, interpolation="nearest")
+    ax.grid(False)
+    fontsize = 9 if not small else max(5, min(8, 600 // n))
+    _class_ticks(ax, "x", class_names, fontsize)
+    ax.set_yticks(range(n), class_names, fontsize=fontsize)
+    if not small:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:  # blank zeros keep the eye on the mistakes that happen
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if normalized[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    return _save(fig, path)
+
+
+def _class_ticks(ax: plt.Axes, axis: str, class_names: list[str], fontsize: float) -> None:
+    """Class names under an x axis: upright when short (digits), slanted when long, vertical when many."""
+    n = len(class_names)
+    if max(map(len, class_names), default=0) <= 2:
+        options = {"rotation": 0}
+    elif n <= 20:
+        options = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"}
+    else:
+        options = {"rotation": 90}
+    getattr(ax, f"set_{axis}ticks")(range(n), class_names, fontsize=fontsize, **options)
+
+
+def most_confused_pairs(confusion, class_names: list[str], k: int = 10) -> list[tuple[str, str, int]]:
+    """The k most frequent (true, predicted, count) mistakes, largest first; ties in class order."""
+    counts = np.asarray(confusion)
+    pairs = [(int(counts[i, j]), i, j) for i in range(len(counts)) for j in range(len(counts))
+             if i != j and counts[i, j] > 0]
+    pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+    return [(class_names[i], class_names[j], c) for c, i, j in pairs[:k]]
+
+
+def _show_image(ax: plt.Axes, image) -> None:
+    array = np.asarray(image)
+    if array.shape[0] == 1:
+        ax.imshow(array[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(array.transpose(1, 2, 0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def plot_examples(images_uint8, true, pred, confidence, class_names: list[str], path: str | Path,
+                  title: str) -> Path:
+    """A grid of images titled "true / pred (conf%)": green when right, red when wrong."""
+    n = len(images_uint8)
+    cols = max(1, min(8, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.75 * cols, 1.95 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, t, p, c in zip(axes.flat, images_uint8, true, pred, confidence, strict=False):
+        _show_image(ax, image)
+        ax.axis("on")
+        color = GREEN if int(t) == int(p) else RED
+        ax.set_title(f"{class_names[int(t)]} / {class_names[int(p)]} ({float(c):.0%})", fontsize=8, color=color,
+                     fontweight="normal")
+        for spine in ax.spines.values():
+            spine.set(visible=True, color=color, linewidth=2)
+    if n == 0:  # e.g. no wrong predictions: say so rather than write an empty image
+        axes[0, 0].text(0.5, 0.5, "no images", ha="center", va="center", fontsize=12, color="#6e7781")
+    fig.suptitle(f"{title}: true / predicted (confidence)", fontweight="bold")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_per_class(per_class_metrics: dict[str, dict[str, float]], path: str | Path) -> Path:
+    """Horizontal bars of per-class F1, in class order, with the mean F1 as a dashed line."""
+    names = list(per_class_metrics)
+    f1 = [per_class_metrics[c]["f1"] for c in names]
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * n + 1) if n <= 30 else 0.14 * n + 1))
+    colors = plt.cm.RdYlGn(np.clip(np.array(f1), 0, 1) * 0.8 + 0.1)  # red to green, skipping the pale ends
+    ax.barh(range(n), f1, color=colors)
+    ax.set_yticks(range(n), names, fontsize=9 if n <= 30 else 5)
+    ax.invert_yaxis()  # first class on top, as in the tables
+    ax.set(xlim=(0, 1.08), xlabel="F1 score", title="F1 per class")
+    ax.grid(axis="y", visible=False)
+    mean = float(np.mean(f1)) if f1 else 0.0
+    ax.axvline(mean, color="#6e7781", linestyle="--", linewidth=1, label=f"mean {mean:.3f}")
+    if n <= 30:
+        for i, v in enumerate(f1):
+            ax.text(v + 0.01, i, f"{v:.2f}", va="center", fontsize=8)
+    ax.legend(loc="lower right", frameon=True, fontsize=8)
+    return _save(fig, path)
+
+
+# ---- a run ----
+
+def _finished_run(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not all((run_dir / f).exists() for f in ("summary.json", "model.json", "config.yaml")):
+        raise ImgclfError(f"{run_dir} is not a finished run (no summary.json, model.json and config.yaml); "
+                          "give the --out folder of a finished `imgclf train` run")
+    return run_dir
+
+
+def _run_dataset(run_dir: Path, model: TrainedModel) -> Dataset:
+    """The run's own dataset with its own val split and seed, read at the model's shape, as evaluate() does;
+    loaded here once so that the metrics and the example images come from the same tensors."""
+    options = run_data_options(run_dir)
+    name = options.pop("dataset", None) or model.info.get("dataset")
+    if name is None:
+        raise ImgclfError(f"{run_dir}/config.yaml names no dataset; restore the file or retrain the run")
+    options["channels"], options["image_size"] = model.input_shape[:2]
+    return load_dataset(name, **options)
+
+
+def _evaluate_default_split(model: TrainedModel, data: Dataset, split: str | None,
+                            tta: bool | None) -> dict[str, Any]:
+    if split is not None:
+        return evaluate(model, data, split=split, tta=tta)
+    try:
+        return evaluate(model, data, split="test", tta=tta)
+    except ImgclfError:  # e.g. a folder of training images only: the held-out val split is the best we have
+        return evaluate(model, data, split="val", tta=tta)
+
+
+def _pick(indices: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """k of the indices, seeded: the same report every time, not just the first images of the split."""
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))
+    return indices[order[:k]].sort().values
+
+
+def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None = None) -> Path:
+    """Figures in RUN/figures/ and RUN/report.html for a finished run; returns the HTML path."""
+    run_dir = _finished_run(run_dir)
+    model = load_model(run_dir)
+    data = _run_dataset(run_dir, model)
+    metrics = _evaluate_default_split(model, data, split, tta)
+    chosen = data.split(metrics["split"])
+    logits = predict_logits(model.net, chosen.images, model.mean, model.std,
+                            precision=model.info.get("precision", "fp32"),
+                            tta_augment=model.info.get("augment", []) if metrics["tta"] else None)
+    labels = chosen.labels
+    probabilities = logits.softmax(1)
+    confidence, predicted = probabilities.max(1)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    right = predicted == labels
+    wrong_by_loss = torch.argsort(losses, descending=True, stable=True)
+    grids = {
+        "correct": ("Correct predictions", _pick(torch.nonzero(right).flatten(), NUM_EXAMPLES)),
+        "wrong": ("Wrong predictions", _pick(torch.nonzero(~right).flatten(), NUM_EXAMPLES)),
+        "top_losses": ("Top losses (most confidently wrong)", wrong_by_loss[:NUM_EXAMPLES]),
+    }
+
+    figures = run_dir / "figures"
+    plot_curves(read_metrics(run_dir / "metrics.csv"), figures / "curves.png")
+    plot_confusion(metrics["confusion_matrix"], model.class_names, figures / "confusion.png")
+    for name, (title, idx) in grids.items():
+        plot_examples(chosen.images[idx], labels[idx], predicted[idx], confidence[idx], model.class_names,
+                      figures / f"{name}.png", title)
+    plot_per_class(metrics["per_class"], figures / "per_class.png")
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    pairs = most_confused_pairs(metrics["confusion_matrix"], model.class_names)
+    page = _report_html(run_dir, summary, metrics, pairs, (run_dir / "config.yaml").read_text())
+    atomic_write(run_dir / "report.html", page)
+    return run_dir / "report.html"
+
+
+# ---- HTML ----
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; margin: 0;
+       background: #f6f8fa; }
+main { max-width: 1000px; margin: 0 auto; padding: 24px 32px 48px; background: white; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #d0d7de; }
+.sub { color: #656d76; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { border: 1px solid #d0d7de; padding: 4px 10px; text-align: left; }
+th { background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.cards { display: flex; gap: 16px; flex-wrap: wrap; }
+.card { border: 1px solid #d0d7de; border-radius: 8px; padding: 10px 18px; min-width: 140px; }
+.card b { display: block; font-size: 1.7em; } .card span { color: #656d76; font-size: 0.9em; }
+img { max-width: 100%; display: block; margin: 8px 0; }
+pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: 12px; overflow-x: auto; font-size: 0.85em; }
+"""
+
+
+def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        numeric = isinstance(v, int | float) and not isinstance(v, bool)
+        return f"<td class=num>{html.escape(_fmt(v))}</td>" if numeric else f"<td>{html.escape(_fmt(v))}</td>"
+
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<meta name=viewport content='width=device-width, initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any],
+                 pairs: list[tuple[str, str, int]], config_text: str) -> str:
+    e = html.escape
+    seconds = summary.get("seconds")
+    facts = [
+        ["dataset", summary.get("dataset")], ["model", summary.get("model")],
+        ["recipe", summary.get("recipe") or "(none: flags only)"],
+        ["trainable parameters", summary.get("trainable_params")], ["epochs", summary.get("epochs_run")],
+        ["precision", summary.get("precision")],
+        ["device / threads", f"{summary.get('device')} / {summary.get('threads')}"],
+        ["wall time", f"{seconds:.1f} s" if isinstance(seconds, int | float) else "-"],
+        ["machine", f"{summary.get('machine', '')} {summary.get('cpu', '')}".strip() or "-"],
+        ["torch / imgclf", f"{summary.get('torch_version')} / {summary.get('imgclf_version')}"],
+    ]
+    split = f"{metrics['split']} split, {metrics['num_images']:,} images" + (" with TTA" if metrics["tta"] else "")
+    cards = "".join(f"<div class=card><b>{e(value)}</b><span>{e(label)}</span></div>" for value, label in (
+        (_pct(metrics["accuracy"]), "accuracy"), (_pct(metrics["top5_accuracy"]), "top-5 accuracy"),
+        (f"{metrics['loss']:.4f}", "loss")))
+    per_class = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()]
+
+    def figure(name: str, alt: str) -> str:
+        return f"<img src='figures/{name}.png' alt='{e(alt)}'>"
+
+    body = f"""
+<h1>{e(run_dir.name)}</h1>
+<p class=sub>{e(str(summary.get('dataset')))} &middot; {e(str(summary.get('model')))} &middot; {e(split)}</p>
+<h2>Final metrics</h2>
+<div class=cards>{cards}</div>
+<h2>Run</h2>
+{_table(None, facts)}
+<h2>Training curves</h2>
+{figure("curves", "loss, accuracy and learning rate per epoch")}
+<h2>Confusion matrix</h2>
+{figure("confusion", "confusion matrix")}
+<h2>Most confused pairs</h2>
+{_table(["true", "predicted", "count"], [list(p) for p in pairs]) if pairs else "<p>No mistakes.</p>"}
+<h2>Per class</h2>
+{figure("per_class", "F1 per class")}
+{_table(["class", "precision", "recall", "F1", "support"], per_class)}
+<h2>Examples</h2>
+{figure("correct", "correct predictions")}
+{figure("wrong", "wrong predictions")}
+{figure("top_losses", "most confidently wrong predictions")}
+<h2>Configuration (config.yaml)</h2>
+<pre>{e(config_text)}</pre>
+"""
+    return _page(f"imgclf report: {run_dir.name}", body)
+
+
+# ---- comparing runs ----
+
+COMPARE_COLUMNS = ["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top5", "minutes"]
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
+    """Evaluate finished runs (test split, or val without one); write compare.csv/.html and two charts."""
+    if not run_dirs:
+        raise ImgclfError("no runs to compare; give one or more run folders")
+    rows = []
+    for run_dir in map(_finished_run, run_dirs):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        model_json = json.loads((run_dir / "model.json").read_text())
+        model = load_model(run_dir)
+        metrics = _evaluate_default_split(model, _run_dataset(run_dir, model), None, None)
+        rows.append({
+            "run": run_dir.name,
+            "dataset": summary.get("dataset") or (config.get("data") or {}).get("dataset"),
+            "model": summary.get("model") or model_json.get("architecture", {}).get("name"),
+            "params": summary.get("trainable_params"),
+            "epochs": summary.get("epochs_run"),
+            "split": metrics["split"],
+            "accuracy": round(metrics["accuracy"], 5),
+            "top5": None if metrics["top5_accuracy"] is None else round(metrics["top5_accuracy"], 5),
+            "minutes": round(summary.get("seconds", 0) / 60, 3),
+        })
+    out_dir = Path(out_dir)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COMPARE_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out_dir / "compare.csv", text.getvalue())
+    plot_accuracy_bars(rows, out_dir / "accuracy.png")
+    plot_accuracy_vs_time(rows, out_dir / "accuracy_vs_time.png")
+    table = [[r["run"], r["dataset"], r["model"], r["params"], r["epochs"], r["split"], _pct(r["accuracy"]),
+              _pct(r["top5"]), r["minutes"]] for r in rows]
+    body = (f"<h1>Comparison of {len(rows)} runs</h1>"
+            + _table(["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top-5", "minutes"], table)
+            + "<h2>Accuracy</h2><img src='accuracy.png' alt='accuracy per run'>"
+            + "<h2>Accuracy vs training time</h2><img src='accuracy_vs_time.png' alt='accuracy vs minutes'>")
+    atomic_write(out_dir / "compare.html", _page("imgclf comparison", body))
+    return rows
+
+
+def _dataset_colors(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    return {d: plt.cm.tab10(i % 10) for i, d in enumerate(datasets)}
+
+
+def _run_label(row: dict[str, Any]) -> str:
+    return row["model"] if row["run"] == row["model"] else f"{row['model']}\n{row['run']}"
+
+
+def plot_accuracy_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """One bar per run, grouped (ordered and coloured) by dataset, with the accuracy written on it."""
+    colors = _dataset_colors(rows)
+    ordered = sorted(rows, key=lambda r: list(colors).index(r["dataset"]))  # stable: runs keep their order
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.8))
+    x = np.arange(len(ordered))
+    bars = ax.bar(x, [r["accuracy"] * 100 for r in ordered], color=[colors[r["dataset"]] for r in ordered],
+                  width=0.65)
+    ax.bar_label(bars, labels=[f"{r['accuracy']:.1%}" for r in ordered], padding=2, fontsize=9)
+    ax.set_xticks(x, [_run_label(r) for r in ordered], fontsize=8)
+    ax.set(ylim=(0, 108), ylabel=f"accuracy (%), {' / '.join(sorted({r['split'] for r in rows}))} split",
+           title="Accuracy per run")
+    ax.grid(axis="x", visible=False)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles, list(colors), title="dataset", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy against training minutes, one labelled point per run."""
+    colors = _dataset_colors(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for dataset, color in colors.items():
+        mine = [r for r in rows if r["dataset"] == dataset]
+        ax.scatter([r["minutes"] for r in mine], [r["accuracy"] * 100 for r in mine], color=color, s=50,
+                   label=dataset, zorder=3)
+    for r in rows:
+        ax.annotate(r["run"], (r["minutes"], r["accuracy"] * 100), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    minutes = [r["minutes"] for r in rows if r["minutes"] > 0]
+    if minutes and max(minutes) / min(minutes) > 20:  # seconds-long and hour-long runs on one readable axis
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0, right=max(minutes, default=1) * 1.25)
+    accuracies = [r["accuracy"] * 100 for r in rows]
+    ax.set_ylim(max(0, min(accuracies) - 5), min(100, max(accuracies) + 3) + 0.5)
+    ax.set(xlabel="wall time (minutes)", ylabel="accuracy (%)", title="Accuracy vs training time")
+    ax.legend(title="dataset", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    return _save(fig, path)
+
+
+# ---- datasets ----
+
+def plot_samples(data: Dataset, path: str | Path, per_class: int = 8, seed: int = 0) -> Path:
+    """Sample images: a row of `per_class` images per class up to 20 classes, else one image per class."""
+    split = next(iter(data.splits().values()))  # train, or test for a test-only folder
+    generator = torch.Generator().manual_seed(seed)
+    n = data.num_classes
+    picks = []
+    for c in range(n):
+        idx = torch.nonzero(split.labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class if n <= 20 else 1]])
+    if n <= 20:
+        fig, axes = plt.subplots(n, per_class, figsize=(1.1 * per_class + 1.2, 1.1 * n + 0.6), squeeze=False)
+        for c, idx in enumerate(picks):
+            for j, ax in enumerate(axes[c]):
+                ax.axis("off")
+                if j < len(idx):
+                    _show_image(ax, split.images[idx[j]])
+                    ax.axis("on")
+                    for spine in ax.spines.values():
+                        spine.set_visible(False)
+            axes[c, 0].set_ylabel(data.class_names[c], rotation=0, ha="right", va="center", fontsize=9)
+    else:
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.35 * rows + 0.6), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for c, (ax, idx) in enumerate(zip(axes.flat, picks, strict=False)):
+            if len(idx):
+                _show_image(ax, split.images[idx[0]])
+                ax.set_title(data.class_names[c], fontsize=7)
+    fig.suptitle(f"{data.name}: sample images per class", fontweight="bold")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_distribution(data: Dataset, path: str | Path) -> Path:
+    """Images per class in each split, as grouped bars."""
+    counts = data.class_counts()
+    n = data.num_classes
+    fig, ax = plt.subplots(figsize=(max(7, 0.22 * n * len(counts) + 2), 4.5))
+    width = 0.8 / max(len(counts), 1)
+    colors = {"train": TRAIN_COLOR, "val": VAL_COLOR, "test": "#8250df"}
+    for k, (split, values) in enumerate(counts.items()):
+        ax.bar(np.arange(n) + (k - (len(counts) - 1) / 2) * width, values, width, color=colors[split],
+               label=f"{split} ({sum(values):,})")
+    _class_ticks(ax, "x", data.class_names, 9 if n <= 20 else 6)
+    ax.set(ylabel="images", title=f"{data.name}: images per class")
+    ax.grid(axis="x", visible=False)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    return _save(fig, path)
+
+
+def show_dataset(data: Dataset, out_dir: str | Path) -> list[Path]:
+    """samples.png and distribution.png for a loaded dataset, in out_dir."""
+    out_dir = Path(out_dir)
+    return [plot_samples(data, out_dir / "samples.png"), plot_distribution(data, out_dir / "distribution.png")]

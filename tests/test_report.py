@@ -1,0 +1,125 @@
+"""Reports: a run's figures and HTML page, comparisons of runs, dataset pictures, and the CLI for them."""
+
+import csv
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imgclf
+from imgclf.cli import main
+from imgclf.errors import ImgclfError
+from imgclf.report import compare_runs, most_confused_pairs, plot_examples, write_report
+
+FIGURES = ["curves", "confusion", "correct", "wrong", "top_losses", "per_class"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    imgclf.train(dataset="digits", model="mlp", epochs=2, out=root / "mlp", quiet=True)
+    imgclf.train(dataset="digits", model="cnn", epochs=2, out=root / "cnn", quiet=True)
+    return root / "mlp", root / "cnn"
+
+
+def assert_png(path, min_side=200):
+    assert path.exists(), path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert min(image.size) >= min_side, (path, image.size)
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    assert pixels.std() > 5, f"{path} looks blank"
+
+
+def test_write_report(runs):
+    page = write_report(runs[0])
+    assert page == runs[0] / "report.html"
+    for name in FIGURES:
+        assert_png(runs[0] / "figures" / f"{name}.png")
+    text = page.read_text()
+    for name in FIGURES:
+        assert f"figures/{name}.png" in text
+    accuracy = imgclf.evaluate(runs[0])["accuracy"]
+    assert f"{accuracy:.2%}" in text
+    assert "test split, 360 images" in text and "name: mlp" in text  # the config.yaml, in full
+    assert not list(runs[0].glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_report_renders_in_chromium(runs, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium) so the HTML is not rendered")
+    page = write_report(runs[1])
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
+                    page.resolve().as_uri()], capture_output=True, timeout=60)
+    assert_png(shot, min_side=1000)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert (pixels < 128).mean() > 0.01, "the screenshot has almost no dark pixels: figures or text missing"
+
+
+def test_compare_runs(runs, tmp_path):
+    rows = compare_runs(list(runs), tmp_path / "out")
+    assert [r["model"] for r in rows] == ["mlp", "cnn"]
+    assert all(r["dataset"] == "digits" and r["split"] == "test" and 0 < r["accuracy"] <= 1 for r in rows)
+    assert rows[0]["params"] > 0 and rows[0]["epochs"] == 2 and rows[0]["minutes"] > 0
+    with open(tmp_path / "out" / "compare.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert_png(tmp_path / "out" / "accuracy.png")
+    assert_png(tmp_path / "out" / "accuracy_vs_time.png")
+    text = (tmp_path / "out" / "compare.html").read_text()
+    assert "accuracy.png" in text and "accuracy_vs_time.png" in text
+
+
+def test_not_a_run_is_refused(runs, tmp_path):
+    with pytest.raises(ImgclfError, match="not a finished run"):
+        write_report(tmp_path)
+    with pytest.raises(ImgclfError, match=str(tmp_path / "nope")):
+        compare_runs([runs[0], tmp_path / "nope"], tmp_path / "out")
+
+
+def test_most_confused_pairs():
+    confusion = [[5, 2, 0], [3, 4, 1], [0, 3, 9]]
+    names = ["a", "b", "c"]
+    assert most_confused_pairs(confusion, names, k=2) == [("b", "a", 3), ("c", "b", 3)]
+    assert most_confused_pairs(np.eye(3, dtype=int) * 4, names) == []
+
+
+def test_plot_examples_rgb_and_empty(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    plot_examples(images, [0, 1, 0, 1, 1], [0, 0, 0, 1, 1], [0.9, 0.6, 0.8, 0.99, 0.5], ["cat", "dog"],
+                  tmp_path / "rgb.png", "RGB")
+    assert_png(tmp_path / "rgb.png", min_side=100)
+    plot_examples(images[:0], [], [], [], ["cat", "dog"], tmp_path / "empty.png", "None wrong")
+    assert (tmp_path / "empty.png").exists()
+
+
+def test_cli(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(runs[1]), "--split", "val"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    assert "val split" in (runs[1] / "report.html").read_text()
+    assert main(["compare", str(runs[0]), str(runs[1])]) == 0
+    assert "mlp" in capsys.readouterr().out and (tmp_path / "compare" / "compare.html").exists()
+    assert main(["datasets", "show", "digits"]) == 0
+    assert "10 classes" in capsys.readouterr().out
+    assert_png(tmp_path / "dataset-digits" / "samples.png")
+    assert_png(tmp_path / "dataset-digits" / "distribution.png")
+    assert main(["datasets", "digits"]) == 0  # the plain summary still works
+    assert main(["datasets", "show"]) == 1
+    assert main(["report", str(tmp_path)]) == 1
+    assert "not a finished run" in capsys.readouterr().err
+
+
+def test_train_report_flag_and_live_curves(tmp_path):
+    from imgclf.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--out", str(out), "--report"]) == 0
+    assert (out / "figures" / "curves.png").stat().st_size > 1000
+    assert (out / "report.html").exists()
+    assert oct((out / "report.html").stat().st_mode & 0o777) != oct(0o600)  # readable by a web server
