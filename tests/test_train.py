@@ -133,3 +133,15 @@ def test_fastnet_whitening_decorrelates_patches():
     flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
     covariance = torch.cov(flat.T)
     assert torch.allclose(covariance, torch.eye(12), atol=0.05)
+
+
+def test_tensorboard_logging_or_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImgclfError, match="pip install"):
+            train(epochs=1, out=tmp_path / "run", tensorboard=True, **FAST)
+        assert not (tmp_path / "run").exists()  # nothing written: the same command without the flag just works
+        return
+    train(epochs=1, out=tmp_path / "run", tensorboard=True, **FAST)
+    assert any((tmp_path / "run" / "tensorboard").iterdir())

@@ -33,11 +33,13 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         if not args.out:
             raise ImgclfError("--resume needs --out RUN_DIR: the run folder to continue")
-        train(out=args.out, resume=True, device=args.device, threads=args.threads, report=args.report)
+        train(out=args.out, resume=True, device=args.device, threads=args.threads, report=args.report,
+              tensorboard=args.tensorboard)
         return
     if not args.dataset and not args.recipe:
         raise ImgclfError("no dataset given; add --dataset NAME (see `imgclf datasets`) or --recipe NAME")
-    train(recipe=args.recipe, model=args.model, out=args.out, report=args.report, **overrides)
+    train(recipe=args.recipe, model=args.model, out=args.out, report=args.report, tensorboard=args.tensorboard,
+          **overrides)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -204,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<model>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--report", action="store_true", help="write RUN/report.html when training ends")
+    p.add_argument("--tensorboard", action="store_true", help="also log metrics for TensorBoard (optional extra)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a split")

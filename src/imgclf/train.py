@@ -164,13 +164,14 @@ def _progress() -> Progress:
 
 def train(config: RunConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
           dataset: Dataset | str | None = None, recipe: str | None = None, model: str | None = None,
-          quiet: bool = False, report: bool = False, **overrides: Any) -> TrainResult:
+          quiet: bool = False, report: bool = False, tensorboard: bool = False, **overrides: Any) -> TrainResult:
     """Train a model and return its run folder and metrics.
 
     Either pass a RunConfig, or build one from a recipe and/or flat options, e.g.
     `train(dataset="mnist", model="mlp", epochs=1, out="runs/mnist-mlp")`.
     A Dataset object may be passed as `dataset` to skip loading (its name is recorded).
     `report=True` writes RUN/report.html when training ends; RUN/figures/curves.png is redrawn every epoch.
+    `tensorboard=True` also logs the epoch metrics to RUN/tensorboard/ (needs the tensorboard package).
     """
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
     if config is None:
@@ -185,6 +186,7 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         return TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"),
                            json.loads((run_dir / "summary.json").read_text()), reused=True)
 
+    board = _tensorboard_writer(run_dir) if tensorboard else None  # fail before anything is written
     cfg = config.train
     started = time.perf_counter()
     if cfg.threads:
@@ -287,6 +289,11 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
                     best = {"val_acc": row["val_acc"], "epoch": epoch,
                             "state": {k: v.detach().clone() for k, v in evaluation_net().state_dict().items()}}
                 say(_epoch_line(row, cfg.epochs, len(train_images)))
+                if board is not None:
+                    for key, value in row.items():
+                        if key != "epoch":
+                            board.add_scalar(key, value, epoch)
+                    board.flush()
                 save_all(epoch)
                 if cfg.early_stopping and epoch - best["epoch"] >= cfg.early_stopping and epoch < cfg.epochs:
                     say(f"early stopping: no val accuracy gain for {cfg.early_stopping} epochs; "
@@ -321,6 +328,14 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         from imgclf.report import write_report
         say(f"report: {write_report(run_dir)}")
     return TrainResult(run_dir, history, summary)
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImgclfError("--tensorboard needs the tensorboard package: pip install 'imgclf[tensorboard]'") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _cpu_name() -> str:
