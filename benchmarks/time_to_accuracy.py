@@ -2,6 +2,7 @@
 
     python benchmarks/time_to_accuracy.py --recipe mnist-fast --runs 3 [--dataset D] [--data-dir DIR]
     python benchmarks/time_to_accuracy.py --model mlp --dataset mnist --epochs 1
+    python benchmarks/time_to_accuracy.py --recipe cifar10-fast --dataset DIR --val-split 0.1 --set lr=0.5 --no-save
     python benchmarks/time_to_accuracy.py --throughput [--models cnn,mlp] [--batch-size 512]
 
 Each timed run is a fresh process (seed 0, 1, ...): wall seconds run from that process's start to the
@@ -24,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -87,6 +90,12 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
 
     overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
                                    "val_split": args.val_split}.items() if v is not None}
+    for setting in args.set:  # e.g. lr=0.5, model.widths=[32,64,128]: try a change on the validation split
+        key, _, value = setting.partition("=")
+        if key.startswith("model."):
+            overrides.setdefault("model_options", {})[key.removeprefix("model.")] = yaml.safe_load(value)
+        else:
+            overrides[key.removeprefix("train.").removeprefix("data.")] = yaml.safe_load(value)
     config = make_config(recipe=args.recipe, model=args.model, **overrides)
     # Download and decode once before timing: the timed runs measure training, not the network.
     data = imgclf.load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
@@ -113,6 +122,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     walls = [r["wall_seconds"] for r in runs]
     std = statistics.stdev(accuracies) if len(runs) > 1 else 0.0
     name = args.recipe or f"{args.model} ({args.epochs or config.train.epochs} epochs)"
+    name += "".join(f" {setting}" for setting in args.set)
     command = "python benchmarks/time_to_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rate = statistics.mean(r["train_images_per_s"] for r in runs)
     row = (f"| {name} | {runs[0]['dataset']} | {split} | {statistics.mean(accuracies):.2f} ± {std:.2f} "
@@ -210,6 +220,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--val-split", type=float)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe setting, e.g. --set lr=0.5 --set model.widths=[32,64,128]")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--models", help="throughput: comma-separated model names (default: all)")
     parser.add_argument("--shape", default="32x32x3", choices=("32x32x3", "28x28x1"))
