@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import UnidentifiedImageError
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from imgclf.config import load_recipe
 from imgclf.data import Dataset, load_dataset, read_image
 from imgclf.errors import ImgclfError
 from imgclf.loader import normalize
@@ -85,15 +85,22 @@ def _as_model(run_or_model: str | Path | TrainedModel) -> tuple[TrainedModel, Pa
     return load_model(run_or_model), Path(run_or_model)
 
 
-def run_data_options(run_dir: Path | None) -> dict[str, Any]:
-    """The data options of the run (seed, val split, grayscale...), so its val split is rebuilt exactly."""
-    if run_dir is None or not (run_dir / "config.yaml").exists():
-        return {}
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    data = config.get("data") or {}
-    seed = (config.get("train") or {}).get("seed", 0)
-    return {"dataset": data.get("dataset"), "data_dir": data.get("data_dir"), "val_split": data.get("val_split", 0.1),
-            "grayscale": data.get("grayscale", False), "image_size": data.get("image_size"), "seed": seed}
+def load_run_dataset(model: TrainedModel, run_dir: Path | None, dataset: str | None = None,
+                     data_dir: str | None = None) -> Dataset:
+    """The data to evaluate a model on, read at the model's input shape.
+
+    By default the run's own dataset with its own val split, seed and grayscale setting (from its
+    config.yaml), so its validation split is rebuilt exactly; `dataset` names another one instead.
+    """
+    config = load_recipe(run_dir) if run_dir is not None and (run_dir / "config.yaml").exists() else None
+    name = dataset or (config.data.dataset if config else None) or model.info.get("dataset")
+    if name is None:
+        raise ImgclfError("this model does not record its dataset; pass --dataset NAME_OR_FOLDER")
+    options: dict[str, Any] = {"data_dir": data_dir or (config.data.data_dir if config else None)}
+    if config is not None and dataset is None:  # another dataset keeps only how to read it, not the run's splits
+        options.update(val_split=config.data.val_split, grayscale=config.data.grayscale, seed=config.train.seed)
+    options["channels"], options["image_size"] = model.input_shape[:2]
+    return load_dataset(name, **options)
 
 
 def _align_labels(split_labels: torch.Tensor, data_classes: list[str], model_classes: list[str]) -> torch.Tensor:
@@ -107,6 +114,23 @@ def _align_labels(split_labels: torch.Tensor, data_classes: list[str], model_cla
     return mapping[split_labels]
 
 
+def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bool | None = None,
+                         batch_size: int = 500) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """evaluate() on a loaded model and dataset, also returning the logits and the (model-aligned) labels."""
+    chosen = data.split(split)
+    if tuple(chosen.images.shape[1:]) != tuple(model.input_shape):
+        raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
+                          f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
+    if tta is None:
+        tta = bool(model.info.get("tta", False))
+    logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size,
+                            precision=model.info.get("precision", "fp32"),
+                            tta_augment=model.info.get("augment", []) if tta else None)
+    labels = _align_labels(chosen.labels, data.class_names, model.class_names)
+    metrics = classification_metrics(logits, labels, model.class_names)
+    return {"dataset": data.name, "split": split, "tta": tta, **metrics}, logits, labels
+
+
 def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | None = None, *,
              split: str = "test", tta: bool | None = None, data_dir: str | None = None,
              batch_size: int = 500) -> dict[str, Any]:
@@ -116,33 +140,8 @@ def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | N
     `tta=None` uses the run's recipe setting.
     """
     model, run_dir = _as_model(run_or_model)
-    options = run_data_options(run_dir)
-    if data_dir is not None:
-        options["data_dir"] = data_dir
-    if isinstance(dataset, Dataset):
-        data = dataset
-    else:
-        name = dataset or options.pop("dataset", None) or model.info.get("dataset")
-        options.pop("dataset", None)
-        if name is None:
-            raise ImgclfError("this model does not record its dataset; pass --dataset NAME_OR_FOLDER")
-        if dataset is not None:  # another dataset: keep only how to read it, not the run's split settings
-            options = {"data_dir": options.get("data_dir")}
-        options["channels"], options["image_size"] = model.input_shape[:2]  # read data as the model takes it
-        data = load_dataset(name, **options)
-    chosen = data.split(split)
-    if tuple(chosen.images.shape[1:]) != tuple(model.input_shape):
-        raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
-                          f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
-    if tta is None:
-        tta = bool(model.info.get("tta", False))
-    augment = model.info.get("augment", []) if tta else None
-    precision = model.info.get("precision", "fp32")
-    logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size,
-                            precision=precision, tta_augment=augment)
-    labels = _align_labels(chosen.labels, data.class_names, model.class_names)
-    metrics = classification_metrics(logits, labels, model.class_names)
-    return {"dataset": data.name, "split": split, "tta": tta, **metrics}
+    data = dataset if isinstance(dataset, Dataset) else load_run_dataset(model, run_dir, dataset, data_dir)
+    return evaluate_with_logits(model, data, split, tta, batch_size)[0]
 
 
 def read_images(paths: list[str | Path], input_shape: tuple[int, int, int]) -> torch.Tensor:

@@ -73,7 +73,7 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuf
     """(images, labels) batches in order, or in a fresh permutation when shuffle is set."""
     n = len(images)
     order = torch.randperm(n, generator=generator, device=images.device) if shuffle else None
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    stop = n - n % batch_size if drop_last and n >= batch_size else n  # one batch of all if n < batch_size
     for start in range(0, stop, batch_size):
         if order is None:
             yield images[start:start + batch_size], labels[start:start + batch_size]

@@ -25,9 +25,9 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.colors import Normalize, PowerNorm  # noqa: E402
 
-from imgclf.data import Dataset, load_dataset  # noqa: E402
+from imgclf.data import Dataset  # noqa: E402
 from imgclf.errors import ImgclfError  # noqa: E402
-from imgclf.evaluate import evaluate, predict_logits, run_data_options  # noqa: E402
+from imgclf.evaluate import evaluate_with_logits, load_run_dataset  # noqa: E402
 from imgclf.runs import TrainedModel, atomic_write, load_model, read_metrics  # noqa: E402
 
 GREEN, RED = "#1a7f37", "#cf222e"
@@ -191,25 +191,14 @@ def _finished_run(run_dir: str | Path) -> Path:
     return run_dir
 
 
-def _run_dataset(run_dir: Path, model: TrainedModel) -> Dataset:
-    """The run's own dataset with its own val split and seed, read at the model's shape, as evaluate() does;
-    loaded here once so that the metrics and the example images come from the same tensors."""
-    options = run_data_options(run_dir)
-    name = options.pop("dataset", None) or model.info.get("dataset")
-    if name is None:
-        raise ImgclfError(f"{run_dir}/config.yaml names no dataset; restore the file or retrain the run")
-    options["channels"], options["image_size"] = model.input_shape[:2]
-    return load_dataset(name, **options)
-
-
-def _evaluate_default_split(model: TrainedModel, data: Dataset, split: str | None,
-                            tta: bool | None) -> dict[str, Any]:
+def _evaluate_default_split(model: TrainedModel, data: Dataset, split: str | None, tta: bool | None
+                            ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     if split is not None:
-        return evaluate(model, data, split=split, tta=tta)
+        return evaluate_with_logits(model, data, split, tta)
     try:
-        return evaluate(model, data, split="test", tta=tta)
+        return evaluate_with_logits(model, data, "test", tta)
     except ImgclfError:  # e.g. a folder of training images only: the held-out val split is the best we have
-        return evaluate(model, data, split="val", tta=tta)
+        return evaluate_with_logits(model, data, "val", tta)
 
 
 def _pick(indices: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -222,13 +211,10 @@ def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None
     """Figures in RUN/figures/ and RUN/report.html for a finished run; returns the HTML path."""
     run_dir = _finished_run(run_dir)
     model = load_model(run_dir)
-    data = _run_dataset(run_dir, model)
-    metrics = _evaluate_default_split(model, data, split, tta)
+    data = load_run_dataset(model, run_dir)
+    # One inference pass gives both the metrics and the example grids, from the same tensors.
+    metrics, logits, labels = _evaluate_default_split(model, data, split, tta)
     chosen = data.split(metrics["split"])
-    logits = predict_logits(model.net, chosen.images, model.mean, model.std,
-                            precision=model.info.get("precision", "fp32"),
-                            tta_augment=model.info.get("augment", []) if metrics["tta"] else None)
-    labels = chosen.labels
     probabilities = logits.softmax(1)
     confidence, predicted = probabilities.max(1)
     losses = F.cross_entropy(logits, labels, reduction="none")
@@ -368,7 +354,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         model_json = json.loads((run_dir / "model.json").read_text())
         model = load_model(run_dir)
-        metrics = _evaluate_default_split(model, _run_dataset(run_dir, model), None, None)
+        metrics = _evaluate_default_split(model, load_run_dataset(model, run_dir), None, None)[0]
         rows.append({
             "run": run_dir.name,
             "dataset": summary.get("dataset") or (config.get("data") or {}).get("dataset"),

@@ -108,10 +108,11 @@ def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
         return 1 + (cfg.final_lr_fraction - 1) * min(progress, 1.0)
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if cfg.schedule == "onecycle":  # up for the first 25% (unless warm-up is set), then linearly down to 0
-        if cfg.warmup_epochs == 0 and progress < 0.25:
-            return 0.04 + 0.96 * progress / 0.25
-        return max(0.0, 1 - (progress - 0.25 * (cfg.warmup_epochs == 0)) / (1 - 0.25 * (cfg.warmup_epochs == 0)))
+    if cfg.schedule == "onecycle":  # without a warm-up: up over the first 25%, then linearly down to 0
+        peak = 0.25 if cfg.warmup_epochs == 0 else 0.0
+        if progress < peak:
+            return 0.04 + 0.96 * progress / peak
+        return max(0.0, 1 - (progress - peak) / (1 - peak))
     return 1.0
 
 
@@ -214,8 +215,7 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
     # Drop the last partial batch (each epoch reshuffles, so no image is lost for good): a batch of one
     # would break batch norm, and small last batches make noisy steps.
-    drop_last = len(train_images) >= cfg.batch_size
-    steps_per_epoch = len(train_images) // cfg.batch_size if drop_last else 1
+    steps_per_epoch = max(1, len(train_images) // cfg.batch_size)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
@@ -252,9 +252,12 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     def evaluation_net() -> torch.nn.Module:
         return ema.module if ema is not None else net
 
-    def save_all(epoch: int) -> None:
+    def save_weights() -> None:
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, precision=precision)
+
+    def save_all(epoch: int) -> None:
+        save_weights()
         write_metrics(run_dir / "metrics.csv", history)
         if history:  # a live loss plot: users can watch the figure while training runs
             from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
@@ -313,7 +316,7 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         "imgclf_version": __version__, "torch_version": torch.__version__, "dataset": data.name,
         "model": config.model.name, "recipe": config.recipe, "epochs_run": len(history),
         "trainable_params": trainable, "total_params": total, "precision": precision, "device": str(device),
-        "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": cpu_name(),
         "seconds": round(seconds, 2), "train_seconds": round(sum(r["seconds"] for r in history), 2),
         "train_images": len(train_images),
         "train_images_per_s": round(steps_per_epoch * cfg.batch_size * len(history)
@@ -321,7 +324,7 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         "final": history[-1] if history else {},
         "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
     }
-    save_all(len(history))
+    save_weights()  # the final weights: lookahead's slow weights or early stopping's best epoch
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"done in {seconds:.1f}s: model saved to {run_dir}")
     if report:
@@ -338,7 +341,7 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -374,9 +377,8 @@ def train_one_epoch(net, optimizer, scaler, ema, lookahead, images, labels, mean
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    drop_last = len(images) >= cfg.batch_size
     for step, (x, y) in enumerate(batches(images, labels, cfg.batch_size, shuffle=True, generator=generator,
-                                          drop_last=drop_last)):
+                                          drop_last=True)):
         factor = lr_factor(cfg, first_step + step, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor * group["lr_scale"]
