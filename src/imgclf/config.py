@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate
     momentum: float | None = None  # None: 0.9 for sgd/nesterov, 0 for rmsprop (the Keras default)
     weight_decay: float = 0.0  # decoupled for adamw, L2 gradient term otherwise; weights only, not biases/BN
+    l1: float = 0.0  # L1 penalty: loss += l1 * sum(|w|) over weights (Keras' L1L2 regularizer, l1 part)
     schedule: str = "constant"
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs
     final_lr_fraction: float = 0.0  # 'linear' schedule: decay linearly to lr * this at the end
@@ -115,6 +116,7 @@ class RunConfig:
             (t.epochs >= 1, f"epochs {t.epochs}; use 1 or more"),
             (t.batch_size >= 1, f"batch size {t.batch_size}; use 1 or more"),
             (t.lr > 0, f"learning rate {t.lr}; use a positive number"),
+            (t.weight_decay >= 0 and t.l1 >= 0, f"weight decay {t.weight_decay} / l1 {t.l1}; use 0 or more"),
             (0 <= t.label_smoothing < 1, f"label smoothing {t.label_smoothing}; use a value in [0, 1)"),
             (t.ema is None or 0 < t.ema < 1, f"ema decay {t.ema}; use a value in (0, 1), e.g. 0.999"),
             (0 <= d.val_split < 1, f"val split {d.val_split}; use a fraction in [0, 1)"),

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,8 @@ def _progress() -> Progress:
 
 def train(config: RunConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
           dataset: Dataset | str | None = None, recipe: str | None = None, model: str | None = None,
-          quiet: bool = False, report: bool = False, tensorboard: bool = False, **overrides: Any) -> TrainResult:
+          quiet: bool = False, report: bool = False, tensorboard: bool = False,
+          on_epoch: Callable[[dict[str, float]], None] | None = None, **overrides: Any) -> TrainResult:
     """Train a model and return its run folder and metrics.
 
     Either pass a RunConfig, or build one from a recipe and/or flat options, e.g.
@@ -173,6 +175,8 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     A Dataset object may be passed as `dataset` to skip loading (its name is recorded).
     `report=True` writes RUN/report.html when training ends; RUN/figures/curves.png is redrawn every epoch.
     `tensorboard=True` also logs the epoch metrics to RUN/tensorboard/ (needs the tensorboard package).
+    `on_epoch(row)` is called with each epoch's metrics once they are saved (tuning reports them to its pruner;
+    an exception it raises stops training, and the checkpoint of that epoch stays resumable).
     """
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
     if config is None:
@@ -298,6 +302,8 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
                             board.add_scalar(key, value, epoch)
                     board.flush()
                 save_all(epoch)
+                if on_epoch is not None:
+                    on_epoch(row)
                 if cfg.early_stopping and epoch - best["epoch"] >= cfg.early_stopping and epoch < cfg.epochs:
                     say(f"early stopping: no val accuracy gain for {cfg.early_stopping} epochs; "
                         f"keeping the weights of epoch {best['epoch']}")
@@ -387,6 +393,8 @@ def train_one_epoch(net, optimizer, scaler, ema, lookahead, images, labels, mean
         with autocast(device, precision):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if cfg.l1:
+            loss = loss + cfg.l1 * sum(p.abs().sum() for p in net.parameters() if p.ndim > 1 and p.requires_grad)
         if not torch.isfinite(loss):
             raise ImgclfError(f"training diverged (loss is {loss.item()}) at step {step + 1}; the checkpoint of "
                               "the last finished epoch is kept: lower --lr or use --precision fp32")
