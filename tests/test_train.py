@@ -69,6 +69,25 @@ def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path, monkeypatch):
+    train_module = importlib.import_module("imgclf.train")
+
+    def interrupted_epoch(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(epochs=1, out=tmp_path / "run", **FAST)
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert train(out=tmp_path / "run", resume=True, quiet=True).summary["epochs_run"] == 1  # with --resume
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+        train(epochs=1, out=tmp_path / "again", **FAST)
+    monkeypatch.undo()
+    assert train(epochs=1, out=tmp_path / "again", **FAST).summary["epochs_run"] == 1  # or without
+
+
 def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     with pytest.raises(ImgclfError, match="diverged"):
         train(epochs=3, out=tmp_path / "run", **dict(FAST, lr=1e12, optimizer="sgd"))

@@ -16,13 +16,22 @@ from rich.console import Console
 from rich.table import Table
 
 from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, load_recipe
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, PeerLost
 
 console = Console(highlight=False, soft_wrap=True)
 
 
 def _train(args: argparse.Namespace) -> None:
+    from imgclf import distributed
     from imgclf.train import train
+
+    if args.nproc is not None and not distributed.launched_by_torchrun():
+        # The same command in N processes, without --nproc: torchrun's launcher, started from here.
+        argv = list(args.argv)
+        i = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
+        del argv[i:i + (1 if "=" in argv[i] else 2)]
+        distributed.launch(args.nproc, argv)
+        return
 
     overrides = {k: getattr(args, k) for k in (
         "dataset", "data_dir", "val_split", "subset", "image_size", "epochs", "batch_size", "lr", "optimizer",
@@ -202,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores, split between processes)")
+    p.add_argument("--nproc", type=int, metavar="N", help="train in N processes on this machine (torchrun + DDP); "
+                   "--batch-size stays the global batch")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<model>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--report", action="store_true", help="write RUN/report.html when training ends")
@@ -266,10 +277,12 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args.func(args)
     except ImgclfError as e:
-        print(f"imgclf: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, PeerLost):  # ranks share rank 0's errors
+            print(f"imgclf: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)

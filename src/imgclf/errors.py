@@ -6,3 +6,7 @@ class ImgclfError(Exception):
 
     The CLI prints it as a single line and exits with status 1; it never shows a traceback.
     """
+
+
+class PeerLost(ImgclfError):
+    """In distributed training, another rank died or stopped answering; every rank reports it, not only rank 0."""

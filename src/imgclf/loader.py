@@ -68,15 +68,21 @@ def augment(images: torch.Tensor, kinds: list[str], generator: torch.Generator,
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
-            generator: torch.Generator | None = None, drop_last: bool = False
+            generator: torch.Generator | None = None, drop_last: bool = False, part: tuple[int, int] = (0, 1)
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches in order, or in a fresh permutation when shuffle is set."""
+    """(images, labels) batches in order, or in a fresh permutation when shuffle is set.
+
+    `part=(rank, ranks)` yields only that rank's equal slice of each batch (distributed training).
+    """
     n = len(images)
     order = torch.randperm(n, generator=generator, device=images.device) if shuffle else None
     stop = n - n % batch_size if drop_last and n >= batch_size else n  # one batch of all if n < batch_size
+    rank, ranks = part
     for start in range(0, stop, batch_size):
+        size = min(batch_size, stop - start) // ranks
+        first = start + rank * size
         if order is None:
-            yield images[start:start + batch_size], labels[start:start + batch_size]
+            yield images[first:first + size], labels[first:first + size]
         else:
-            index = order[start:start + batch_size]
+            index = order[first:first + size]
             yield images[index], labels[index]

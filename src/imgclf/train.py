@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from imgclf import __version__
+from imgclf import __version__, distributed
 from imgclf.config import RunConfig, make_config
 from imgclf.data import Dataset, load_dataset
 from imgclf.errors import ImgclfError
@@ -42,6 +42,7 @@ class TrainResult:
     history: list[dict[str, float]]  # the metrics.csv rows
     summary: dict[str, Any]  # the summary.json content
     reused: bool = False  # True when an identical finished run was found and nothing was trained
+    model: torch.nn.Module | None = None  # the trained net in memory (None when reused: load_model(run_dir))
 
 
 # ---- choices made from the config and the machine ---------------------------------------------------
@@ -144,22 +145,27 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Run
         return config, "new"
     stored = RunConfig.from_dict(yaml.safe_load(config_path.read_text()), source=str(config_path))
     finished = (run_dir / "summary.json").exists()
+    # Stopped before its first checkpoint: nothing to continue from, nothing to lose by starting over.
+    started = finished or (run_dir / "checkpoint.pt").exists()
     if resume:
         stored.data.data_dir = config.data.data_dir or stored.data.data_dir
         stored.train.device, stored.train.threads = config.train.device, config.train.threads
-        return stored, "reuse" if finished else "resume"
+        return stored, "reuse" if finished else "resume" if started else "new"
     if _comparable(stored.to_dict()) != _comparable(config.to_dict()):
         raise ImgclfError(f"{run_dir} already holds a different run; choose another --out "
                           "(or --resume to continue that run); nothing was changed")
     if finished:
         return stored, "reuse"
+    if not started:
+        return stored, "new"
     raise ImgclfError(f"{run_dir} holds an unfinished run of this configuration; "
                       "add --resume to continue it, or choose another --out")
 
 
-def _progress() -> Progress:
+def _progress(disable: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console, transient=True)
+                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console, transient=True,
+                    disable=disable)
 
 
 # ---- training ------------------------------------------------------------------------------------------
@@ -182,8 +188,36 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     if config is None:
         name = dataset_obj.name if dataset_obj else dataset
         config = make_config(recipe=recipe, model=model, dataset=name, **overrides)
-    run_dir = Path(out) if out else default_run_dir(config)
-    config, mode = prepare_run_dir(config, run_dir, resume)
+    ctx, rank_device = distributed.setup(config.train.device)
+    try:
+        return _train(config, out, resume, dataset_obj, quiet or not ctx.is_main, report, tensorboard, on_epoch,
+                      ctx, rank_device)
+    except RuntimeError as e:
+        raise distributed.peer_failure(ctx, e) or e from None
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _open_run(config: RunConfig, out: str | Path | None, resume: bool,
+              ctx: distributed.Context) -> tuple[RunConfig, Path, str]:
+    """Rank 0 decides the run folder and what to do with it; every rank gets its decision (or its error)."""
+    decision = None
+    if ctx.is_main:
+        run_dir = Path(out) if out else default_run_dir(config)
+        try:
+            config, mode = prepare_run_dir(config, run_dir, resume)
+            decision = (config.to_dict(), str(run_dir), mode, None)
+        except ImgclfError as e:
+            decision = (None, None, None, str(e))
+    config_dict, run_dir, mode, error = ctx.broadcast(decision)
+    if error:
+        raise ImgclfError(error)
+    return RunConfig.from_dict(config_dict), Path(run_dir), mode
+
+
+def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, quiet: bool, report: bool,
+           tensorboard: bool, on_epoch, ctx: distributed.Context, rank_device: torch.device | None) -> TrainResult:
+    config, run_dir, mode = _open_run(config, out, resume, ctx)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
         say(f"{run_dir} already holds a finished run of this configuration: reusing its model, not retraining "
@@ -191,13 +225,16 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         return TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"),
                            json.loads((run_dir / "summary.json").read_text()), reused=True)
 
-    board = _tensorboard_writer(run_dir) if tensorboard else None  # fail before anything is written
+    board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None  # fail before any writing
     cfg = config.train
     started = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads or ctx.enabled:
+        torch.set_num_threads(cfg.threads or distributed.threads_per_rank(ctx))
+    if cfg.batch_size % ctx.world_size:
+        raise ImgclfError(f"batch size {cfg.batch_size} does not split evenly over {ctx.world_size} processes; "
+                          f"use a multiple of {ctx.world_size} (the batch size is the global batch)")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = rank_device or resolve_device(cfg.device)
     data = dataset_obj or load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
                                        subset=config.data.subset, grayscale=config.data.grayscale,
                                        seed=cfg.seed, image_size=config.data.image_size)
@@ -220,14 +257,15 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     # Drop the last partial batch (each epoch reshuffles, so no image is lost for good): a batch of one
     # would break batch norm, and small last batches make noisy steps.
     steps_per_epoch = max(1, len(train_images) // cfg.batch_size)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the same on every rank: same order
     history: list[dict[str, float]] = []
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
     start_epoch = 1
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if mode == "resume":
-        state = load_checkpoint(run_dir / "checkpoint.pt")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "resume":  # rank 0 reads the checkpoint: other machines need no copy of the run folder
+        state = ctx.broadcast(load_checkpoint(run_dir / "checkpoint.pt") if ctx.is_main else None)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -240,7 +278,8 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         start_epoch = state["epoch"] + 1
         say(f"resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
     else:
-        atomic_write(run_dir / "config.yaml", config.to_yaml())
+        if ctx.is_main:
+            atomic_write(run_dir / "config.yaml", config.to_yaml())
         if hasattr(net, "init_from_data"):  # e.g. fastnet's whitening filters
             sample = train_images[torch.randperm(len(train_images), generator=generator)[:5000]]
             net.init_from_data(normalize(sample, mean, std))
@@ -248,10 +287,12 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     cutout_size = cfg.cutout_size if cfg.cutout_size is not None else max(1, h // 4)
 
     trainable, total = count_params(net)
+    ranks = f"{ctx.world_size} processes ({ctx.backend}) x " if ctx.enabled else ""
     say(f"[bold]{config.model.name}[/] on {data.name}: {len(train_images):,} train / "
         f"{len(data.val) if data.val is not None else 0:,} val images {tuple(data.train.images.shape[1:])}, "
         f"{data.num_classes} classes, {trainable:,} trainable params, {precision} on {device.type} "
-        f"({torch.get_num_threads()} threads) -> {run_dir}")
+        f"({ranks}{torch.get_num_threads()} threads) -> {run_dir}")
+    model = distributed.wrap(net, ctx, device)  # after init_from_data and resume: DDP copies rank 0's weights
 
     def evaluation_net() -> torch.nn.Module:
         return ema.module if ema is not None else net
@@ -261,6 +302,8 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, precision=precision)
 
     def save_all(epoch: int) -> None:
+        if not ctx.is_main:
+            return
         save_weights()
         write_metrics(run_dir / "metrics.csv", history)
         if history:  # a live loss plot: users can watch the figure while training runs
@@ -275,20 +318,16 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
 
     epoch = start_epoch - 1
     try:
-        with _progress() as progress:
+        with _progress(disable=quiet) as progress:
             for epoch in range(start_epoch, cfg.epochs + 1):
                 task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, stats="")
-                row = train_one_epoch(net, optimizer, scaler, ema, lookahead, train_images, train_labels,
+                row = train_one_epoch(model, optimizer, scaler, ema, lookahead, train_images, train_labels,
                                       mean, std, cfg,
                                       (epoch - 1) * steps_per_epoch, steps_per_epoch, crop_padding, cutout_size,
-                                      generator, device, precision, memory_format, progress, task)
+                                      generator, device, precision, memory_format, progress, task, ctx)
                 row["epoch"] = epoch
                 if data.val is not None and len(data.val) > 0:
-                    logits = predict_logits(evaluation_net(), data.val.images, data.mean, data.std,
-                                            precision=precision)
-                    labels = data.val.labels.to(logits.device)
-                    row["val_loss"] = F.cross_entropy(logits, labels).item()
-                    row["val_acc"] = (logits.argmax(1) == labels).float().mean().item()
+                    row.update(validate(evaluation_net(), data, precision, ctx))
                 progress.remove_task(task)
                 history.append(row)
                 improved = row.get("val_acc", -1.0) > best["val_acc"]
@@ -309,7 +348,7 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
                         f"keeping the weights of epoch {best['epoch']}")
                     break
     except KeyboardInterrupt:
-        console.print(f"\ninterrupted in epoch {epoch}: the checkpoint after epoch {epoch - 1} is saved in "
+        say(f"\ninterrupted in epoch {epoch}: the checkpoint after epoch {epoch - 1} is saved in "
                       f"{run_dir}; continue with `imgclf train --resume --out {run_dir}`")
         raise
 
@@ -322,7 +361,8 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         "imgclf_version": __version__, "torch_version": torch.__version__, "dataset": data.name,
         "model": config.model.name, "recipe": config.recipe, "epochs_run": len(history),
         "trainable_params": trainable, "total_params": total, "precision": precision, "device": str(device),
-        "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": cpu_name(),
+        "threads": torch.get_num_threads(), "world_size": ctx.world_size, "backend": ctx.backend,
+        "machine": platform.machine(), "cpu": cpu_name(),
         "seconds": round(seconds, 2), "train_seconds": round(sum(r["seconds"] for r in history), 2),
         "train_images": len(train_images),
         "train_images_per_s": round(steps_per_epoch * cfg.batch_size * len(history)
@@ -330,13 +370,15 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         "final": history[-1] if history else {},
         "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
     }
+    if not ctx.is_main:
+        return TrainResult(run_dir, history, summary, model=evaluation_net())
     save_weights()  # the final weights: lookahead's slow weights or early stopping's best epoch
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"done in {seconds:.1f}s: model saved to {run_dir}")
     if report:
         from imgclf.report import write_report
         say(f"report: {write_report(run_dir)}")
-    return TrainResult(run_dir, history, summary)
+    return TrainResult(run_dir, history, summary, model=evaluation_net())
 
 
 def _tensorboard_writer(run_dir: Path):
@@ -375,20 +417,26 @@ class Lookahead:
 
 def train_one_epoch(net, optimizer, scaler, ema, lookahead, images, labels, mean, std, cfg, first_step,
                     steps_per_epoch, crop_padding, cutout_size, generator, device, precision, memory_format,
-                    progress, task) -> dict[str, float]:
+                    progress, task, ctx: distributed.Context) -> dict[str, float]:
     net.train()
+    epoch = first_step // steps_per_epoch
     if "altflip" in cfg.augment:
-        images = alternating_flip(images, first_step // steps_per_epoch, cfg.seed)
+        images = alternating_flip(images, epoch, cfg.seed)
+    # Alone, one generator shuffles and augments (as before ranks existed); with ranks, the shared one only
+    # shuffles, and each rank's augmentation gets its own draws, reseeded per epoch so --resume replays it.
+    augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(
+        cfg.seed * 1_000_003 + epoch * 1009 + ctx.rank + 1)
+    inner = distributed.unwrap(net)
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for step, (x, y) in enumerate(batches(images, labels, cfg.batch_size, shuffle=True, generator=generator,
-                                          drop_last=True)):
+                                          drop_last=True, part=(ctx.rank, ctx.world_size))):
         factor = lr_factor(cfg, first_step + step, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor * group["lr_scale"]
-        x = augment(x, cfg.augment, generator, crop_padding, cutout_size)
+        x = augment(x, cfg.augment, augment_generator, crop_padding, cutout_size)
         x = normalize(x, mean, std).contiguous(memory_format=memory_format)
         with autocast(device, precision):
             logits = net(x)
@@ -403,9 +451,9 @@ def train_one_epoch(net, optimizer, scaler, ema, lookahead, images, labels, mean
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
-            ema.update_parameters(net)
+            ema.update_parameters(inner)
         if lookahead is not None and (first_step + step) % 5 == 0:
-            lookahead.step(net, 0.95 ** 5 * factor ** 3)  # hold on tighter as the lr decays
+            lookahead.step(inner, 0.95 ** 5 * factor ** 3)  # hold on tighter as the lr decays
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -414,8 +462,19 @@ def train_one_epoch(net, optimizer, scaler, ema, lookahead, images, labels, mean
             progress.update(task, completed=step + 1,
                             stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} "
                                   f"{rate:,.0f} img/s")
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+    loss_sum, correct, seen = ctx.sum(loss_sum, correct, torch.tensor(seen))
+    return {"train_loss": (loss_sum / seen).item(), "train_acc": (correct / seen).item(),
             "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
+
+
+def validate(net: torch.nn.Module, data: Dataset, precision: str, ctx: distributed.Context) -> dict[str, float]:
+    """Loss and accuracy on the val split, each rank predicting its own part of it."""
+    part = ctx.shard(len(data.val))
+    logits = predict_logits(net, data.val.images[part], data.mean, data.std, precision=precision)
+    labels = data.val.labels[part].to(logits.device)
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum") if len(labels) else torch.zeros(())
+    loss_sum, correct, n = ctx.sum(loss_sum, (logits.argmax(1) == labels).sum(), torch.tensor(len(labels)))
+    return {"val_loss": (loss_sum / n).item(), "val_acc": (correct / n).item()}
 
 
 def _epoch_line(row: dict[str, float], epochs: int, n: int) -> str:

@@ -1,0 +1,148 @@
+"""Multi-process training on PyTorch's distributed engine: torchrun starts the ranks, DDP averages gradients.
+
+What a distributed run means (the same as a single-process run of the same config):
+- `batch_size` is the global batch. Each of the N ranks takes batch_size / N images of every step, and DDP
+  averages the gradients, so a recipe's batch size and learning rate mean the same on 1 or N processes.
+- Every rank draws the same shuffled order each epoch (same seed) and takes its own slice of every batch:
+  the ranks see disjoint shards. Augmentation draws its own random numbers on each rank.
+- Batch norm: SyncBatchNorm on CUDA. On the CPU PyTorch has no SyncBatchNorm, so each rank normalises over
+  its own slice of the batch; the running statistics come from rank 0.
+- Validation is split between the ranks and its sums are reduced; only rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from imgclf.errors import ImgclfError, PeerLost
+
+# A rank that waits longer than this for the others gives up, so a stuck or dead peer ends the job
+# instead of hanging it. Rank 0 writes checkpoints and plots between epochs, far below this.
+TIMEOUT_SECONDS = float(os.environ.get("IMGCLF_DIST_TIMEOUT", 300))
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1  # ranks on this machine, which share its cores
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (a picklable object)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Element-wise sums over the ranks (float64, so counts stay exact)."""
+        if not self.enabled:
+            return [v.double() for v in values]
+        stacked = torch.stack([v.double().reshape(()) for v in values])
+        if self.backend == "nccl":
+            stacked = stacked.cuda()
+        dist.all_reduce(stacked)
+        return list(stacked.cpu())
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of n items (parts differ by at most one item)."""
+        start, stop = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        return slice(start, stop)
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device_name: str) -> tuple[Context, torch.device | None]:
+    """Join the process group when started by torchrun; returns the context and, on CUDA, this rank's GPU."""
+    if not launched_by_torchrun():
+        return Context(), None
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    backend = "nccl" if cuda else "gloo"
+    device = None
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_SECONDS))
+    world = dist.get_world_size()
+    ctx = Context(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), backend)
+    return ctx, device
+
+
+def threads_per_rank(ctx: Context) -> int:
+    """This machine's cores split between its ranks (torchrun itself sets 1 thread per rank)."""
+    return max(1, len(os.sched_getaffinity(0)) // ctx.local_world_size)
+
+
+def wrap(net: torch.nn.Module, ctx: Context, device: torch.device) -> torch.nn.Module:
+    """The module to train with: DDP around `net` (and SyncBatchNorm on CUDA), or `net` itself."""
+    if not ctx.enabled:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        return DistributedDataParallel(net, device_ids=[device.index])
+    return DistributedDataParallel(net)
+
+
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    return getattr(net, "module", net)
+
+
+def cleanup(ctx: Context) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def peer_failure(ctx: Context, error: BaseException) -> ImgclfError | None:
+    """A one-line error for a collective that failed because another rank died or timed out."""
+    if not ctx.enabled or not isinstance(error, RuntimeError):
+        return None
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    first_line = first_line.split("] ", 1)[-1].split(". ")[0][:160]  # drop gloo's source-file prefix
+    return PeerLost(f"rank {ctx.rank}: lost contact with the other ranks ({first_line}); the job stops. "
+                       "The last finished epoch's checkpoint is kept: rerun with --resume")
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """`imgclf train --nproc N ...`: run `torchrun --standalone --nproc_per_node N -m imgclf ...` here."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise ImgclfError(f"--nproc {nproc}; use 1 or more processes")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.5)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say what failed, once
+    try:
+        elastic_launch(config, sys.executable)("-m", "imgclf", *argv)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == 1:  # the rank printed its one-line error; the others were stopped
+            raise SystemExit(1) from None
+        raise ImgclfError(f"distributed training failed: rank {rank} ended with status {failure.exitcode} "
+                          f"({failure.signal_name() if failure.exitcode < 0 else 'see its output above'}); "
+                          "the other ranks were stopped") from None

@@ -1,0 +1,109 @@
+"""Distributed training: two CPU processes with gloo on 127.0.0.1, started by torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgclf.train import train
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# Two ranks average their half-batch gradients; one process takes the mean over the whole batch. The sums are
+# the same up to float32 rounding in another order, which grows a little over the steps: 3 epochs stay below this.
+TOLERANCE = 1e-4
+
+
+def torchrun(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
+    job = torchrun(WORKER, tmp_path / "ddp", 3)
+    assert job.returncode == 0, job.stderr[-2000:]
+    rank0, rank1 = (torch.load(tmp_path / f"ddp-rank{r}.pt") for r in (0, 1))
+    for name in rank0:  # every parameter and buffer is the same on both ranks
+        assert torch.allclose(rank0[name], rank1[name], rtol=0, atol=1e-6), name
+
+    single = train(dataset="digits", model="cnn", out=tmp_path / "single", quiet=True, optimizer="sgd", lr=0.05,
+                   batch_size=64, precision="fp32", augment=[], epochs=3)
+    for name, value in single.model.state_dict().items():
+        assert torch.allclose(rank0[name], value, rtol=0, atol=TOLERANCE), name
+
+    # rank 0 alone wrote one run folder, which records the world size
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo" and summary["epochs_run"] == 3
+    assert abs(summary["final"]["val_acc"] - single.summary["final"]["val_acc"]) < 0.01
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "ddp-rank0.pt", "ddp-rank1.pt", "single"]
+
+
+def test_nproc_shortcut_and_an_uneven_batch(tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--dataset", "digits", "--model", "cnn", "--batch-size", "64", "--out", out, "--nproc", "2"]
+    first = subprocess.run([sys.executable, "-m", "imgclf", *map(str, common), "--epochs", "1"],
+                           capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "2 processes (gloo)" in first.stdout
+    odd = subprocess.run([sys.executable, "-m", "imgclf", *map(str, common), "--epochs", "1", "--batch-size", "63",
+                          "--out", tmp_path / "odd"], capture_output=True, text=True, timeout=240)
+    assert odd.returncode == 1
+    assert odd.stderr.strip().splitlines() == [
+        "imgclf: error: batch size 63 does not split evenly over 2 processes; use a multiple of 2 "
+        "(the batch size is the global batch)"]
+
+
+def _rank_pids(rank: int) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in environ and b"IMGCLF_TEST_KILL=1" in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_rank_ends_the_job_with_an_error_not_a_hang_and_resume_finishes_it(tmp_path):
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "imgclf", "train", "--dataset", "digits", "--model", "cnn",
+                            "--epochs", "30", "--out", str(out), "--nproc", "2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "IMGCLF_TEST_KILL": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    victims = _rank_pids(1)
+    assert victims, "rank 1 was not found"
+    os.kill(victims[0], signal.SIGKILL)
+    killed = time.time()
+    _, stderr = job.communicate(timeout=120)
+    assert time.time() - killed < 60
+    assert job.returncode == 1
+    assert "rank 1 ended with status -9 (SIGKILL)" in stderr
+    assert "Traceback" not in stderr
+    assert not (out / "summary.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "imgclf", "train", "--resume", "--out", str(out), "--nproc", "2"],
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout
+    epochs = [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == [str(e) for e in range(1, 31)]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 10, 101])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 8])
+def test_val_shards_cover_every_image_once(n, ranks):
+    from imgclf.distributed import Context
+
+    parts = [list(range(n))[Context(rank, ranks).shard(n)] for rank in range(ranks)]
+    assert sum(parts, []) == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
