@@ -112,6 +112,7 @@ def test_registered_builder_options_are_validated_from_its_signature(monkeypatch
         ("cnn", {"padding": "full"}, "padding must be one of same, valid"),
         ("cnn", {"filters": 32}, "filters must be a list of integers"),
         ("cnn", {"dense_dropout": 1.5}, r"dense_dropout must be a dropout rate in \[0, 1\)"),
+        ("cnn", {"dense": [8, 8], "dense_dropout": [0.1]}, "dense_dropout has 1 values but dense has 2 dense layers"),
         ("cnn", {"filters": [8] * 6}, "max-pool 2 after conv layer 6 gets a 1x1 feature map"),
         (
             "cnn",
@@ -131,6 +132,11 @@ def test_bad_options_raise_one_line_errors(name, options, message):
     with pytest.raises(ImgclfError, match=message) as info:
         create_model(name, **options)
     assert "\n" not in str(info.value)
+
+
+def test_dense_dropout_per_dense_layer():
+    net = create_model("cnn", in_channels=1, image_size=8, filters=[4], dense=[8, 8], dense_dropout=[0.0, 0.3])
+    assert not hasattr(net, "dense1_drop") and net.dense2_drop.p == 0.3
 
 
 def test_too_many_pools_suggests_the_fix():

@@ -182,6 +182,14 @@ def _compare(args: argparse.Namespace) -> None:
     console.print(f"wrote {Path(args.out) / 'compare.html'}, compare.csv, accuracy.png, accuracy_vs_time.png")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from imgclf.tune import tune
+
+    tune(args.dataset, args.space, sampler=args.sampler, pruner=args.pruner, trials=args.trials,
+         timeout=args.timeout, epochs=args.epochs, executions=args.executions_per_trial, subset=args.subset,
+         workers=args.workers, storage=args.storage, study=args.study, out=args.out, data_dir=args.data_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate and use image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgclf {_version()}")
@@ -256,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default="compare", help="output folder (default: compare/)")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("tune", help="search hyper-parameters (Optuna); resumable, parallel, shareable studies")
+    p.add_argument("--dataset", required=True, help="dataset name or image-folder path; trials score on its val split")
+    p.add_argument("--space", default="cnn-small", help="search space: cnn-small, cnn-keras, hparams-grid or a YAML "
+                   "file (default: cnn-small)")
+    p.add_argument("--sampler", default="tpe", help="random, grid or tpe (default: tpe)")
+    p.add_argument("--pruner", default="median", help="none, median or hyperband (default: median)")
+    p.add_argument("--trials", type=int, help="total trials the study should hold (default: 20; grid: every point); "
+                   "a re-run adds the missing ones")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: the space's)")
+    p.add_argument("--executions-per-trial", type=int, default=1, metavar="K", help="average K seeds per trial")
+    p.add_argument("--subset", type=int, help="train each trial on a stratified sample of N images")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (they split the cores)")
+    p.add_argument("--storage", help="study storage: postgresql://USER:PASSWORD@HOST/DB to share it between "
+                   "machines (default: a journal file OUT/study.log)")
+    p.add_argument("--study", help="study name (default: <dataset>-<space>)")
+    p.add_argument("--out", default="tune", help="output folder: trials.csv, best.yaml, report (default: tune/)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("datasets", help="list datasets, describe one, or `show NAME` to draw it",
                        usage="imgclf datasets [NAME] | imgclf datasets show NAME [--out DIR] [--data-dir DIR]")

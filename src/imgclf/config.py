@@ -155,22 +155,27 @@ def list_recipes() -> list[tuple[str, str]]:
     return out
 
 
-def load_recipe(name_or_path: str | Path) -> RunConfig:
-    """A shipped recipe by name, or a YAML file (a recipe, a run's config.yaml or a tuning best.yaml)."""
+def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> tuple[Path, Any]:
+    """(path, parsed YAML) of a shipped file by name (e.g. a recipe in `folder`) or of a YAML path."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
-        path = recipe_dir() / f"{name_or_path}.yaml"
+        path = folder / f"{name_or_path}.yaml"
         if not path.exists():
-            names = ", ".join(n for n, _ in list_recipes())
-            raise ImgclfError(f"unknown recipe '{name_or_path}'; choose one of: {names} (or give a YAML path)")
+            names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+            raise ImgclfError(f"unknown {kind} '{name_or_path}'; choose one of: {names} (or give a YAML path)")
     if path.is_dir() and (path / "config.yaml").exists():
         path = path / "config.yaml"
     try:
-        raw = yaml.safe_load(path.read_text())
+        return path, yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ImgclfError(f"recipe file {path} does not exist; check the path") from None
+        raise ImgclfError(f"{kind} file {path} does not exist; check the path") from None
     except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as e:
-        raise ImgclfError(f"recipe {path} is not valid YAML ({type(e).__name__}); fix or replace the file") from None
+        raise ImgclfError(f"{kind} {path} is not valid YAML ({type(e).__name__}); fix or replace the file") from None
+
+
+def load_recipe(name_or_path: str | Path) -> RunConfig:
+    """A shipped recipe by name, or a YAML file (a recipe, a run's config.yaml or a tuning best.yaml)."""
+    path, raw = read_shipped_or_file(name_or_path, recipe_dir(), "recipe")
     if not isinstance(raw, dict):
         raise ImgclfError(f"recipe {path} must be a YAML mapping with data/model/train sections")
     config = RunConfig.from_dict(raw, source=f"recipe {path.name}")

@@ -125,14 +125,14 @@ def _check_dropout(option: str, value: Any) -> float:
     return float(value)
 
 
-def _per_layer(option: str, value: Any, n: int) -> list[Any]:
-    """Broadcast a scalar to every conv layer, or check a list has one value per conv layer."""
+def _per_layer(option: str, value: Any, n: int, layers: str = "filters", kind: str = "conv") -> list[Any]:
+    """Broadcast a scalar to every layer, or check a list has one value per layer (of `layers`)."""
     if not isinstance(value, list | tuple):
         return [value] * n
     if len(value) != n:
         raise ImgclfError(
-            f"option {option} has {len(value)} values but filters has {n} conv layers; "
-            f"give one value per conv layer or a single value for all"
+            f"option {option} has {len(value)} values but {layers} has {n} {kind} layers; "
+            f"give one value per {kind} layer or a single value for all"
         )
     return list(value)
 
@@ -195,18 +195,18 @@ def _conv_stack(
 
 
 def _dense_stack(
-    in_features: int, dense: list[int], num_classes: int, batch_norm: bool, dropout: float, activation: str
+    in_features: int, dense: list[int], num_classes: int, batch_norm: bool, dropout: list[float], activation: str
 ) -> Layers:
     layers: Layers = []
-    for i, units in enumerate(dense, start=1):
+    for i, (units, drop) in enumerate(zip(dense, dropout, strict=True), start=1):
         layers += [
             (f"dense{i}", nn.Linear(in_features, units)),
             (f"dense{i}_act", _ACTIVATIONS[activation]()),
         ]
         if batch_norm:
             layers.append((f"dense{i}_bn", nn.BatchNorm1d(units)))
-        if dropout > 0:
-            layers.append((f"dense{i}_drop", nn.Dropout(dropout)))
+        if drop > 0:
+            layers.append((f"dense{i}_drop", nn.Dropout(drop)))
         in_features = units
     layers.append(("logits", nn.Linear(in_features, num_classes)))
     return layers
@@ -237,7 +237,7 @@ def mlp(
     activation = _check_choice("activation", activation, tuple(_ACTIVATIONS))
     in_features = in_channels * image_size * image_size
     batch_norm = _check_bool("batch_norm", batch_norm)
-    layers = _dense_stack(in_features, hidden, num_classes, batch_norm, dropout, activation)
+    layers = _dense_stack(in_features, hidden, num_classes, batch_norm, [dropout] * len(hidden), activation)
     return nn.Sequential(OrderedDict([("flatten", nn.Flatten()), *layers]))
 
 
@@ -254,7 +254,7 @@ def cnn(
     dropout: float | list[float] = 0.0,
     dense: tuple[int, ...] | list[int] = (128,),
     dense_batch_norm: bool = False,
-    dense_dropout: float = 0.0,
+    dense_dropout: float | list[float] = 0.0,
     global_pool: bool = False,
     activation: str = "relu",
 ) -> nn.Module:
@@ -267,7 +267,8 @@ def cnn(
     padding = _check_choice("padding", padding, ("same", "valid"))
     activation = _check_choice("activation", activation, tuple(_ACTIVATIONS))
     dense = _check_ints("dense", dense)
-    dense_dropout = _check_dropout("dense_dropout", dense_dropout)
+    dense_dropout = [_check_dropout("dense_dropout", d)
+                     for d in _per_layer("dense_dropout", dense_dropout, len(dense), "dense", "dense")]
     dense_batch_norm = _check_bool("dense_batch_norm", dense_batch_norm)
     global_pool = _check_bool("global_pool", global_pool)
 
@@ -393,7 +394,7 @@ def vgg(
         _load_features(features, str(weights))
     in_features = channels if global_pool else channels * size * size
     # Dropout goes before every linear layer (Keras transfer heads put it right after the pooling).
-    head = _dense_stack(in_features, dense, num_classes, False, dropout, "relu")
+    head = _dense_stack(in_features, dense, num_classes, False, [dropout] * len(dense), "relu")
     if dropout > 0:
         head.insert(0, ("dropout", nn.Dropout(dropout)))
     return VGG(features, [*_flatten_or_pool(global_pool), *head], freeze_features)

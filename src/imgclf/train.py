@@ -301,14 +301,17 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, precision=precision)
 
+    def draw_curves() -> None:
+        from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
+        plot_curves(history, run_dir / "figures" / "curves.png")
+
     def save_all(epoch: int) -> None:
         if not ctx.is_main:
             return
         save_weights()
         write_metrics(run_dir / "metrics.csv", history)
-        if history:  # a live loss plot: users can watch the figure while training runs
-            from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
-            plot_curves(history, run_dir / "figures" / "curves.png")
+        if history and not quiet:  # a live loss plot for a user watching (0.4 s a redraw: not for tuning)
+            draw_curves()
         save_checkpoint(run_dir / "checkpoint.pt", {
             "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "generator": generator.get_state(),
@@ -373,6 +376,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if not ctx.is_main:
         return TrainResult(run_dir, history, summary, model=evaluation_net())
     save_weights()  # the final weights: lookahead's slow weights or early stopping's best epoch
+    if quiet and history:
+        draw_curves()
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"done in {seconds:.1f}s: model saved to {run_dir}")
     if report:

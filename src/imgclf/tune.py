@@ -1,0 +1,724 @@
+"""Hyper-parameter tuning on Optuna: YAML search spaces, samplers, pruners, resumable studies shared by workers.
+
+A study lives in a storage: by default the journal file DIR/study.log (appends under a file lock, so several
+local worker processes share it safely), or PostgreSQL (`storage="postgresql://..."`), so that the same
+command started on many machines joins one study. Each trial trains runs into DIR/trials/<trial>-<execution>/
+and is scored by validation accuracy (never the test split); the first execution reports every epoch's
+accuracy so a pruner can stop a bad trial early. `trials` is the total the study should reach: re-running
+resumes it. The results are DIR/trials.csv, DIR/best.yaml (a recipe), DIR/figures/ and DIR/report.html.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import datetime
+import inspect
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+import torch
+import yaml
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
+
+from imgclf.config import DataConfig, RunConfig, TrainConfig, read_shipped_or_file
+from imgclf.data import Dataset, load_dataset
+from imgclf.errors import ImgclfError
+from imgclf.models import MODELS
+from imgclf.runs import atomic_write
+
+SAMPLERS = ("random", "grid", "tpe")
+PRUNERS = ("none", "median", "hyperband")
+DEFAULT_TRIALS = 20  # without --trials; a grid runs all its points
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts: failed trials are retried on a re-run
+HEARTBEAT_SECONDS = 60  # database storages: a trial whose worker is silent for 2 heartbeats is failed
+SPEC_KEYS = {"type", "low", "high", "step", "log", "choices", "value", "per_layer", "set"}
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+# ---- search spaces -----------------------------------------------------------------------------------
+
+@dataclass
+class Space:
+    """A search space: the run every trial starts from, and the parameters that change it.
+
+    `params` maps a name to a spec. A name with a dot is a config path (model.filters, train.lr); one without
+    is a helper that others refer to (the number of conv layers). A spec is a fixed value; a mapping with
+    `type: int|float|categorical` (low/high/step/log, or choices); `{value: V}`; any of these with
+    `per_layer: HELPER` (a list, one value per layer, up to the sampled number of layers); or a list of specs
+    concatenated into one list. `set: [paths]` sends a value to several config paths.
+    """
+
+    name: str
+    description: str
+    base: dict[str, Any]  # a partial recipe: data / model / train sections
+    params: dict[str, Any]
+
+
+def space_dir() -> Path:
+    return Path(str(resources.files("imgclf") / "spaces"))
+
+
+def list_spaces() -> list[tuple[str, str]]:
+    return [(p.stem, (yaml.safe_load(p.read_text()) or {}).get("description", ""))
+            for p in sorted(space_dir().glob("*.yaml"))]
+
+
+def load_space(name_or_path: str | Path) -> Space:
+    """A shipped space by name (see `list_spaces()`) or a YAML file."""
+    path, raw = read_shipped_or_file(name_or_path, space_dir(), "search space")
+    source = f"search space {path.name}"
+    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict) or not raw["params"]:
+        raise ImgclfError(f"{source} must be a YAML mapping with a non-empty `params:` mapping (and optional "
+                          "`base:` and `description:`); see README, Tuning")
+    unknown = set(raw) - {"description", "base", "params"}
+    if unknown:
+        raise ImgclfError(f"{source}: unknown key(s) {sorted(unknown)}; use description, base, params")
+    space = Space(path.stem, raw.get("description") or "", raw.get("base") or {}, raw["params"])
+    base = RunConfig.from_dict(space.base, source=f"{source}: base")
+    for name, spec in space.params.items():
+        _check_param(source, space, name, spec, base.model.name)
+    return space
+
+
+def _check_param(source: str, space: Space, name: str, spec: Any, model: str) -> None:
+    where = f"{source}: parameter {name}"
+    earlier = list(space.params)[:list(space.params).index(name)]
+    for part in spec if isinstance(spec, list) else [spec]:
+        if not isinstance(part, dict):
+            continue  # a fixed value
+        unknown = set(part) - SPEC_KEYS
+        if unknown:
+            raise ImgclfError(f"{where}: unknown key(s) {sorted(unknown)}; use {', '.join(sorted(SPEC_KEYS))}")
+        layers = part.get("per_layer")
+        if layers is not None and (layers not in earlier or not _is_int(space.params[layers])):
+            raise ImgclfError(f"{where}: per_layer must name an int parameter defined above it; got {layers!r}")
+        if "value" in part:
+            continue
+        kind = part.get("type")
+        if kind in ("int", "float"):
+            low, high = part.get("low"), part.get("high")
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or low > high:
+                raise ImgclfError(f"{where}: {kind} needs numbers low <= high, e.g. {{type: {kind}, low: 1, high: 5}}")
+            if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
+                raise ImgclfError(f"{where}: int needs integer low and high; use type: float for fractions")
+            if part.get("log") and (low <= 0 or part.get("step") is not None):
+                raise ImgclfError(f"{where}: log scale needs low > 0 and no step")
+        elif kind == "categorical":
+            choices = part.get("choices")
+            if not isinstance(choices, list) or not choices or not all(
+                    c is None or isinstance(c, bool | int | float | str) for c in choices):
+                raise ImgclfError(f"{where}: categorical needs `choices:` a list of numbers, strings or booleans "
+                                  "(for a list-valued option, use a list of specs or per_layer)")
+        else:
+            raise ImgclfError(f"{where}: type {kind!r}; use int, float or categorical (or value: V for a fixed one)")
+    if isinstance(spec, dict) and "set" in spec:
+        paths = spec["set"] if isinstance(spec["set"], list) else [spec["set"]]
+    else:
+        paths = [name] if "." in name else []
+    for path in paths:
+        section, _, key = str(path).partition(".")
+        valid = {"data": {f.name for f in dataclasses.fields(DataConfig)},
+                 "train": {f.name for f in dataclasses.fields(TrainConfig)}}.get(section)
+        if section == "model":
+            valid = {"name"} | set(inspect.signature(MODELS[model].builder).parameters) if model in MODELS else {key}
+        if valid is None or key not in valid:
+            raise ImgclfError(f"{where}: '{path}' is not a config path; use data.X, train.X (see `imgclf train "
+                              f"--help`) or model.X with an option of model {model} (see README, Models)")
+
+
+def _is_int(spec: Any) -> bool:
+    """A spec that gives a layer count: an int parameter or a fixed int."""
+    value = spec.get("value") if isinstance(spec, dict) else spec
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int or isinstance(spec, dict) and spec.get("type") == "int" and "per_layer" not in spec
+
+
+def suggest(trial: optuna.trial.BaseTrial, space: Space) -> dict[str, Any]:
+    """Sample every parameter of the space for a trial (or rebuild them from an optuna.trial.FixedTrial)."""
+    values: dict[str, Any] = {}
+    for name, spec in space.params.items():
+        if isinstance(spec, list):  # parts concatenated into one list; items named name[0], name[1], ...
+            items: list[Any] = []
+            for part in spec:
+                items += _suggest_items(trial, name, part, values, len(items))
+            values[name] = items
+        elif isinstance(spec, dict) and "per_layer" in spec:
+            values[name] = _suggest_items(trial, name, spec, values, 0)
+        else:
+            values[name] = _suggest_one(trial, name, spec)
+    return values
+
+
+def _suggest_items(trial, name: str, spec: Any, values: dict[str, Any], start: int) -> list[Any]:
+    layers = spec.get("per_layer") if isinstance(spec, dict) else None
+    count = values[layers] if layers else 1
+    return [_suggest_one(trial, f"{name}[{start + i}]", spec) for i in range(count)]
+
+
+def _suggest_one(trial, name: str, spec: Any) -> Any:
+    if not isinstance(spec, dict):
+        return spec
+    if "value" in spec:
+        return spec["value"]
+    if spec["type"] == "int":
+        return trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step") or 1, log=bool(spec.get("log")))
+    if spec["type"] == "float":
+        return trial.suggest_float(name, spec["low"], spec["high"], step=spec.get("step"), log=bool(spec.get("log")))
+    return trial.suggest_categorical(name, spec["choices"])
+
+
+def grid_points(space: Space) -> list[dict[str, Any]]:
+    """Every combination of the categorical choices, as Optuna params (grid search needs categorical only)."""
+    axes: dict[str, list[Any]] = {}
+    for name, spec in space.params.items():
+        parts = spec if isinstance(spec, list) else [spec]
+        for i, part in enumerate(parts):
+            if not isinstance(part, dict) or "value" in part:
+                continue
+            if part.get("type") != "categorical" or "per_layer" in part:
+                raise ImgclfError(f"grid search needs categorical parameters, but {name} is "
+                                  f"{'per-layer' if 'per_layer' in part else part.get('type')}; give it "
+                                  "`type: categorical, choices: [...]` or use --sampler random or tpe")
+            axes[f"{name}[{i}]" if isinstance(spec, list) else name] = part["choices"]
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+def trial_config(base: RunConfig, space: Space, values: dict[str, Any]) -> RunConfig:
+    """The base run with the sampled values written into their config paths."""
+    config = copy.deepcopy(base)
+    for name, value in values.items():
+        spec = space.params[name]
+        paths = spec["set"] if isinstance(spec, dict) and "set" in spec else [name] if "." in name else []
+        for path in paths if isinstance(paths, list) else [paths]:
+            section, key = path.split(".", 1)
+            if section == "model" and key == "name":
+                config.model.name = value
+            elif section == "model":
+                config.model.options[key] = value
+            else:
+                setattr(getattr(config, section), key, value)
+    config.validate("trial config")
+    return config
+
+
+# ---- storage, samplers, pruners ------------------------------------------------------------------------
+
+def open_storage(url_or_path: str | Path) -> optuna.storages.BaseStorage:
+    """A database URL (postgresql://, sqlite:///, mysql://) or the path of a journal file."""
+    url = str(url_or_path)
+    if "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    shown = _shown(url)
+    # The driver that imgclf[postgres] installs (SQLAlchemy >= 2.1 would look for psycopg 3); postgres:// is libpq's.
+    url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg2://", url)
+    if url.split("://")[0].split("+")[0] not in ("postgresql", "sqlite", "mysql"):
+        raise ImgclfError(f"storage '{shown}' is not supported; use postgresql://USER:PASSWORD@HOST/DB, "
+                          "sqlite:///FILE.db or a journal file path")
+    try:
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+                    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                                      heartbeat_interval=HEARTBEAT_SECONDS,
+                                                      grace_period=2 * HEARTBEAT_SECONDS)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)  # machines starting together race to create the tables: the loser retries
+    except ImportError:
+        raise ImgclfError(f"storage '{shown}' needs a database driver that is not installed; for PostgreSQL: "
+                          "pip install 'imgclf[postgres]'") from None
+    except Exception as e:  # SQLAlchemy's errors: a bad URL, no server, wrong password, no such database
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImgclfError(f"cannot open storage '{shown}': {reason}; check the URL, that the server runs and "
+                          "the database exists") from None
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    # grid: every point is enqueued once and each waiting trial goes to exactly one worker (see plan_trials),
+    # so the sampler only draws if the queue is empty, which the trial budget prevents.
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+# ---- workers -------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """What a worker process needs to run trials of a study (picklable, for spawned processes)."""
+
+    storage: str
+    study: str
+    space: Space
+    base: RunConfig
+    sampler: str
+    pruner: str
+    trials: int  # the total the study should reach
+    executions: int
+    out: Path
+    timeout: float | None
+    threads: int
+    quiet: bool
+
+
+class NotRun(Exception):
+    """A trial another worker made redundant (the study was full, or its grid point was taken)."""
+
+
+def run_worker(job: Job, n_trials: int, seed: int, dataset: Dataset | None = None, tag: str = "") -> None:
+    """Run up to n_trials trials of the study here (fewer if the study reaches job.trials or time runs out)."""
+    torch.set_num_threads(job.threads)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line of ours instead
+    data = dataset or load_dataset(job.base.data.dataset, job.base.data.data_dir, val_split=job.base.data.val_split,
+                                   subset=job.base.data.subset, grayscale=job.base.data.grayscale,
+                                   seed=job.base.train.seed, image_size=job.base.data.image_size)
+    study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage), sampler=make_sampler(
+        job.sampler, seed), pruner=make_pruner(job.pruner, job.base.train.epochs))
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: optuna.Trial) -> float:
+        from imgclf.train import train
+
+        trial.set_user_attr("worker", worker)
+        values = suggest(trial, job.space)
+        trial.set_user_attr("values", values)
+        reason = _redundant(trial, job)
+        if reason:
+            trial.set_user_attr("fail_reason", reason)
+            trial.study.stop()
+            raise NotRun(reason)
+        scores = []
+        try:
+            config = trial_config(job.base, job.space, values)
+            config.train.threads = job.threads
+            trial.set_user_attr("config", config.to_dict())
+            for execution in range(job.executions):
+                run = copy.deepcopy(config)
+                run.train.seed += execution
+                result = train(run, out=job.out / "trials" / f"{trial.number}-{execution}", dataset=data, quiet=True,
+                               on_epoch=_pruning_hook(trial, run.train.epochs) if execution == 0 else None)
+                (result.run_dir / "checkpoint.pt").unlink(missing_ok=True)  # only for resuming; trials never resume
+                key = "best_val_acc" if run.train.early_stopping else None  # early stopping keeps its best epoch
+                scores.append(result.summary[key] if key else result.history[-1]["val_acc"])
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:  # an invalid option, divergence, out of memory: this trial fails, the study goes on
+            trial.set_user_attr("fail_reason", str(e) if isinstance(e, ImgclfError) else f"{type(e).__name__}: {e}")
+            raise
+        return sum(scores) / len(scores)
+
+    def announce(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if job.quiet:
+            return
+        seconds = trial.duration.total_seconds() if trial.duration else 0
+        if trial.state == TrialState.COMPLETE:
+            console.print(f"{tag}trial {trial.number}: val acc [bold]{trial.value:.2%}[/] in {seconds:.0f}s  "
+                          f"{_describe(trial.user_attrs.get('values', trial.params))}")
+        elif trial.state == TrialState.PRUNED:
+            step = trial.last_step
+            console.print(f"{tag}trial {trial.number}: pruned after epoch {step} "
+                          f"(val acc {trial.intermediate_values.get(step, float('nan')):.2%})")
+        elif not trial.user_attrs.get("fail_reason", "").startswith("not run"):
+            console.print(f"{tag}trial {trial.number}: [red]failed[/]: {_fail_reason(trial)}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.optimize(objective, n_trials=n_trials, timeout=job.timeout, catch=(Exception,), callbacks=[
+            optuna.study.MaxTrialsCallback(job.trials, states=(*COUNTED, TrialState.RUNNING)), announce])
+
+
+def _pruning_hook(trial: optuna.Trial, epochs: int):
+    def report(row: dict[str, float]) -> None:
+        epoch = int(row["epoch"])
+        trial.report(row["val_acc"], epoch)
+        if epoch < epochs and trial.should_prune():  # pruning after the last epoch would save nothing
+            raise optuna.TrialPruned(f"val acc {row['val_acc']:.2%} after epoch {epoch}")
+    return report
+
+
+def _redundant(trial: optuna.Trial, job: Job) -> str | None:
+    """Why this trial must not run: workers on other machines plan on their own, so two can ask at once."""
+    earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
+               if t.number < trial.number]
+    if len(earlier) >= job.trials:
+        return f"not run: the study already had its {job.trials} trials when this worker asked"
+    if job.sampler == "grid" and any(t.params == trial.params for t in earlier):
+        return "not run: another worker took this grid point"
+    return None
+
+
+def _worker_process(job: Job, n_trials: int, seed: int, tag: str) -> None:
+    try:
+        run_worker(job, n_trials, seed, tag=tag)
+    except ImgclfError as e:
+        print(f"imgclf: error: {tag}{e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def fail_lost_trials(study: optuna.Study) -> int:
+    """Fail RUNNING trials whose worker died (killed, out of memory, machine reset), so they stop holding a place.
+
+    Database storages do this by heartbeat; a journal file has none, so a trial whose worker process on this
+    machine is gone, or that never said which worker runs it within a minute, is failed here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # by heartbeat; a no-op on a journal file
+    lost = 0
+    host, now = socket.gethostname(), datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker is None:
+            gone = trial.datetime_start is not None and (now - trial.datetime_start).total_seconds() > 60
+        else:
+            worker_host, pid = worker.rsplit(":", 1)
+            gone = worker_host == host and not _process_exists(int(pid))
+        if gone:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            lost += 1
+    return lost
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+# ---- the study -------------------------------------------------------------------------------------------
+
+@dataclass
+class TuneResult:
+    out: Path
+    study: str
+    storage: str
+    counts: dict[str, int]  # trials per state: COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    best_value: float | None
+    best_values: dict[str, Any] | None  # the best trial's sampled values
+    best_recipe: Path | None
+
+
+def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe", pruner: str = "median",
+         trials: int | None = None, timeout: float | None = None, epochs: int | None = None, executions: int = 1,
+         subset: int | None = None, workers: int = 1, storage: str | None = None, study: str | None = None,
+         out: str | Path = "tune", data_dir: str | None = None, quiet: bool = False) -> TuneResult:
+    """Run (or resume, or join) a study until it holds `trials` completed or pruned trials; write its report.
+
+    `trials` is the total: a re-run adds only the missing ones (failed trials do not count, so a re-run retries
+    them). `workers` processes run here, each with cores // workers torch threads.
+    """
+    if sampler not in SAMPLERS:
+        raise ImgclfError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    if pruner not in PRUNERS:
+        raise ImgclfError(f"unknown pruner '{pruner}'; choose one of {', '.join(PRUNERS)}")
+    for label, value in (("trials", trials), ("epochs", epochs), ("executions per trial", executions),
+                         ("workers", workers), ("subset", subset), ("timeout", timeout)):
+        if value is not None and value <= 0:
+            raise ImgclfError(f"{label} must be positive, got {value}")
+    say = (lambda *a: None) if quiet else console.print
+    space_obj = load_space(space)
+    base = RunConfig.from_dict(space_obj.base, source=f"search space {space_obj.name}: base")
+    base.data.dataset, base.data.data_dir = dataset, data_dir or base.data.data_dir
+    base.data.subset = subset or base.data.subset
+    base.train.epochs = epochs or base.train.epochs
+    if base.data.val_split <= 0:
+        raise ImgclfError("tuning scores trials on the validation split; give the space's base a data.val_split > 0")
+    grid = grid_points(space_obj) if sampler == "grid" else None
+    out = Path(out)
+    storage = storage or str(out / "study.log")
+    study_name = study or f"{Path(dataset).name}-{space_obj.name}"
+    data = load_dataset(dataset, base.data.data_dir, val_split=base.data.val_split, subset=base.data.subset,
+                        grayscale=base.data.grayscale, seed=base.train.seed, image_size=base.data.image_size)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_obj = optuna.create_study(study_name=study_name, storage=open_storage(storage), direction="maximize",
+                                    load_if_exists=True)
+    _check_same_setup(study_obj, {"dataset": dataset, "space": space_obj.name, "params": space_obj.params,
+                                  "base": _comparable(base), "executions": executions}, storage)
+    lost = fail_lost_trials(study_obj)
+    if lost:
+        say(f"{lost} trial(s) of a stopped worker marked failed; they will be run again")
+    target = trials or (len(grid) if grid is not None else DEFAULT_TRIALS)
+    n_trials = plan_trials(study_obj, target, grid)
+    counts = _counts(study_obj)
+    say(f"study [bold]{study_name}[/] ({_shown(storage)}): {counts['COMPLETE'] + counts['PRUNED']} of {target} "
+        f"trials done, {counts['RUNNING']} running elsewhere; running {n_trials} more on {data.name} "
+        f"({len(data.train):,} train / {len(data.val):,} val images), space {space_obj.name}, sampler {sampler}, "
+        f"pruner {pruner}")
+
+    failed_workers = []
+    if n_trials > 0:
+        processes = min(workers, n_trials)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        job = Job(storage, study_name, space_obj, base, sampler, pruner, target, executions, out, timeout,
+                  max(1, cores // processes), quiet)
+        seed = len(study_obj.trials)  # a re-run samples new points, yet each run is reproducible
+        if processes == 1:
+            run_worker(job, n_trials, seed, data)
+        else:
+            failed_workers = _run_processes(job, n_trials, processes, seed)
+            fail_lost_trials(study_obj)  # a worker that died left its trial running
+    result = write_outputs(study_obj, out, storage, quiet)
+    if failed_workers:
+        raise ImgclfError(f"worker(s) {failed_workers} stopped early (killed, or the error above); finished trials "
+                          "are kept: fix the problem and re-run the same command to add the missing trials")
+    return result
+
+
+def plan_trials(study: optuna.Study, target: int, grid: list[dict[str, Any]] | None) -> int:
+    """How many trials this command runs: up to the target, less what is done or running elsewhere.
+
+    For a grid, enqueue the points not yet done, running or queued (as many as are needed): the storage hands
+    each waiting trial to exactly one worker, which GridSampler alone does not guarantee with parallel workers.
+    """
+    trials = study.get_trials(deepcopy=False)
+    n = target - sum(t.state in (*COUNTED, TrialState.RUNNING) for t in trials)
+    if grid is None or n <= 0:
+        return max(n, 0)
+    taken = [t.system_attrs.get("fixed_params", t.params) for t in trials if t.state != TrialState.FAIL]
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    for point in [p for p in grid if p not in taken][:max(0, n - waiting)]:
+        study.enqueue_trial(point)
+        waiting += 1
+    return min(n, waiting)
+
+
+def _run_processes(job: Job, n_trials: int, processes: int, seed: int) -> list[int]:
+    """Run the trials in worker processes; returns the numbers of the workers that failed."""
+    # spawn, not fork: a forked copy of a process that already ran torch can deadlock in its thread pools
+    context = multiprocessing.get_context("spawn")
+    shares = [n_trials // processes + (i < n_trials % processes) for i in range(processes)]
+    workers = [context.Process(target=_worker_process, args=(job, share, seed + 1000 * i, f"worker {i + 1}: "))
+               for i, share in enumerate(shares)]
+    for w in workers:
+        w.start()
+    try:
+        for w in workers:
+            w.join()
+    except KeyboardInterrupt:  # the workers got the Ctrl-C too: let them finish failing their trials
+        for w in workers:
+            w.join(timeout=30)
+        raise
+    return [i + 1 for i, w in enumerate(workers) if w.exitcode != 0]
+
+
+def _comparable(config: RunConfig) -> dict[str, Any]:
+    setup = config.to_dict()
+    setup["data"].pop("data_dir")  # where the files are, not what they are: machines differ
+    setup["train"].pop("threads")
+    setup["train"].pop("device")
+    return setup
+
+
+def _check_same_setup(study: optuna.Study, setup: dict[str, Any], storage: str) -> None:
+    """A study's trials compare only under one dataset, space and training setup: refuse to mix them."""
+    setup = json.loads(json.dumps(setup))  # as the storage gives it back (lists, not tuples)
+    stored = study.user_attrs.get("imgclf")
+    if stored is None:
+        study.set_user_attr("imgclf", setup)
+    elif stored != setup:
+        old, new = _flat(stored), _flat(setup)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ImgclfError(f"study '{study.study_name}' in {_shown(storage)} was run with another {', '.join(changed)} "
+                          "(dataset, space, epochs, subset, executions and base recipe must match); use another "
+                          "--study or --out, or the original settings")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "params":  # a changed parameter spec is named by the parameter
+            flat.update(_flat(value, f"{prefix}{key}."))
+        elif key == "params":
+            flat.update({f"params.{name}": spec for name, spec in value.items()})
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    counts = {state.name: 0 for state in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] += 1
+    return counts
+
+
+def _shown(storage: str) -> str:
+    """The storage URL without its password, for messages."""
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", storage)
+
+
+def _describe(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_short(v)}" for k, v in values.items())
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "[" + ",".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+def _fail_reason(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.state != TrialState.FAIL:
+        return ""
+    return trial.user_attrs.get("fail_reason", "its worker stopped while running it (killed, or the machine was lost)")
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+
+def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = False) -> TuneResult:
+    """trials.csv, best.yaml, figures/ and report.html in `out`, and a table of the best trials."""
+    trials = study.get_trials(deepcopy=False)
+    atomic_write(out / "trials.csv", trials_csv(trials))
+    ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    best = ranked[0] if ranked else None
+    best_recipe = None
+    if best is not None:
+        config = RunConfig.from_dict(best.user_attrs["config"], source=f"trial {best.number}")
+        config.train.threads = None
+        config.description = (f"tuned by imgclf tune: study {study.study_name}, trial {best.number}, "
+                              f"val acc {best.value:.4f}")
+        best_recipe = out / "best.yaml"
+        atomic_write(best_recipe, "# The best trial's complete run: imgclf train --recipe best.yaml --out RUN\n"
+                                  "# (it trained on data.subset images for train.epochs epochs: change them to "
+                                  "train the winner longer)\n" + config.to_yaml())
+    figures = plot_study(study, out / "figures")
+    counts = _counts(study)
+    atomic_write(out / "report.html", _report_html(study, storage, counts, ranked[:10], trials, figures))
+    if not quiet:
+        table = Table("trial", "val acc", "seconds", "parameters", title=f"best trials of {study.study_name}")
+        table.columns[-1].overflow = "fold"
+        for t in ranked[:10]:
+            table.add_row(str(t.number), f"{t.value:.2%}", f"{t.duration.total_seconds():.0f}",
+                          _describe(t.user_attrs.get("values", t.params)))
+        console.print(table)
+        console.print(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
+                      + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
+                      + f": wrote {out / 'trials.csv'}, {out / 'report.html'}"
+                      + (f", {best_recipe} (imgclf train --recipe {best_recipe})" if best_recipe else ""))
+    return TuneResult(out, study.study_name, storage, counts, best.value if best else None,
+                      best.user_attrs.get("values") if best else None, best_recipe)
+
+
+def trials_csv(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """One row per trial: number, state, value, duration, every parameter, the worker and why it failed."""
+    names = sorted({name for t in trials for name in t.params}, key=_natural)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["number", "state", "value", "duration_s", "datetime_start", *names, "worker", "fail_reason"])
+    for t in trials:
+        writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
+                         "" if t.duration is None else round(t.duration.total_seconds(), 2),
+                         t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
+                         *[t.params.get(n, "") for n in names], t.user_attrs.get("worker", ""), _fail_reason(t)])
+    return buffer.getvalue()
+
+
+def _natural(name: str) -> list[Any]:  # model.filters[10] after model.filters[2]
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+PLOTS = {
+    "history": ("Optimisation history", "plot_optimization_history"),
+    "parallel_coordinates": ("Parallel coordinates", "plot_parallel_coordinate"),
+    "importances": ("Parameter importances", "plot_param_importances"),
+    "slice": ("Slice plots", "plot_slice"),
+}
+
+
+def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
+    """Optuna's matplotlib figures of the study; returns {name: title} of those drawn (some need 2+ trials)."""
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+
+    from imgclf.report import _save  # also switches matplotlib to files only (Agg)
+
+    drawn = {}
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for name, (title, function) in PLOTS.items():
+        if len(complete) < (2 if name == "importances" else 1):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            try:
+                axes = getattr(vis, function)(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances of a parameter that never varied
+                plt.close("all")
+                continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        if name == "slice":
+            figure.set_size_inches(min(max(6, 3.2 * len(figure.axes)), 24), 4)
+        else:
+            figure.set_size_inches(9, 5)
+        _save(figure, folder / f"{name}.png")
+        drawn[name] = title
+    return drawn
+
+
+def _report_html(study: optuna.Study, storage: str, counts: dict[str, int], ranked: list, trials: list,
+                 figures: dict[str, str]) -> str:
+    import html
+
+    from imgclf.report import _page, _table
+
+    e = html.escape
+    setup = study.user_attrs.get("imgclf", {})
+    facts = [["study", study.study_name], ["storage", _shown(storage)], ["dataset", setup.get("dataset")],
+             ["search space", setup.get("space")], ["epochs", setup.get("base", {}).get("train", {}).get("epochs")],
+             ["subset", setup.get("base", {}).get("data", {}).get("subset")],
+             ["executions per trial", setup.get("executions")],
+             ["trials", ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n)]]
+    best = [[t.number, f"{t.value:.2%}", round(t.duration.total_seconds(), 1),
+             _describe(t.user_attrs.get("values", t.params))] for t in ranked]
+    failed = [[t.number, _fail_reason(t)] for t in trials if t.state == TrialState.FAIL]
+    images = "".join(f"<h2>{e(title)}</h2><img src='figures/{name}.png' alt='{e(title)}'>"
+                     for name, title in figures.items())
+    body = f"""
+<h1>Tuning: {e(study.study_name)}</h1>
+<p class=sub>objective: validation accuracy &middot; all trials in trials.csv &middot; the best as a recipe in
+best.yaml</p>
+{_table(None, facts)}
+<h2>Best trials</h2>
+{_table(["trial", "val acc", "seconds", "parameters"], best) if best else "<p>No completed trial yet.</p>"}
+{images}
+{"<h2>Failed trials</h2>" + _table(["trial", "reason"], failed) if failed else ""}
+"""
+    return _page(f"imgclf tuning: {study.study_name}", body)

@@ -1,0 +1,263 @@
+"""Tuning: samplers, pruners, grids shared by workers, resuming, failures, outputs, and a study in PostgreSQL.
+
+Everything runs on scikit-learn's 8x8 digits (offline, a second per trial), in small spaces written here.
+"""
+
+import csv
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from imgclf.cli import main
+from imgclf.config import RunConfig
+from imgclf.models import count_params, create_model
+from imgclf.tune import grid_points, list_spaces, load_space, suggest, trial_config, tune
+
+TINY_BASE = {"model": {"name": "cnn", "filters": [8], "dense": [16]}, "train": {"epochs": 1, "batch_size": 64}}
+
+
+def write_space(tmp_path, params, base=None, name="space"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"base": base or TINY_BASE, "params": params}, sort_keys=False))
+    return str(path)
+
+
+def load(out, study=None):
+    return optuna.load_study(study_name=study or "digits-space", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(Path(out) / "study.log"))))
+
+
+def states(study):
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def cli(*args):
+    """`imgclf ...` in its own process, as a user (or another machine) runs it."""
+    return subprocess.Popen([sys.executable, "-m", "imgclf", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+# ---- spaces ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n, _ in list_spaces()])
+def test_shipped_spaces_sample_valid_models(name):
+    space = load_space(name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    base = RunConfig.from_dict(space.base)
+    for _ in range(5):
+        values = suggest(study.ask(), space)
+        config = trial_config(base, space, values)
+        net = create_model(config.model.name, num_classes=10, in_channels=1, image_size=28, **config.model.options)
+        assert count_params(net)[0] > 0
+    assert space.description
+
+
+def test_per_layer_parameters_follow_the_sampled_layer_count():
+    space = load_space("cnn-keras")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(10):
+        trial = study.ask()
+        values = suggest(trial, space)
+        conv, dense = values["conv_layers"], values["dense_layers"]
+        assert len(values["model.filters"]) == len(values["model.dropout"]) == len(values["model.pool"]) == conv + 1
+        assert values["model.pool"] == [2] + [0] * conv and values["model.dropout"][0] == 0.0
+        assert len(values["model.dense"]) == len(values["model.dense_dropout"]) == dense
+        assert f"model.filters[{conv}]" in trial.params and f"model.filters[{conv + 1}]" not in trial.params
+
+
+def test_hparams_grid_is_the_full_grid_and_l1l2_sets_both_penalties():
+    space = load_space("hparams-grid")
+    points = grid_points(space)
+    assert len(points) == 3 * 2 * 2 * 3 * 2 * 2
+    values = suggest(optuna.trial.FixedTrial(points[-1]), space)
+    config = trial_config(RunConfig.from_dict(space.base), space, values)
+    assert config.train.l1 == config.train.weight_decay == 0.01
+    assert config.model.options["filters"] == [64] and config.model.options["pool"] == 4
+
+
+# ---- studies ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler, pruner", [("random", "none"), ("tpe", "hyperband")])
+def test_each_sampler_runs_the_shipped_quick_space(sampler, pruner, tmp_path):
+    result = tune("digits", "cnn-small", sampler=sampler, pruner=pruner, trials=2, epochs=1, out=tmp_path, quiet=True)
+    assert result.counts["COMPLETE"] + result.counts["PRUNED"] == 2 and result.counts["FAIL"] == 0
+    assert 0.3 < result.best_value <= 1
+
+
+def test_grid_covers_each_point_exactly_once_with_two_workers(tmp_path):
+    space = write_space(tmp_path, {"model.filters": [{"type": "categorical", "choices": [4, 8]}],
+                                   "train.lr": {"type": "categorical", "choices": [0.001, 0.003, 0.01]}})
+    result = tune("digits", space, sampler="grid", pruner="none", workers=2, out=tmp_path / "out", quiet=True)
+    trials = load(tmp_path / "out").get_trials(deepcopy=False)
+    assert result.counts["COMPLETE"] == 6 and len(trials) == 6
+    seen = sorted((t.params["model.filters[0]"], t.params["train.lr"]) for t in trials)
+    assert seen == sorted((f, lr) for f in (4, 8) for lr in (0.001, 0.003, 0.01))
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took grid points
+
+
+def test_median_pruner_stops_a_clearly_worse_trial(tmp_path):
+    # A grid runs in order: 5 good trials (the pruner's startup trials), then 5 with an lr too small to learn.
+    space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.01, 1e-7]},
+                                   "model.dense": [{"type": "categorical", "choices": [16, 24, 32, 40, 48]}]},
+                        base={**TINY_BASE, "train": {"epochs": 2, "batch_size": 256}})
+    tune("digits", space, sampler="grid", pruner="median", out=tmp_path / "out", quiet=True)
+    trials = load(tmp_path / "out").get_trials(deepcopy=False)
+    assert [t.state for t in trials if t.params["train.lr"] == 0.01] == [TrialState.COMPLETE] * 5
+    bad = [t for t in trials if t.params["train.lr"] == 1e-7]
+    assert [t.state for t in bad] == [TrialState.PRUNED] * 5 and all(t.last_step == 1 for t in bad)
+
+
+def test_failing_trials_are_recorded_with_their_reason_and_the_study_goes_on(tmp_path):
+    # lr 1e6 with SGD diverges (NaN loss); pool 16 does not fit an 8x8 image (an invalid option).
+    space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [1e6, 0.01]},
+                                   "model.pool": {"type": "categorical", "choices": [16, 2]}},
+                        base={**TINY_BASE, "train": {"epochs": 1, "optimizer": "sgd"}})
+    result = tune("digits", space, sampler="grid", pruner="none", out=tmp_path / "out", quiet=True)
+    assert result.counts["COMPLETE"] == 1 and result.counts["FAIL"] == 3
+    rows = list(csv.DictReader((tmp_path / "out" / "trials.csv").open()))
+    reasons = {(float(r["train.lr"]), int(r["model.pool"])): r["fail_reason"] for r in rows}
+    assert "training diverged (loss is nan)" in reasons[(1e6, 2)]
+    assert "max-pool 16" in reasons[(1e6, 16)] and "max-pool 16" in reasons[(0.01, 16)]
+    assert reasons[(0.01, 2)] == "" and [r["state"] for r in rows].count("COMPLETE") == 1
+
+
+def test_resume_adds_exactly_the_missing_trials_and_writes_a_recipe_that_trains(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["tune", "--dataset", "digits", "--space", "cnn-small", "--sampler", "random", "--epochs", "1",
+            "--workers", "2", "--out", str(out)]
+    assert main([*args, "--trials", "2"]) == 0
+    assert main([*args, "--trials", "3"]) == 0
+    study = load(out, "digits-cnn-small")
+    assert states(study) == [TrialState.COMPLETE] * 3
+    assert "best trials" in capsys.readouterr().out
+
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["number"] for r in rows] == ["0", "1", "2"] and {"train.lr", "model.filters[0]"} <= set(rows[0])
+    assert {p.name for p in (out / "figures").iterdir()} == {"history.png", "parallel_coordinates.png",
+                                                             "importances.png", "slice.png"}
+    page = (out / "report.html").read_text()
+    assert "figures/history.png" in page and "Best trials" in page
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["train"]["lr"] == study.best_trial.params["train.lr"] and best["train"]["threads"] is None
+    assert main(["train", "--recipe", str(out / "best.yaml"), "--out", str(tmp_path / "best")]) == 0
+    assert (tmp_path / "best" / "model.safetensors").exists()
+
+    assert main([*args, "--trials", "3", "--epochs", "2"]) == 1  # another setup is refused, nothing is run
+    assert "base.train.epochs" in capsys.readouterr().err and len(load(out, "digits-cnn-small").trials) == 3
+
+
+def test_executions_per_trial_average_seeds(tmp_path):
+    space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.01]}})
+    result = tune("digits", space, sampler="grid", pruner="none", executions=2, out=tmp_path / "out", quiet=True)
+    scores = [float(next(csv.DictReader((tmp_path / "out" / "trials" / f"0-{k}" / "metrics.csv").open()))["val_acc"])
+              for k in (0, 1)]
+    assert scores[0] != scores[1] and result.best_value == pytest.approx(sum(scores) / 2)
+
+
+def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
+    # A grid runs in order: a 1-epoch trial, then a 6-epoch one, killed (kill -9) while it runs.
+    space = write_space(tmp_path, {"train.epochs": {"type": "categorical", "choices": [1, 6]}})
+    args = ["tune", "--dataset", "digits", "--space", space, "--sampler", "grid", "--pruner", "none",
+            "--out", tmp_path / "out"]
+    process = cli(*args)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (tmp_path / "out" / "study.log").exists() and load(tmp_path / "out").get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,)) and states(load(tmp_path / "out"))[0].is_finished():
+            break
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert states(load(tmp_path / "out")) == [TrialState.COMPLETE, TrialState.RUNNING]  # the dead worker's trial
+
+    # The re-run fails the orphan (it does not hold a place for ever) and runs its grid point again.
+    assert main([*map(str, args)]) == 0
+    study = load(tmp_path / "out")
+    assert states(study) == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.params["train.epochs"] for t in study.trials] == [1, 6, 6]
+    rows = list(csv.DictReader((tmp_path / "out" / "trials.csv").open()))
+    assert "worker stopped" in rows[1]["fail_reason"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--space", "nosuchspace"], "unknown search space 'nosuchspace'"),
+    (["--space", "BAD_YAML"], "is not valid YAML"),
+    (["--space", "BAD_PATH"], "'train.lrr' is not a config path"),
+    (["--sampler", "bayes"], "unknown sampler 'bayes'; choose one of random, grid, tpe"),
+    (["--pruner", "asha"], "unknown pruner 'asha'"),
+    (["--sampler", "grid"], "grid search needs categorical parameters, but conv_layers is int"),
+    (["--storage", "redis://localhost/0"], "storage 'redis://localhost/0' is not supported"),
+    (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], "cannot open storage 'postgresql://me:***@127.0.0.1:1/db'"),
+    (["--trials", "0"], "trials must be positive"),
+])
+def test_bad_input_is_one_line(args, message, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("params: [unclosed")
+    (tmp_path / "badpath.yaml").write_text("params: {train.lrr: {type: float, low: 0.1, high: 1}}")
+    args = [{"BAD_YAML": str(tmp_path / "bad.yaml"), "BAD_PATH": str(tmp_path / "badpath.yaml")}.get(a, a)
+            for a in args]
+    assert main(["tune", "--dataset", "digits", "--out", str(tmp_path / "out"), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "secret" not in err[0], err
+
+
+# ---- a study shared between machines, in a real PostgreSQL server ----------------------------------------
+
+def _server_binary(name):
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    initdb, pg_ctl = _server_binary("initdb"), _server_binary("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's postgresql "
+                    "(apt-get install postgresql, as .ci/run does) to run the shared-study test")
+    folder = Path(tempfile.mkdtemp(prefix="imgclf-pg-"))
+    as_postgres = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = folder / "data"
+    subprocess.run([*as_postgres, initdb, "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_postgres, pg_ctl, "-D", data, "-l", folder / "server.log", "-w", "-t", "60", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_postgres, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_machines_share_one_study_in_postgresql(postgres_url, tmp_path):
+    space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.001, "high": 0.01, "log": True}},
+                        base={**TINY_BASE, "train": {"epochs": 2}})
+    # The same command on two "machines" (each with its own output folder) joins one study of 4 trials.
+    machines = [cli("tune", "--dataset", "digits", "--space", space, "--sampler", "tpe", "--pruner", "none",
+                    "--trials", "4", "--storage", postgres_url, "--study", "shared", "--out", tmp_path / name)
+                for name in ("a", "b")]
+    outputs = [m.communicate(timeout=300) for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=postgres_url.replace("://", "+psycopg2://", 1))
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert len(done) == 4
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both machines ran trials
+    assert all(t.user_attrs.get("fail_reason", "").startswith("not run") for t in study.trials if t not in done)
+    for name in ("a", "b"):
+        assert (tmp_path / name / "best.yaml").exists() and (tmp_path / name / "trials.csv").exists()
