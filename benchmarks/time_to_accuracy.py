@@ -70,6 +70,8 @@ def child(args: argparse.Namespace) -> None:
 
     overrides = json.loads(args.overrides)
     result = imgclf.train(recipe=args.recipe, model=args.model, out=args.out, quiet=True, **overrides)
+    if os.environ.get("RANK", "0") != "0":  # --nproc: rank 0 evaluates and reports
+        return
     metrics = imgclf.evaluate(result.run_dir, split=args.split)
     print(json.dumps({
         "accuracy": metrics["accuracy"], "split": args.split, "dataset": result.summary["dataset"],
@@ -77,6 +79,7 @@ def child(args: argparse.Namespace) -> None:
         "train_images_per_s": result.summary["train_images_per_s"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "precision": result.summary["precision"], "threads": result.summary["threads"],
+        "world_size": result.summary["world_size"],
     }))
 
 
@@ -100,7 +103,9 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     runs = []
     for seed in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            command = [sys.executable, __file__, "--child", "--out", f"{tmp}/run", "--split", split,
+            launcher = [sys.executable] if args.nproc == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
+            command = [*launcher, __file__, "--child", "--out", f"{tmp}/run", "--split", split,
                        "--overrides", json.dumps({**overrides, "seed": seed})]
             command += ["--recipe", args.recipe] if args.recipe else []
             command += ["--model", args.model] if args.model else []
@@ -118,12 +123,14 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     walls = [r["wall_seconds"] for r in runs]
     std = statistics.stdev(accuracies) if len(runs) > 1 else 0.0
     name = args.recipe or f"{args.model} ({args.epochs or config.train.epochs} epochs)"
-    name += "".join(f" {setting}" for setting in args.set)
+    name += "".join(f" {setting}" for setting in args.set) + (f" --nproc {args.nproc}" if args.nproc > 1 else "")
     command = "python benchmarks/time_to_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rate = statistics.mean(r["train_images_per_s"] for r in runs)
+    world = runs[0]["world_size"]
+    threads = f"{world} processes x {runs[0]['threads']}" if world > 1 else runs[0]["threads"]
     row = (f"| {name} | {runs[0]['dataset']} | {split} | {statistics.mean(accuracies):.2f} ± {std:.2f} "
            f"(n={len(runs)}) | {statistics.mean(walls):.1f} | {rate:,.0f} "
-           f"| {max(r['peak_rss_mib'] for r in runs):,.0f} | {runs[0]['precision']}, {runs[0]['threads']} threads "
+           f"| {max(r['peak_rss_mib'] for r in runs):,.0f} | {runs[0]['precision']}, {threads} threads "
            f"| {machine()} | {_torch_version()} | {time.strftime('%Y-%m-%d')} | {git_commit()} | `{command}` |")
     header = ("## Time to accuracy\n\n| recipe | dataset | split | accuracy % (mean ± std) | wall s | train img/s "
               "| peak RSS MiB | precision | machine | torch | date | commit | command |\n"
@@ -216,6 +223,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--val-split", type=float)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--nproc", type=int, default=1, help="train each run in N processes (torchrun + DDP)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe setting, e.g. --set lr=0.5 --set model.widths=[32,64,128]")
     parser.add_argument("--throughput", action="store_true")
