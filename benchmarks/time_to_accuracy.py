@@ -102,6 +102,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     data = imgclf.load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
                                grayscale=config.data.grayscale)
     split = "test" if data.test is not None and len(data.test) else "val"
+    commit = git_commit()  # of the code the runs use, not of the tree when they end
     runs = []
     for seed in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +134,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     row = (f"| {name} | {runs[0]['dataset']} | {split} | {statistics.mean(accuracies):.2f} ± {std:.2f} "
            f"(n={len(runs)}) | {statistics.mean(walls):.1f} | {rate:,.0f} "
            f"| {max(r['peak_rss_mib'] for r in runs):,.0f} | {runs[0]['precision']}, {threads} threads "
-           f"| {machine()} | {_torch_version()} | {time.strftime('%Y-%m-%d')} | {git_commit()} | `{command}` |")
+           f"| {machine()} | {_torch_version()} | {time.strftime('%Y-%m-%d')} | {commit} | `{command}` |")
     header = ("## Time to accuracy\n\n| recipe | dataset | split | accuracy % (mean ± std) | wall s | train img/s "
               "| peak RSS MiB | precision | machine | torch | date | commit | command |\n"
               "|---|---|---|---|---:|---:|---:|---|---|---|---|---|---|")

@@ -85,6 +85,15 @@ class RunConfig:
             "train": dataclasses.asdict(self.train),
         }
 
+    def what(self) -> dict[str, Any]:
+        """to_dict() without the fields that say where, not what: two runs that differ only there are the same
+        run (a moved data folder, another device or thread count, another machine)."""
+        out = self.to_dict()
+        out["data"].pop("data_dir")
+        out["train"].pop("device")
+        out["train"].pop("threads")
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

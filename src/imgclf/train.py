@@ -125,15 +125,6 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{dataset}-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """A config without the fields that say where, not what (so a moved data folder still matches)."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config_dict.items()}
-    out["data"].pop("data_dir", None)
-    out["train"].pop("device", None)
-    out["train"].pop("threads", None)
-    return out
-
-
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, str]:
     """Decide what to do with the folder: 'new', 'resume' or 'reuse'. Never touches an unrelated run."""
     config_path = run_dir / "config.yaml"
@@ -151,7 +142,7 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Run
         stored.data.data_dir = config.data.data_dir or stored.data.data_dir
         stored.train.device, stored.train.threads = config.train.device, config.train.threads
         return stored, "reuse" if finished else "resume" if started else "new"
-    if _comparable(stored.to_dict()) != _comparable(config.to_dict()):
+    if stored.what() != config.what():
         raise ImgclfError(f"{run_dir} already holds a different run; choose another --out "
                           "(or --resume to continue that run); nothing was changed")
     if finished:

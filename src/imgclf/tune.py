@@ -470,7 +470,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     study_obj = optuna.create_study(study_name=study_name, storage=open_storage(storage), direction="maximize",
                                     load_if_exists=True)
     _check_same_setup(study_obj, {"dataset": dataset, "space": space_obj.name, "params": space_obj.params,
-                                  "base": _comparable(base), "executions": executions}, storage)
+                                  "base": base.what(), "executions": executions}, storage)
     lost = fail_lost_trials(study_obj)
     if lost:
         say(f"{lost} trial(s) of a stopped worker marked failed; they will be run again")
@@ -536,14 +536,6 @@ def _run_processes(job: Job, n_trials: int, processes: int, seed: int) -> list[i
             w.join(timeout=30)
         raise
     return [i + 1 for i, w in enumerate(workers) if w.exitcode != 0]
-
-
-def _comparable(config: RunConfig) -> dict[str, Any]:
-    setup = config.to_dict()
-    setup["data"].pop("data_dir")  # where the files are, not what they are: machines differ
-    setup["train"].pop("threads")
-    setup["train"].pop("device")
-    return setup
 
 
 def _check_same_setup(study: optuna.Study, setup: dict[str, Any], storage: str) -> None:
