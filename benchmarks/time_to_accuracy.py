@@ -7,7 +7,8 @@
 
 Each timed run is a fresh process (seed 0, 1, ...): wall seconds run from that process's start to the
 evaluated model, so imports, data loading (already downloaded), training and evaluation all count.
-Accuracy is on the test split, or on the held-out validation split where a dataset has no test split.
+Accuracy is on the test split; with --val-split F (choosing settings) it is on that held-out validation
+split, never on the test split, as it is for a dataset without a test split.
 Rows are printed and appended to benchmarks/RESULTS.md with the machine, torch version, date and commit.
 """
 
@@ -101,7 +102,9 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     # Download and decode once before timing: the timed runs measure training, not the network.
     data = imgclf.load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
                                grayscale=config.data.grayscale)
-    split = "test" if data.test is not None and len(data.test) else "val"
+    # Choosing settings (--val-split F): score on the held-out val split, never on the test split we report.
+    tuning = bool(args.val_split)
+    split = "test" if data.test is not None and len(data.test) and not tuning else "val"
     commit = git_commit()  # of the code the runs use, not of the tree when they end
     runs = []
     for seed in range(args.runs):
