@@ -129,6 +129,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     walls = [r["wall_seconds"] for r in runs]
     std = statistics.stdev(accuracies) if len(runs) > 1 else 0.0
     name = args.recipe or f"{args.model} ({args.epochs or config.train.epochs} epochs)"
+    name += f" --epochs {args.epochs}" if args.recipe and args.epochs else ""
     name += "".join(f" {setting}" for setting in args.set) + (f" --nproc {args.nproc}" if args.nproc > 1 else "")
     command = "python benchmarks/time_to_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rate = statistics.mean(r["train_images_per_s"] for r in runs)
