@@ -198,7 +198,13 @@ def throughput(args: argparse.Namespace) -> None:
     from imgclf.models import MODELS, create_model
 
     names = args.models.split(",") if args.models else sorted(MODELS)
-    c, size = (1, 28) if args.shape == "28x28x1" else (3, 32)
+    try:  # SIZExSIZExCHANNELS, e.g. 32x32x3, 28x28x1, or 24x24x3 to see what lower-resolution epochs would cost
+        height, width, c = (int(v) for v in args.shape.split("x"))
+    except ValueError:
+        sys.exit(f"--shape {args.shape}: use HEIGHTxWIDTHxCHANNELS, e.g. 32x32x3")
+    if height != width:
+        sys.exit(f"--shape {args.shape}: the models take square images")
+    size = height
     command = "python benchmarks/time_to_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     header = (f"## Throughput (images/s, batch {args.batch_size})\n\n| model | input | precision | train img/s "
               "| inference img/s | machine | torch | date | commit | command |\n"
@@ -235,7 +241,7 @@ def main() -> None:
                         help="override a recipe setting, e.g. --set lr=0.5 --set model.widths=[32,64,128]")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--models", help="throughput: comma-separated model names (default: all)")
-    parser.add_argument("--shape", default="32x32x3", choices=("32x32x3", "28x28x1"))
+    parser.add_argument("--shape", default="32x32x3", help="throughput: input HxWxC (default 32x32x3)")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--min-steps", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=5.0)
