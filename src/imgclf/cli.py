@@ -25,12 +25,9 @@ def _train(args: argparse.Namespace) -> None:
     from imgclf import distributed
     from imgclf.train import train
 
-    if args.nproc is not None and not distributed.launched_by_torchrun():
-        # The same command in N processes, without --nproc: torchrun's launcher, started from here.
-        argv = list(args.argv)
-        i = next(i for i, a in enumerate(argv) if a == "--nproc" or a.startswith("--nproc="))
-        del argv[i:i + (1 if "=" in argv[i] else 2)]
-        distributed.launch(args.nproc, argv)
+    if args.nproc is not None and args.nproc != 1 and not distributed.launched_by_torchrun():
+        # The same command in N processes through torchrun's launcher; there WORLD_SIZE > 1 makes --nproc a no-op.
+        distributed.launch(args.nproc, args.argv)
         return
 
     overrides = {k: getattr(args, k) for k in (

@@ -197,13 +197,13 @@ def _open_run(config: RunConfig, out: str | Path | None, resume: bool,
         run_dir = Path(out) if out else default_run_dir(config)
         try:
             config, mode = prepare_run_dir(config, run_dir, resume)
-            decision = (config.to_dict(), str(run_dir), mode, None)
+            decision = (config, run_dir, mode, None)
         except ImgclfError as e:
             decision = (None, None, None, str(e))
-    config_dict, run_dir, mode, error = ctx.broadcast(decision)
+    config, run_dir, mode, error = ctx.broadcast(decision)
     if error:
         raise ImgclfError(error)
-    return RunConfig.from_dict(config_dict), Path(run_dir), mode
+    return config, run_dir, mode
 
 
 def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, quiet: bool, report: bool,
