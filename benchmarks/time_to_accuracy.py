@@ -119,7 +119,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
             done = subprocess.run(command, capture_output=True, text=True)
             wall = time.perf_counter() - started
             if done.returncode != 0:
-                sys.exit(f"run {seed} failed:\n{done.stderr[-3000:]}")
+                sys.exit(f"run {seed} failed: {done.stderr.strip()[-3000:]}")
             run = json.loads(done.stdout.strip().splitlines()[-1])
             run["wall_seconds"] = wall
             runs.append(run)
@@ -251,14 +251,19 @@ def main() -> None:
     parser.add_argument("--split", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args)
-    elif args.throughput:
-        throughput(args)
-    elif args.recipe or args.model:
-        time_to_accuracy(args)
-    else:
+    if not (args.child or args.throughput or args.recipe or args.model):
         parser.error("give --recipe or --model (time to accuracy) or --throughput")
+    from imgclf.errors import ImgclfError
+
+    try:
+        if args.child:
+            child(args)
+        elif args.throughput:
+            throughput(args)
+        else:
+            time_to_accuracy(args)
+    except ImgclfError as e:  # bad input: one line, as from the imgclf command
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

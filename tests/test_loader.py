@@ -1,6 +1,6 @@
 import torch
 
-from imgclf.loader import augment, batches, normalize, random_crop, random_cutout, random_flip
+from imgclf.loader import augment, batches, normalize, random_crop, random_cutout, random_flip, random_window
 
 
 def images(n=8, c=3, h=6, w=6):
@@ -15,6 +15,15 @@ def test_crop_is_a_translation_within_padding():
     padded = torch.nn.functional.pad(x.float(), (2,) * 4, mode="reflect").to(torch.uint8)
     for i in range(len(x)):
         assert any(torch.equal(out[i], padded[i, :, dy:dy + 6, dx:dx + 6]) for dy in range(5) for dx in range(5))
+
+
+def test_window_is_a_crop_at_a_random_offset():
+    x = images(n=50)
+    out = random_window(x, 4, torch.Generator().manual_seed(0))
+    assert out.shape == (50, 3, 4, 4) and out.dtype == torch.uint8
+    offsets = [next((dy, dx) for dy in range(3) for dx in range(3)
+                    if torch.equal(out[i], x[i, :, dy:dy + 4, dx:dx + 4])) for i in range(len(x))]
+    assert len(set(offsets)) > 4  # the windows differ from image to image
 
 
 def test_flip_flips_about_half():

@@ -144,6 +144,18 @@ def test_fast_training_options(tmp_path):
     assert evaluate(result.run_dir, split="val", tta=True)["accuracy"] > 0.7
 
 
+def test_progressive_resizing_trains_early_epochs_on_smaller_windows(tmp_path):
+    result = train(epochs=2, out=tmp_path / "run", progressive_size=5, progressive_epochs=1,
+                   **dict(FAST, model="fastnet", model_options={"widths": [16, 32, 32]}, optimizer="nesterov",
+                          lr=0.2, batch_size=32))
+    assert result.summary["final"]["val_acc"] > 0.5
+    with pytest.raises(ImgclfError, match="cannot take 5x5 inputs"):  # flatten + dense needs its trained size
+        train(epochs=1, out=tmp_path / "mlp", progressive_size=5, progressive_epochs=1, **dict(FAST, model="mlp"))
+    with pytest.raises(ImgclfError, match="must be smaller than the images"):
+        train(epochs=1, out=tmp_path / "big", progressive_size=8, progressive_epochs=1, **FAST)
+    assert not (tmp_path / "mlp").exists() and not (tmp_path / "big").exists()
+
+
 def test_fastnet_whitening_decorrelates_patches():
     net = create_model("fastnet", in_channels=3, image_size=16, widths=[8, 8, 8])
     images = torch.randn(64, 3, 16, 16) @ torch.randn(16, 16)  # correlated pixels

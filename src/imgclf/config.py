@@ -59,6 +59,8 @@ class TrainConfig:
     augment: list[str] = field(default_factory=list)  # any of crop, flip, altflip, cutout
     crop_padding: int | None = None  # pixels of translation by random crop; None: image size / 8 (4 for 32x32)
     cutout_size: int | None = None  # pixels: side of the cutout square; None: image size / 4 (8 for 32x32)
+    progressive_size: int | None = None  # pixels: train the first progressive_epochs on random windows this big
+    progressive_epochs: float = 0.0  # (cheaper steps; fully convolutional nets only, e.g. fastnet)
     ema: float | None = None  # decay of the exponential moving average of weights, e.g. 0.999
     early_stopping: int | None = None  # patience in epochs without val accuracy improvement
     tta: bool = False  # evaluate with test-time augmentation by default
@@ -127,6 +129,9 @@ class RunConfig:
             (t.lr > 0, f"learning rate {t.lr}; use a positive number"),
             (t.weight_decay >= 0 and t.l1 >= 0, f"weight decay {t.weight_decay} / l1 {t.l1}; use 0 or more"),
             (0 <= t.label_smoothing < 1, f"label smoothing {t.label_smoothing}; use a value in [0, 1)"),
+            (t.progressive_size is None or t.progressive_size >= 1,
+             f"progressive size {t.progressive_size}; use a window side in pixels, smaller than the images"),
+            (t.progressive_epochs >= 0, f"progressive epochs {t.progressive_epochs}; use 0 or more"),
             (t.ema is None or 0 < t.ema < 1, f"ema decay {t.ema}; use a value in (0, 1), e.g. 0.999"),
             (0 <= d.val_split < 1, f"val split {d.val_split}; use a fraction in [0, 1)"),
             (d.subset is None or d.subset > 0, f"subset {d.subset}; use a positive number of images"),

@@ -17,17 +17,31 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
+def _windows(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The height x width window at (top[i], left[i]) of each image i, in one gather."""
+    n, c = images.shape[:2]
+    device = images.device
+    rows = (top[:, None] + torch.arange(height, device=device))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(width, device=device))[:, None, None, :]
+    return images[torch.arange(n, device=device)[:, None, None, None],
+                  torch.arange(c, device=device)[None, :, None, None], rows, cols]
+
+
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by up to `padding` pixels (a random crop of the reflect-padded image)."""
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     padded = F.pad(images.float(), (padding,) * 4, mode="reflect").to(images.dtype)
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    channel = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, channel, rows, cols]
+    return _windows(padded, dy, dx, h, w)
+
+
+def random_window(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random size x size window of each image (progressive resizing: cheaper early epochs)."""
+    n, _, h, w = images.shape
+    dy = torch.randint(0, h - size + 1, (n,), generator=generator, device=images.device)
+    dx = torch.randint(0, w - size + 1, (n,), generator=generator, device=images.device)
+    return _windows(images, dy, dx, size, size)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -38,7 +38,8 @@ plt.rcParams.update({"axes.spines.top": False, "axes.spines.right": False, "axes
                      "grid.alpha": 0.3, "font.size": 10, "axes.titleweight": "bold"})
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically (a kill never leaves half a file) and close it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", facecolor="white")
     plt.close(fig)
@@ -75,7 +76,7 @@ def plot_curves(metrics_rows: list[dict[str, float]], path: str | Path) -> Path:
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.xaxis.get_major_locator().set_params(integer=True)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(confusion, class_names: list[str], path: str | Path) -> Path:
@@ -101,7 +102,7 @@ def plot_confusion(confusion, class_names: list[str], path: str | Path) -> Path:
                             color="white" if normalized[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _class_ticks(ax: plt.Axes, axis: str, class_names: list[str], fontsize: float) -> None:
@@ -157,7 +158,7 @@ def plot_examples(images_uint8, true, pred, confidence, class_names: list[str], 
         axes[0, 0].text(0.5, 0.5, "no images", ha="center", va="center", fontsize=12, color="#6e7781")
     fig.suptitle(f"{title}: true / predicted (confidence)", fontweight="bold")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class(per_class_metrics: dict[str, dict[str, float]], path: str | Path) -> Path:
@@ -178,7 +179,7 @@ def plot_per_class(per_class_metrics: dict[str, dict[str, float]], path: str | P
         for i, v in enumerate(f1):
             ax.text(v + 0.01, i, f"{v:.2f}", va="center", fontsize=8)
     ax.legend(loc="lower right", frameon=True, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- a run ----
@@ -260,7 +261,8 @@ pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: 12px; overflow-x:
 """
 
 
-def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
+def html_table(header: list[str] | None, rows: list[list[Any]]) -> str:
+    """An escaped HTML table; numbers are right-aligned and formatted (1,234 and 0.123)."""
     def cell(v: Any) -> str:
         numeric = isinstance(v, int | float) and not isinstance(v, bool)
         return f"<td class=num>{html.escape(_fmt(v))}</td>" if numeric else f"<td>{html.escape(_fmt(v))}</td>"
@@ -280,7 +282,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
+    """A self-contained HTML page (inline CSS) around a body."""
     return (f"<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
@@ -319,16 +322,16 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
 <h2>Final metrics</h2>
 <div class=cards>{cards}</div>
 <h2>Run</h2>
-{_table(None, facts)}
+{html_table(None, facts)}
 <h2>Training curves</h2>
 {figure("curves", "loss, accuracy and learning rate per epoch")}
 <h2>Confusion matrix</h2>
 {figure("confusion", "confusion matrix")}
 <h2>Most confused pairs</h2>
-{_table(["true", "predicted", "count"], [list(p) for p in pairs]) if pairs else "<p>No mistakes.</p>"}
+{html_table(["true", "predicted", "count"], [list(p) for p in pairs]) if pairs else "<p>No mistakes.</p>"}
 <h2>Per class</h2>
 {figure("per_class", "F1 per class")}
-{_table(["class", "precision", "recall", "F1", "support"], per_class)}
+{html_table(["class", "precision", "recall", "F1", "support"], per_class)}
 <h2>Examples</h2>
 {figure("correct", "correct predictions")}
 {figure("wrong", "wrong predictions")}
@@ -336,7 +339,7 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
 <h2>Configuration (config.yaml)</h2>
 <pre>{e(config_text)}</pre>
 """
-    return _page(f"imgclf report: {run_dir.name}", body)
+    return html_page(f"imgclf report: {run_dir.name}", body)
 
 
 # ---- comparing runs ----
@@ -377,10 +380,11 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
     table = [[r["run"], r["dataset"], r["model"], r["params"], r["epochs"], r["split"], _pct(r["accuracy"]),
               _pct(r["top5"]), r["minutes"]] for r in rows]
     body = (f"<h1>Comparison of {len(rows)} runs</h1>"
-            + _table(["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top-5", "minutes"], table)
+            + html_table(["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top-5", "minutes"],
+                         table)
             + "<h2>Accuracy</h2><img src='accuracy.png' alt='accuracy per run'>"
             + "<h2>Accuracy vs training time</h2><img src='accuracy_vs_time.png' alt='accuracy vs minutes'>")
-    atomic_write(out_dir / "compare.html", _page("imgclf comparison", body))
+    atomic_write(out_dir / "compare.html", html_page("imgclf comparison", body))
     return rows
 
 
@@ -408,7 +412,7 @@ def plot_accuracy_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.grid(axis="x", visible=False)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     ax.legend(handles, list(colors), title="dataset", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -431,7 +435,7 @@ def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylim(max(0, min(accuracies) - 5), min(100, max(accuracies) + 3) + 0.5)
     ax.set(xlabel="wall time (minutes)", ylabel="accuracy (%)", title="Accuracy vs training time")
     ax.legend(title="dataset", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- datasets ----
@@ -468,7 +472,7 @@ def plot_samples(data: Dataset, path: str | Path, per_class: int = 8, seed: int 
                 ax.set_title(data.class_names[c], fontsize=7)
     fig.suptitle(f"{data.name}: sample images per class", fontweight="bold")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_distribution(data: Dataset, path: str | Path) -> Path:
@@ -485,7 +489,7 @@ def plot_distribution(data: Dataset, path: str | Path) -> Path:
     ax.set(ylabel="images", title=f"{data.name}: images per class")
     ax.grid(axis="x", visible=False)
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def show_dataset(data: Dataset, out_dir: str | Path) -> list[Path]:

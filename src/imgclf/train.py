@@ -14,6 +14,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from imgclf.config import RunConfig, make_config
 from imgclf.data import Dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, predict_logits
-from imgclf.loader import alternating_flip, augment, batches, normalize
+from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
 from imgclf.models import count_params, create_model
 from imgclf.runs import atomic_write, load_checkpoint, read_metrics, save_checkpoint, save_model, write_metrics
 
@@ -43,6 +44,28 @@ class TrainResult:
     summary: dict[str, Any]  # the summary.json content
     reused: bool = False  # True when an identical finished run was found and nothing was trained
     model: torch.nn.Module | None = None  # the trained net in memory (None when reused: load_model(run_dir))
+
+
+@dataclass
+class Learner:
+    """What the training steps update: the net (DDP-wrapped when distributed) and its optimizer's companions."""
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 loss scaling (a no-op otherwise)
+    ema: AveragedModel | None
+    lookahead: Lookahead | None
+
+
+@dataclass
+class TrainImages:
+    """The training set as the steps see it: uint8 on the device, augmented per batch, then normalized."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: torch.Tensor  # per channel, in [0, 1] units
+    std: torch.Tensor
+    crop_padding: int  # pixels of translation
+    cutout_size: int  # pixels
+    memory_format: torch.memory_format  # the net's layout (channels_last for bf16 convnets)
 
 
 # ---- choices made from the config and the machine ---------------------------------------------------
@@ -234,6 +257,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     c, h, w = data.train.images.shape[1:]
     net = create_model(config.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
                        **config.model.options).to(device)
+    if cfg.progressive_size:
+        _check_progressive(net, config.model.name, cfg.progressive_size, (c, h, w), device)
     precision = resolve_precision(cfg.precision, device, net)
     memory_format = torch.channels_last if precision != "fp32" and any(
         isinstance(m, torch.nn.Conv2d) for m in net.modules()) else torch.contiguous_format
@@ -274,8 +299,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         if hasattr(net, "init_from_data"):  # e.g. fastnet's whitening filters
             sample = train_images[torch.randperm(len(train_images), generator=generator)[:5000]]
             net.init_from_data(normalize(sample, mean, std))
-    crop_padding = cfg.crop_padding if cfg.crop_padding is not None else max(1, h // 8)
-    cutout_size = cfg.cutout_size if cfg.cutout_size is not None else max(1, h // 4)
+    train_set = TrainImages(train_images, train_labels, mean, std,
+                            crop_padding=cfg.crop_padding if cfg.crop_padding is not None else max(1, h // 8),
+                            cutout_size=cfg.cutout_size if cfg.cutout_size is not None else max(1, h // 4),
+                            memory_format=memory_format)
 
     trainable, total = count_params(net)
     ranks = f"{ctx.world_size} processes ({ctx.backend}) x " if ctx.enabled else ""
@@ -283,7 +310,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         f"{len(data.val) if data.val is not None else 0:,} val images {tuple(data.train.images.shape[1:])}, "
         f"{data.num_classes} classes, {trainable:,} trainable params, {precision} on {device.type} "
         f"({ranks}{torch.get_num_threads()} threads) -> {run_dir}")
-    model = distributed.wrap(net, ctx, device)  # after init_from_data and resume: DDP copies rank 0's weights
+    # DDP wraps the net after init_from_data and resume: it copies rank 0's weights to every rank.
+    learner = Learner(distributed.wrap(net, ctx, device), optimizer, scaler, ema, lookahead)
 
     def evaluation_net() -> torch.nn.Module:
         return ema.module if ema is not None else net
@@ -315,10 +343,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         with _progress(disable=quiet) as progress:
             for epoch in range(start_epoch, cfg.epochs + 1):
                 task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, stats="")
-                row = train_one_epoch(model, optimizer, scaler, ema, lookahead, train_images, train_labels,
-                                      mean, std, cfg,
-                                      (epoch - 1) * steps_per_epoch, steps_per_epoch, crop_padding, cutout_size,
-                                      generator, device, precision, memory_format, progress, task, ctx)
+                row = train_one_epoch(learner, train_set, cfg, epoch, steps_per_epoch, generator, precision, ctx,
+                                      partial(progress.update, task))
                 row["epoch"] = epoch
                 if data.val is not None and len(data.val) > 0:
                     row.update(validate(evaluation_net(), data, precision, ctx))
@@ -377,6 +403,22 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     return TrainResult(run_dir, history, summary, model=evaluation_net())
 
 
+def _check_progressive(net: torch.nn.Module, name: str, size: int, shape: tuple[int, int, int],
+                       device: torch.device) -> None:
+    """Fail before training if the model cannot train on size x size windows of its images."""
+    if size >= min(shape[1:]):
+        raise ImgclfError(f"progressive_size {size} must be smaller than the images ({shape[1]}x{shape[2]})")
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, shape[0], size, size, device=device))
+    except RuntimeError:
+        raise ImgclfError(f"model {name} cannot take {size}x{size} inputs; drop progressive_size or use a fully "
+                          "convolutional model such as fastnet") from None
+    finally:
+        net.train(was_training)
+
+
 def _tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -411,29 +453,34 @@ class Lookahead:
         torch._foreach_copy_(current, self.slow)
 
 
-def train_one_epoch(net, optimizer, scaler, ema, lookahead, images, labels, mean, std, cfg, first_step,
-                    steps_per_epoch, crop_padding, cutout_size, generator, device, precision, memory_format,
-                    progress, task, ctx: distributed.Context) -> dict[str, float]:
+def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, steps_per_epoch: int,
+                    generator: torch.Generator, precision: str, ctx: distributed.Context,
+                    on_progress: Callable[..., None]) -> dict[str, float]:
+    """One pass over the (shuffled, augmented) training set; `epoch` counts from 1. Returns its metrics row."""
+    net, optimizer = learner.net, learner.optimizer
     net.train()
-    epoch = first_step // steps_per_epoch
+    images, device = train_set.images, train_set.images.device
     if "altflip" in cfg.augment:
-        images = alternating_flip(images, epoch, cfg.seed)
+        images = alternating_flip(images, epoch - 1, cfg.seed)
     # Alone, one generator shuffles and augments (as before ranks existed); with ranks, the shared one only
     # shuffles, and each rank's augmentation gets its own draws, reseeded per epoch so --resume replays it.
     augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(
-        cfg.seed * 1_000_003 + epoch * 1009 + ctx.rank + 1)
+        cfg.seed * 1_000_003 + (epoch - 1) * 1009 + ctx.rank + 1)
     inner = distributed.unwrap(net)
+    first_step = (epoch - 1) * steps_per_epoch
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for step, (x, y) in enumerate(batches(images, labels, cfg.batch_size, shuffle=True, generator=generator,
-                                          drop_last=True, part=(ctx.rank, ctx.world_size))):
+    for step, (x, y) in enumerate(batches(images, train_set.labels, cfg.batch_size, shuffle=True,
+                                          generator=generator, drop_last=True, part=(ctx.rank, ctx.world_size))):
         factor = lr_factor(cfg, first_step + step, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor * group["lr_scale"]
-        x = augment(x, cfg.augment, augment_generator, crop_padding, cutout_size)
-        x = normalize(x, mean, std).contiguous(memory_format=memory_format)
+        x = augment(x, cfg.augment, augment_generator, train_set.crop_padding, train_set.cutout_size)
+        if cfg.progressive_size and first_step + step < cfg.progressive_epochs * steps_per_epoch:
+            x = random_window(x, cfg.progressive_size, augment_generator)
+        x = normalize(x, train_set.mean, train_set.std).contiguous(memory_format=train_set.memory_format)
         with autocast(device, precision):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -443,21 +490,20 @@ def train_one_epoch(net, optimizer, scaler, ema, lookahead, images, labels, mean
             raise ImgclfError(f"training diverged (loss is {loss.item()}) at step {step + 1}; the checkpoint of "
                               "the last finished epoch is kept: lower --lr or use --precision fp32")
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update_parameters(inner)
-        if lookahead is not None and (first_step + step) % 5 == 0:
-            lookahead.step(inner, 0.95 ** 5 * factor ** 3)  # hold on tighter as the lr decays
+        learner.scaler.scale(loss).backward()
+        learner.scaler.step(optimizer)
+        learner.scaler.update()
+        if learner.ema is not None:
+            learner.ema.update_parameters(inner)
+        if learner.lookahead is not None and (first_step + step) % 5 == 0:
+            learner.lookahead.step(inner, 0.95 ** 5 * factor ** 3)  # hold on tighter as the lr decays
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if step % 10 == 0 or step + 1 == steps_per_epoch:
             rate = seen / (time.perf_counter() - started)
-            progress.update(task, completed=step + 1,
-                            stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} "
-                                  f"{rate:,.0f} img/s")
+            on_progress(completed=step + 1,
+                        stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} {rate:,.0f} img/s")
     loss_sum, correct, seen = ctx.sum(loss_sum, correct, torch.tensor(seen))
     return {"train_loss": (loss_sum / seen).item(), "train_acc": (correct / seen).item(),
             "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}

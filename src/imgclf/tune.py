@@ -661,7 +661,7 @@ def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
-    from imgclf.report import _save  # also switches matplotlib to files only (Agg)
+    from imgclf.report import save_figure  # also switches matplotlib to files only (Agg)
 
     drawn = {}
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -680,7 +680,7 @@ def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
             figure.set_size_inches(min(max(6, 3.2 * len(figure.axes)), 24), 4)
         else:
             figure.set_size_inches(9, 5)
-        _save(figure, folder / f"{name}.png")
+        save_figure(figure, folder / f"{name}.png")
         drawn[name] = title
     return drawn
 
@@ -689,7 +689,7 @@ def _report_html(study: optuna.Study, storage: str, counts: dict[str, int], rank
                  figures: dict[str, str]) -> str:
     import html
 
-    from imgclf.report import _page, _table
+    from imgclf.report import html_page, html_table
 
     e = html.escape
     setup = study.user_attrs.get("imgclf", {})
@@ -707,10 +707,10 @@ def _report_html(study: optuna.Study, storage: str, counts: dict[str, int], rank
 <h1>Tuning: {e(study.study_name)}</h1>
 <p class=sub>objective: validation accuracy &middot; all trials in trials.csv &middot; the best as a recipe in
 best.yaml</p>
-{_table(None, facts)}
+{html_table(None, facts)}
 <h2>Best trials</h2>
-{_table(["trial", "val acc", "seconds", "parameters"], best) if best else "<p>No completed trial yet.</p>"}
+{html_table(["trial", "val acc", "seconds", "parameters"], best) if best else "<p>No completed trial yet.</p>"}
 {images}
-{"<h2>Failed trials</h2>" + _table(["trial", "reason"], failed) if failed else ""}
+{"<h2>Failed trials</h2>" + html_table(["trial", "reason"], failed) if failed else ""}
 """
-    return _page(f"imgclf tuning: {study.study_name}", body)
+    return html_page(f"imgclf tuning: {study.study_name}", body)
