@@ -8,8 +8,9 @@ from imgclf import evaluate, train
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
 from imgclf.models import create_model
+from imgclf.optim import hidden_matrices, lr_factor, orthogonalize
 from imgclf.runs import read_metrics
-from imgclf.train import lr_factor, resolve_precision
+from imgclf.train import resolve_precision
 
 FAST = dict(dataset="digits", model="cnn", batch_size=64, lr=3e-3, quiet=True)
 
@@ -94,11 +95,30 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     assert (tmp_path / "run" / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "muon", "adam", "adamw", "rmsprop"])
 def test_every_optimizer_trains(tmp_path, optimizer):
-    lr = 0.05 if optimizer in ("sgd", "nesterov") else 1e-3
+    lr = 0.05 if optimizer in ("sgd", "nesterov", "muon") else 1e-3
     result = train(epochs=1, out=tmp_path / "run", **dict(FAST, optimizer=optimizer, lr=lr))
     assert result.history[0]["train_loss"] > 0
+
+
+def test_newton_schulz_brings_every_singular_value_near_one():
+    matrix = torch.randn(64, 200) @ torch.diag(torch.logspace(-2, 1, 200))  # badly conditioned
+    for m in (matrix, matrix.T):
+        singular_values = torch.linalg.svdvals(orthogonalize(m, steps=5))
+        assert singular_values.min() > 0.5 and singular_values.max() < 1.3
+
+
+def test_muon_steps_hidden_weights_at_a_fixed_norm_and_the_classifier_with_sgd(tmp_path):
+    result = train(epochs=3, out=tmp_path / "run", muon_lr=0.05, muon_momentum=0.6,
+                   **dict(FAST, optimizer="muon", lr=0.05, momentum=0.9))
+    assert result.summary["final"]["val_acc"] > 0.8
+    hidden = hidden_matrices(result.model)
+    layers = [m for m in result.model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert len(hidden) == len(layers) - 1
+    for weight in hidden:  # renormalised before each step, then moved by lr x an orthogonal matrix
+        assert weight.norm().item() == pytest.approx(len(weight) ** 0.5, rel=0.05)
+    assert all(layers[-1].weight is not w for w in hidden)
 
 
 def test_ema_early_stopping_schedule_label_smoothing(tmp_path):

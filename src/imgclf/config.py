@@ -16,7 +16,7 @@ import yaml
 
 from imgclf.errors import ImgclfError
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop")
+OPTIMIZERS = ("sgd", "nesterov", "muon", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
 AUGMENTATIONS = ("crop", "flip", "altflip", "cutout")  # altflip: each image flipped every other epoch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -51,6 +51,8 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_epochs: float = 0.0  # linear warm-up from 0 to lr over this many epochs
     final_lr_fraction: float = 0.0  # 'linear' schedule: decay linearly to lr * this at the end
+    muon_lr: float = 0.1  # optimizer muon: peak step of hidden conv/linear weights, relative to their norm
+    muon_momentum: float = 0.6  # optimizer muon: their momentum (the other parameters use momentum, lr)
     bias_lr_scale: float = 1.0  # lr multiplier for batch-norm parameters (fast nets use 64)
     lookahead: bool = False  # pull the weights towards their moving average every 5 steps (fast nets)
     step_size: int = 10  # 'step' schedule: multiply lr by step_gamma every step_size epochs
@@ -127,6 +129,8 @@ class RunConfig:
             (t.epochs >= 1, f"epochs {t.epochs}; use 1 or more"),
             (t.batch_size >= 1, f"batch size {t.batch_size}; use 1 or more"),
             (t.lr > 0, f"learning rate {t.lr}; use a positive number"),
+            (t.muon_lr > 0 and 0 <= t.muon_momentum < 1,
+             f"muon_lr {t.muon_lr} / muon_momentum {t.muon_momentum}; use a positive lr and a momentum in [0, 1)"),
             (t.weight_decay >= 0 and t.l1 >= 0, f"weight decay {t.weight_decay} / l1 {t.l1}; use 0 or more"),
             (0 <= t.label_smoothing < 1, f"label smoothing {t.label_smoothing}; use a value in [0, 1)"),
             (t.progressive_size is None or t.progressive_size >= 1,

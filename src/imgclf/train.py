@@ -8,7 +8,6 @@ checkpoint, the metrics and the model after every epoch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -32,6 +31,7 @@ from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
 from imgclf.models import count_params, create_model
+from imgclf.optim import Lookahead, build_optimizer, lr_factor
 from imgclf.runs import atomic_write, load_checkpoint, read_metrics, save_checkpoint, save_model, write_metrics
 
 console = Console(highlight=False, soft_wrap=True)
@@ -97,48 +97,6 @@ def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module
     # Measured on Sapphire Rapids (benchmarks/RESULTS.md, throughput): bf16 trains every registered model
     # faster than fp32, from 1.5x (mlp, lenet) to 4x (resnet18); without AMX/AVX512-BF16 it is slower.
     return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def build_optimizer(net: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    # Weight decay on weights only: decaying biases and batch-norm scales only hurts. Batch-norm parameters
-    # get their own lr scale: fast nets train BN shifts at a far higher lr than the (scale-free) convs.
-    norm = {id(p) for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-            for p in m.parameters()}
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-              {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in norm], "weight_decay": 0.0,
-               "lr_scale": 1.0},
-              {"params": [p for p in trainable if id(p) in norm], "weight_decay": 0.0,
-               "lr_scale": cfg.bias_lr_scale}]
-    if cfg.optimizer in ("sgd", "nesterov"):
-        momentum = 0.9 if cfg.momentum is None else cfg.momentum
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.optimizer == "nesterov")
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum or 0.0)
-
-
-def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at an optimizer step: linear warm-up, then the schedule."""
-    epoch = step / steps_per_epoch
-    total = cfg.epochs
-    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
-        return (epoch + 1 / steps_per_epoch) / cfg.warmup_epochs
-    if cfg.schedule == "step":
-        return cfg.step_gamma ** int(epoch // cfg.step_size)
-    progress = (epoch - cfg.warmup_epochs) / max(total - cfg.warmup_epochs, 1e-9)
-    if cfg.schedule == "linear":
-        return 1 + (cfg.final_lr_fraction - 1) * min(progress, 1.0)
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if cfg.schedule == "onecycle":  # without a warm-up: up over the first 25%, then linearly down to 0
-        peak = 0.25 if cfg.warmup_epochs == 0 else 0.0
-        if progress < peak:
-            return 0.04 + 0.96 * progress / peak
-        return max(0.0, 1 - (progress - peak) / (1 - peak))
-    return 1.0
 
 
 # ---- the run folder -----------------------------------------------------------------------------------
@@ -435,22 +393,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-class Lookahead:
-    """Slow weights that follow the net's weights, and pull them back: w_slow += (1 - alpha) (w - w_slow); w = w_slow.
-
-    With fast-moving batch-norm statistics this smooths a short, high-lr run (hlb-CIFAR10, airbench).
-    """
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        self.slow = [t.detach().clone() for t in net.state_dict().values() if t.dtype.is_floating_point]
-
-    @torch.no_grad()
-    def step(self, net: torch.nn.Module, alpha: float) -> None:
-        current = [t for t in net.state_dict().values() if t.dtype.is_floating_point]
-        torch._foreach_lerp_(self.slow, current, 1 - alpha)
-        torch._foreach_copy_(current, self.slow)
 
 
 def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, steps_per_epoch: int,

@@ -1,0 +1,124 @@
+"""Optimizers, the learning-rate schedule and lookahead: what turns gradients into weight updates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Quintic Newton-Schulz coefficients that push every singular value towards 1 within a few steps
+# (Jordan et al., Muon, 2024): the result is U S' V^T with S' roughly in [0.7, 1.2], which works as well as U V^T.
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def build_optimizer(net: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    # Weight decay on weights only: decaying biases and batch-norm scales only hurts. Batch-norm parameters
+    # get their own lr scale: fast nets train BN shifts at a far higher lr than the (scale-free) convs.
+    norm = {id(p) for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters()}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    hidden = {id(p) for p in hidden_matrices(net)} if cfg.optimizer == "muon" else set()
+    groups = [{"params": [p for p in trainable if p.ndim > 1 and id(p) not in hidden],
+               "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": [p for p in trainable if p.ndim <= 1 and id(p) not in norm], "weight_decay": 0.0,
+               "lr_scale": 1.0},
+              {"params": [p for p in trainable if id(p) in norm], "weight_decay": 0.0,
+               "lr_scale": cfg.bias_lr_scale}]
+    if cfg.optimizer in ("sgd", "nesterov", "muon"):
+        momentum = 0.9 if cfg.momentum is None else cfg.momentum
+        optimizer_class = Muon if cfg.optimizer == "muon" else torch.optim.SGD
+        optimizer = optimizer_class(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.optimizer != "sgd")
+        if hidden:
+            optimizer.add_param_group({"params": [p for p in trainable if id(p) in hidden], "weight_decay": 0.0,
+                                       "lr_scale": cfg.muon_lr / cfg.lr, "momentum": cfg.muon_momentum,
+                                       "orthogonalize": True})
+        return optimizer
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum or 0.0)
+
+
+def hidden_matrices(net: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable conv and linear weights, except the classifier (the last linear layer): what Muon updates."""
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear) and m.weight.requires_grad]
+    linears = [m for m in layers if isinstance(m, torch.nn.Linear)]
+    return [m.weight for m in layers if not linears or m is not linears[-1]]
+
+
+def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at an optimizer step: linear warm-up, then the schedule."""
+    epoch = step / steps_per_epoch
+    total = cfg.epochs
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        return (epoch + 1 / steps_per_epoch) / cfg.warmup_epochs
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** int(epoch // cfg.step_size)
+    progress = (epoch - cfg.warmup_epochs) / max(total - cfg.warmup_epochs, 1e-9)
+    if cfg.schedule == "linear":
+        return 1 + (cfg.final_lr_fraction - 1) * min(progress, 1.0)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.schedule == "onecycle":  # without a warm-up: up over the first 25%, then linearly down to 0
+        peak = 0.25 if cfg.warmup_epochs == 0 else 0.0
+        if progress < peak:
+            return 0.04 + 0.96 * progress / peak
+        return max(0.0, 1 - (progress - peak) / (1 - peak))
+    return 1.0
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """The nearest (semi-)orthogonal matrix, roughly: Newton-Schulz iterations in bf16, cheap next to a conv."""
+    x = matrix.bfloat16()
+    x = x / (x.norm() + 1e-7)  # every singular value <= 1, where the iteration converges
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    a, b, c = NEWTON_SCHULZ
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(matrix.dtype)
+
+
+class Muon(torch.optim.SGD):
+    """Nesterov SGD, except for the groups marked `orthogonalize` (hidden conv and linear weights): their momentum,
+    as an (out, in * kernel) matrix, is orthogonalized before the step, and their norm is held at sqrt(out), about
+    that of a default init (Muon, as in airbench94_muon).
+
+    Behind batch norm a weight's scale does nothing, so a fixed norm loses nothing, replaces weight decay and makes
+    the lr a relative step size.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if not group.get("orthogonalize"):
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buffer = self.state[p].setdefault("muon_momentum", torch.zeros_like(p.grad))
+                buffer.mul_(group["momentum"]).add_(p.grad)
+                update = p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
+                p.mul_(math.sqrt(len(p)) / p.norm())
+                p.add_(orthogonalize(update.reshape(len(p), -1)).view_as(p), alpha=-group["lr"])
+                p.grad = None  # stepped: SGD's step below skips it
+        return super().step(closure)
+
+
+class Lookahead:
+    """Slow weights that follow the net's weights, and pull them back: w_slow += (1 - alpha) (w - w_slow); w = w_slow.
+
+    With fast-moving batch-norm statistics this smooths a short, high-lr run (hlb-CIFAR10, airbench).
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.slow = [t.detach().clone() for t in net.state_dict().values() if t.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def step(self, net: torch.nn.Module, alpha: float) -> None:
+        current = [t for t in net.state_dict().values() if t.dtype.is_floating_point]
+        torch._foreach_lerp_(self.slow, current, 1 - alpha)
+        torch._foreach_copy_(current, self.slow)
