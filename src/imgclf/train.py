@@ -221,7 +221,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     memory_format = torch.channels_last if precision != "fp32" and any(
         isinstance(m, torch.nn.Conv2d) for m in net.modules()) else torch.contiguous_format
     net = net.to(memory_format=memory_format)
-    optimizer = build_optimizer(net, cfg)
+    optimizer = build_optimizer(net, cfg, precision)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     lookahead = Lookahead(net) if cfg.lookahead else None
