@@ -5,8 +5,9 @@
     python benchmarks/time_to_accuracy.py --recipe cifar10-fast --dataset DIR --val-split 0.1 --set lr=0.5 --no-save
     python benchmarks/time_to_accuracy.py --throughput [--models cnn,mlp] [--batch-size 512]
 
-Each timed run is a fresh process (seed 0, 1, ...): wall seconds run from that process's start to the
-evaluated model, so imports, data loading (already downloaded), training and evaluation all count.
+Each timed run is a fresh process (seed 0, 1, ..., or from --first-seed): wall seconds run from that
+process's start to the evaluated model, so imports, data loading (already downloaded), training and
+evaluation all count.
 Accuracy is on the test split; with --val-split F (choosing settings) it is on that held-out validation
 split, never on the test split, as it is for a dataset without a test split.
 Rows are printed and appended to benchmarks/RESULTS.md with the machine, torch version, date and commit.
@@ -107,7 +108,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     split = "test" if data.test is not None and len(data.test) and not tuning else "val"
     commit = git_commit()  # of the code the runs use, not of the tree when they end
     runs = []
-    for seed in range(args.runs):
+    for seed in range(args.first_seed, args.first_seed + args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             launcher = [sys.executable] if args.nproc == 1 else [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
@@ -133,10 +134,11 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     name += "".join(f" {setting}" for setting in args.set) + (f" --nproc {args.nproc}" if args.nproc > 1 else "")
     command = "python benchmarks/time_to_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rate = statistics.mean(r["train_images_per_s"] for r in runs)
+    seeds = f", seeds {args.first_seed}-{args.first_seed + args.runs - 1}" if args.first_seed else ""
     world = runs[0]["world_size"]
     threads = f"{world} processes x {runs[0]['threads']}" if world > 1 else runs[0]["threads"]
     row = (f"| {name} | {runs[0]['dataset']} | {split} | {statistics.mean(accuracies):.2f} ± {std:.2f} "
-           f"(n={len(runs)}) | {statistics.mean(walls):.1f} | {rate:,.0f} "
+           f"(n={len(runs)}{seeds}) | {statistics.mean(walls):.1f} | {rate:,.0f} "
            f"| {max(r['peak_rss_mib'] for r in runs):,.0f} | {runs[0]['precision']}, {threads} threads "
            f"| {machine()} | {_torch_version()} | {time.strftime('%Y-%m-%d')} | {commit} | `{command}` |")
     header = ("## Time to accuracy\n\n| recipe | dataset | split | accuracy % (mean ± std) | wall s | train img/s "
@@ -236,6 +238,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--val-split", type=float)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + runs - 1")
     parser.add_argument("--nproc", type=int, default=1, help="train each run in N processes (torchrun + DDP)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe setting, e.g. --set lr=0.5 --set model.widths=[32,64,128]")
