@@ -103,7 +103,7 @@ class Muon(torch.optim.SGD):
                 buffer.mul_(group["momentum"]).add_(p.grad)
                 update = p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
                 p.mul_(math.sqrt(len(p)) / p.norm())
-                # In the training precision: bf16 matmuls are fast on GPUs and AMX CPUs, 10x slower elsewhere.
+                # In the training precision: bf16 matmuls are fast on GPUs and AMX CPUs, 30x slower on AVX2-only ones.
                 dtype = torch.float32 if group.get("precision", "fp32") == "fp32" else torch.bfloat16
                 p.add_(orthogonalize(update.reshape(len(p), -1), dtype=dtype).view_as(p), alpha=-group["lr"])
                 p.grad = None  # stepped: SGD's step below skips it
