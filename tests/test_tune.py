@@ -24,7 +24,8 @@ from optuna.trial import TrialState
 from imgclf.cli import main
 from imgclf.config import RunConfig
 from imgclf.models import count_params, create_model
-from imgclf.tune import grid_points, list_spaces, load_space, suggest, trial_config, tune
+from imgclf.spaces import grid_points, list_spaces, load_space, suggest, trial_config
+from imgclf.tune import tune
 
 TINY_BASE = {"model": {"name": "cnn", "filters": [8], "dense": [16]}, "train": {"epochs": 1, "batch_size": 64}}
 

@@ -1,0 +1,189 @@
+"""Search spaces for tuning: YAML files of parameters, checked on load, sampled per trial, and written into runs.
+
+A space names the run every trial starts from (`base:`, a partial recipe) and the parameters that change it
+(`params:`); see `Space` for the spec format and `imgclf/spaces/*.yaml` for the shipped ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import itertools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from imgclf.config import DataConfig, RunConfig, TrainConfig, read_shipped_or_file
+from imgclf.errors import ImgclfError
+from imgclf.models import MODELS
+
+SPEC_KEYS = {"type", "low", "high", "step", "log", "choices", "value", "per_layer", "set"}
+
+
+@dataclass
+class Space:
+    """A search space: the run every trial starts from, and the parameters that change it.
+
+    `params` maps a name to a spec. A name with a dot is a config path (model.filters, train.lr); one without
+    is a helper that others refer to (the number of conv layers). A spec is a fixed value; a mapping with
+    `type: int|float|categorical` (low/high/step/log, or choices); `{value: V}`; any of these with
+    `per_layer: HELPER` (a list, one value per layer, up to the sampled number of layers); or a list of specs
+    concatenated into one list. `set: [paths]` sends a value to several config paths.
+    """
+
+    name: str
+    description: str
+    base: dict[str, Any]  # a partial recipe: data / model / train sections
+    params: dict[str, Any]
+
+
+def space_dir() -> Path:
+    return Path(str(resources.files("imgclf") / "spaces"))
+
+
+def list_spaces() -> list[tuple[str, str]]:
+    return [(p.stem, (yaml.safe_load(p.read_text()) or {}).get("description", ""))
+            for p in sorted(space_dir().glob("*.yaml"))]
+
+
+def load_space(name_or_path: str | Path) -> Space:
+    """A shipped space by name (see `list_spaces()`) or a YAML file."""
+    path, raw = read_shipped_or_file(name_or_path, space_dir(), "search space")
+    source = f"search space {path.name}"
+    if not isinstance(raw, dict) or not isinstance(raw.get("params"), dict) or not raw["params"]:
+        raise ImgclfError(f"{source} must be a YAML mapping with a non-empty `params:` mapping (and optional "
+                          "`base:` and `description:`); see README, Tuning")
+    unknown = set(raw) - {"description", "base", "params"}
+    if unknown:
+        raise ImgclfError(f"{source}: unknown key(s) {sorted(unknown)}; use description, base, params")
+    space = Space(path.stem, raw.get("description") or "", raw.get("base") or {}, raw["params"])
+    base = RunConfig.from_dict(space.base, source=f"{source}: base")
+    for name, spec in space.params.items():
+        _check_param(source, space, name, spec, base.model.name)
+    return space
+
+
+def _check_param(source: str, space: Space, name: str, spec: Any, model: str) -> None:
+    where = f"{source}: parameter {name}"
+    earlier = list(space.params)[:list(space.params).index(name)]
+    for part in spec if isinstance(spec, list) else [spec]:
+        if not isinstance(part, dict):
+            continue  # a fixed value
+        unknown = set(part) - SPEC_KEYS
+        if unknown:
+            raise ImgclfError(f"{where}: unknown key(s) {sorted(unknown)}; use {', '.join(sorted(SPEC_KEYS))}")
+        layers = part.get("per_layer")
+        if layers is not None and (layers not in earlier or not _is_int(space.params[layers])):
+            raise ImgclfError(f"{where}: per_layer must name an int parameter defined above it; got {layers!r}")
+        if "value" in part:
+            continue
+        kind = part.get("type")
+        if kind in ("int", "float"):
+            low, high = part.get("low"), part.get("high")
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or low > high:
+                raise ImgclfError(f"{where}: {kind} needs numbers low <= high, e.g. {{type: {kind}, low: 1, high: 5}}")
+            if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
+                raise ImgclfError(f"{where}: int needs integer low and high; use type: float for fractions")
+            if part.get("log") and (low <= 0 or part.get("step") is not None):
+                raise ImgclfError(f"{where}: log scale needs low > 0 and no step")
+        elif kind == "categorical":
+            choices = part.get("choices")
+            if not isinstance(choices, list) or not choices or not all(
+                    c is None or isinstance(c, bool | int | float | str) for c in choices):
+                raise ImgclfError(f"{where}: categorical needs `choices:` a list of numbers, strings or booleans "
+                                  "(for a list-valued option, use a list of specs or per_layer)")
+        else:
+            raise ImgclfError(f"{where}: type {kind!r}; use int, float or categorical (or value: V for a fixed one)")
+    if isinstance(spec, dict) and "set" in spec:
+        paths = spec["set"] if isinstance(spec["set"], list) else [spec["set"]]
+    else:
+        paths = [name] if "." in name else []
+    for path in paths:
+        section, _, key = str(path).partition(".")
+        valid = {"data": {f.name for f in dataclasses.fields(DataConfig)},
+                 "train": {f.name for f in dataclasses.fields(TrainConfig)}}.get(section)
+        if section == "model":
+            valid = {"name"} | set(inspect.signature(MODELS[model].builder).parameters) if model in MODELS else {key}
+        if valid is None or key not in valid:
+            raise ImgclfError(f"{where}: '{path}' is not a config path; use data.X, train.X (see `imgclf train "
+                              f"--help`) or model.X with an option of model {model} (see README, Models)")
+
+
+def _is_int(spec: Any) -> bool:
+    """A spec that gives a layer count: an int parameter or a fixed int."""
+    value = spec.get("value") if isinstance(spec, dict) else spec
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int or isinstance(spec, dict) and spec.get("type") == "int" and "per_layer" not in spec
+
+
+def suggest(trial: optuna.trial.BaseTrial, space: Space) -> dict[str, Any]:
+    """Sample every parameter of the space for a trial (or rebuild them from an optuna.trial.FixedTrial)."""
+    values: dict[str, Any] = {}
+    for name, spec in space.params.items():
+        if isinstance(spec, list):  # parts concatenated into one list; items named name[0], name[1], ...
+            items: list[Any] = []
+            for part in spec:
+                items += _suggest_items(trial, name, part, values, len(items))
+            values[name] = items
+        elif isinstance(spec, dict) and "per_layer" in spec:
+            values[name] = _suggest_items(trial, name, spec, values, 0)
+        else:
+            values[name] = _suggest_one(trial, name, spec)
+    return values
+
+
+def _suggest_items(trial, name: str, spec: Any, values: dict[str, Any], start: int) -> list[Any]:
+    layers = spec.get("per_layer") if isinstance(spec, dict) else None
+    count = values[layers] if layers else 1
+    return [_suggest_one(trial, f"{name}[{start + i}]", spec) for i in range(count)]
+
+
+def _suggest_one(trial, name: str, spec: Any) -> Any:
+    if not isinstance(spec, dict):
+        return spec
+    if "value" in spec:
+        return spec["value"]
+    if spec["type"] == "int":
+        return trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step") or 1, log=bool(spec.get("log")))
+    if spec["type"] == "float":
+        return trial.suggest_float(name, spec["low"], spec["high"], step=spec.get("step"), log=bool(spec.get("log")))
+    return trial.suggest_categorical(name, spec["choices"])
+
+
+def grid_points(space: Space) -> list[dict[str, Any]]:
+    """Every combination of the categorical choices, as Optuna params (grid search needs categorical only)."""
+    axes: dict[str, list[Any]] = {}
+    for name, spec in space.params.items():
+        parts = spec if isinstance(spec, list) else [spec]
+        for i, part in enumerate(parts):
+            if not isinstance(part, dict) or "value" in part:
+                continue
+            if part.get("type") != "categorical" or "per_layer" in part:
+                raise ImgclfError(f"grid search needs categorical parameters, but {name} is "
+                                  f"{'per-layer' if 'per_layer' in part else part.get('type')}; give it "
+                                  "`type: categorical, choices: [...]` or use --sampler random or tpe")
+            axes[f"{name}[{i}]" if isinstance(spec, list) else name] = part["choices"]
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+def trial_config(base: RunConfig, space: Space, values: dict[str, Any]) -> RunConfig:
+    """The base run with the sampled values written into their config paths."""
+    config = copy.deepcopy(base)
+    for name, value in values.items():
+        spec = space.params[name]
+        paths = spec["set"] if isinstance(spec, dict) and "set" in spec else [name] if "." in name else []
+        for path in paths if isinstance(paths, list) else [paths]:
+            section, key = path.split(".", 1)
+            if section == "model" and key == "name":
+                config.model.name = value
+            elif section == "model":
+                config.model.options[key] = value
+            else:
+                setattr(getattr(config, section), key, value)
+    config.validate("trial config")
+    return config
