@@ -198,7 +198,9 @@ def throughput(args: argparse.Namespace) -> None:
     import torch
 
     from imgclf.models import MODELS, create_model
+    from imgclf.train import keep_freed_memory
 
+    keep_freed_memory()  # as training does
     names = args.models.split(",") if args.models else sorted(MODELS)
     try:  # SIZExSIZExCHANNELS, e.g. 32x32x3, 28x28x1, or 24x24x3 to see what lower-resolution epochs would cost
         height, width, c = (int(v) for v in args.shape.split("x"))

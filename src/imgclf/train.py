@@ -7,6 +7,7 @@ checkpoint, the metrics and the model after every epoch.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -85,6 +86,21 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep and reuse freed blocks instead of handing every large one back to the system.
+
+    By default each block above 32 MB (a batch of activations or their gradients) is a fresh mmap whose pages
+    fault in on first touch, every step: that is 13% of a fastnet step on CIFAR-10 (444 against 385 ms,
+    Sapphire Rapids, batch 512). The process keeps its peak heap until it ends. Elsewhere (macOS, musl) a no-op.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, not from mmap
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
 
 
 def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module) -> str:
@@ -200,6 +216,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None  # fail before any writing
     cfg = config.train
     started = time.perf_counter()
+    keep_freed_memory()
     if cfg.threads or ctx.enabled:
         torch.set_num_threads(cfg.threads or distributed.threads_per_rank(ctx))
     if cfg.batch_size % ctx.world_size:
