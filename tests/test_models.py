@@ -216,3 +216,23 @@ def test_vgg_loads_conv_base_weights_strictly(tmp_path):
         create_model("vgg", layout=[8, "M", 16, "M"], in_channels=1, weights=str(path))
     with pytest.raises(ImgclfError, match="does not match the .* conv base: missing"):
         create_model("vgg", layout=[8, "M", 16, "M", 32], weights=str(path))
+
+
+@pytest.mark.parametrize("size", [3, 7])  # im2col's weight gradient and torch's own
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_fastnet_small_image_conv_gradients_match_torchs_conv(size, memory_format):
+    # fastnet's convs on images of 4x4 and less take their bf16 weight gradient from an im2col product.
+    conv = create_model("fastnet").blocks[2].conv2
+    reference = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
+    reference.weight.data.copy_(conv.weight.data)
+    x = torch.randn(8, conv.in_channels, size, size).contiguous(memory_format=memory_format)
+    grad_out = torch.randn(8, conv.out_channels, size, size)
+    results = []
+    for net in (conv, reference):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x_in)
+        out.float().backward(grad_out)
+        results.append((out.float(), x_in.grad, net.weight.grad))
+    for ours, torchs in zip(*results, strict=True):
+        assert torch.allclose(ours, torchs, rtol=0.02, atol=0.02 * torchs.abs().max().item())

@@ -167,6 +167,17 @@ def test_fast_training_options(tmp_path):
     assert evaluate(result.run_dir, split="val", tta=True)["accuracy"] > 0.7
 
 
+def test_whiten_bias_trains_only_in_its_first_epochs(tmp_path):
+    options = dict(FAST, model="fastnet", model_options={"widths": [16, 32, 32]}, optimizer="nesterov", lr=0.2,
+                   batch_size=32, epochs=2)
+    frozen = train(out=tmp_path / "frozen", whiten_bias_epochs=0, **options).model
+    trained = train(out=tmp_path / "trained", whiten_bias_epochs=2, **options).model
+    assert torch.equal(frozen.whiten.bias, torch.zeros_like(frozen.whiten.bias))  # as init_from_data left it
+    assert trained.whiten.bias.abs().sum() > 0
+    with pytest.raises(ImgclfError, match="whiten_bias_epochs -1"):
+        train(out=tmp_path / "bad", whiten_bias_epochs=-1, **options)
+
+
 def test_progressive_resizing_trains_early_epochs_on_smaller_windows(tmp_path):
     result = train(epochs=2, out=tmp_path / "run", progressive_size=5, progressive_epochs=1,
                    **dict(FAST, model="fastnet", model_options={"widths": [16, 32, 32]}, optimizer="nesterov",

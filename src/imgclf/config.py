@@ -54,6 +54,8 @@ class TrainConfig:
     muon_lr: float = 0.1  # optimizer muon: peak step of hidden conv/linear weights, relative to their norm
     muon_momentum: float = 0.6  # optimizer muon: their momentum (the other parameters use momentum, lr)
     bias_lr_scale: float = 1.0  # lr multiplier for batch-norm parameters (fast nets use 64)
+    whiten_bias_epochs: int | None = None  # fastnet: train the whitening bias in the first N epochs only, which
+    # spares later steps the first conv's input gradient (5% of a CIFAR step); None: all epochs
     lookahead: bool = False  # pull the weights towards their moving average every 5 steps (fast nets)
     step_size: int = 10  # 'step' schedule: multiply lr by step_gamma every step_size epochs
     step_gamma: float = 0.1
@@ -136,6 +138,8 @@ class RunConfig:
             (t.progressive_size is None or t.progressive_size >= 1,
              f"progressive size {t.progressive_size}; use a window side in pixels, smaller than the images"),
             (t.progressive_epochs >= 0, f"progressive epochs {t.progressive_epochs}; use 0 or more"),
+            (t.whiten_bias_epochs is None or t.whiten_bias_epochs >= 0,
+             f"whiten_bias_epochs {t.whiten_bias_epochs}; use 0 or more epochs"),
             (t.ema is None or 0 < t.ema < 1, f"ema decay {t.ema}; use a value in (0, 1), e.g. 0.999"),
             (0 <= d.val_split < 1, f"val split {d.val_split}; use a fraction in [0, 1)"),
             (d.subset is None or d.subset > 0, f"subset {d.subset}; use a positive number of images"),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 
@@ -538,15 +539,59 @@ class _ShiftOnlyBatchNorm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
 
 
+class _Im2colWeightGradConv(torch.autograd.Function):
+    """A 3x3 'same' convolution whose weight gradient is one matrix product over an im2col copy of the input.
+
+    On tiny images oneDNN's bf16 weight gradient runs far below the matmul rate: a 256-channel conv's forward
+    and backward at 3x3 take 13 ms this way against 33 ms (batch 512, Sapphire Rapids); at 7x7 the copy costs
+    more than it saves (74 against 67 ms).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                         [0, 0], 1, [True, False, False])[0]
+        n, c, h, w = x.shape
+        padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (n, h + 2, w + 2, c)
+        sn, sh, sw, sc = padded.stride()
+        # Row (i, y, x) holds the 3x3 neighbourhood of pixel (y, x) in (ky, kx, c) order: channels_last's order.
+        cols = padded.as_strided((n, h, w, 3, 3, c), (sn, sh, sw, sh, sw, sc)).reshape(n * h * w, 9 * c)
+        grad_rows = grad.permute(1, 0, 2, 3).reshape(len(weight), n * h * w)  # (out, pixels): the fast operand order
+        grad_w = (grad_rows @ cols).view(len(weight), 3, 3, c).permute(0, 3, 1, 2)
+        return grad_x, grad_w
+
+
+class _FastConv(nn.Conv2d):
+    """3x3 'same' conv without bias that trains faster on small bf16 CPU images (see _Im2colWeightGradConv)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = x.shape[-1] * x.shape[-2] <= 16  # measured faster at 3x3 (fastnet's last conv), slower at 7x7
+        if small and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled():
+            dtype = torch.get_autocast_dtype("cpu")
+            return _Im2colWeightGradConv.apply(x.to(dtype), self.weight.to(dtype))
+        return super().forward(x)
+
+
 class _FastBlock(nn.Module):
     """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool, bn_momentum: float) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv1 = _FastConv(in_channels, out_channels)
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
         self.bn1 = _ShiftOnlyBatchNorm(out_channels, bn_momentum)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = _FastConv(out_channels, out_channels)
         self.bn2 = _ShiftOnlyBatchNorm(out_channels, bn_momentum)
         self.act = nn.GELU()
         for conv in (self.conv1, self.conv2):

@@ -426,6 +426,10 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
     augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(
         cfg.seed * 1_000_003 + (epoch - 1) * 1009 + ctx.rank + 1)
     inner = distributed.unwrap(net)
+    whiten = getattr(inner, "whiten", None)
+    # DDP expects a gradient for every parameter it was built with: ranks keep training the bias.
+    if cfg.whiten_bias_epochs is not None and whiten is not None and whiten.bias is not None and not ctx.enabled:
+        whiten.bias.requires_grad_(epoch <= cfg.whiten_bias_epochs)
     first_step = (epoch - 1) * steps_per_epoch
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
