@@ -236,3 +236,15 @@ def test_fastnet_small_image_conv_gradients_match_torchs_conv(size, memory_forma
         results.append((out.float(), x_in.grad, net.weight.grad))
     for ours, torchs in zip(*results, strict=True):
         assert torch.allclose(ours, torchs, rtol=0.02, atol=0.02 * torchs.abs().max().item())
+
+
+def test_fastnet_pool_gradient_equals_max_pools():
+    pool = create_model("fastnet").blocks[0].pool
+    x = torch.randn(4, 8, 7, 7).to(memory_format=torch.channels_last)  # odd: the last row and column are dropped
+    grad_out = torch.randn(4, 8, 3, 3)
+    grads = []
+    for fn in (pool, nn.MaxPool2d(2)):
+        x_in = x.clone().requires_grad_()
+        fn(x_in).backward(grad_out)
+        grads.append(x_in.grad)
+    assert torch.equal(*grads)

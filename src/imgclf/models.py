@@ -583,13 +583,41 @@ class _FastConv(nn.Conv2d):
         return super().forward(x)
 
 
+class _MaxPool2x2(torch.autograd.Function):
+    """2x2 max-pool whose backward scatters with max_unpool2d, which on the CPU skips the zero-filled pass that
+    max-pool's own backward makes: 11 against 17 ms for fastnet's first pool (batch 512, bf16, channels_last)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y, indices = F.max_pool2d(x, 2, return_indices=True)
+        ctx.save_for_backward(indices)
+        ctx.input_size = x.shape[-2:]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (indices,) = ctx.saved_tensors
+        return F.max_unpool2d(grad.contiguous(memory_format=torch.channels_last), indices, 2,
+                              output_size=ctx.input_size)
+
+
+class _FastMaxPool(nn.MaxPool2d):
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last) and torch.is_grad_enabled():
+            return _MaxPool2x2.apply(x)
+        return super().forward(x)
+
+
 class _FastBlock(nn.Module):
     """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool, bn_momentum: float) -> None:
         super().__init__()
         self.conv1 = _FastConv(in_channels, out_channels)
-        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.pool = _FastMaxPool() if pool else nn.Identity()
         self.bn1 = _ShiftOnlyBatchNorm(out_channels, bn_momentum)
         self.conv2 = _FastConv(out_channels, out_channels)
         self.bn2 = _ShiftOnlyBatchNorm(out_channels, bn_momentum)
