@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--widths", default="64,256,256")
     parser.add_argument("--shape", default="32x32x3", help="input HxWxC")
     args = parser.parse_args()
+    from imgclf.train import keep_freed_memory
+
+    keep_freed_memory()  # as training does: without it, page faults on fresh outputs inflate every figure
     height, _, channels = (int(v) for v in args.shape.split("x"))
     n = args.batch_size
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {n}, bf16 channels_last\n")
