@@ -526,7 +526,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
 # fastnet: a CIFAR speed-record style net (after airbench and hlb-CIFAR10; our own code)
 
 
-class _ShiftOnlyBatchNorm(nn.BatchNorm2d):
+class ShiftOnlyBatchNorm(nn.BatchNorm2d):
     """Batch norm with a fixed scale of 1 (only the shift learns) and fast-moving running statistics.
 
     A frozen scale is enough in front of a GELU and saves a parameter group; a high momentum (torch's
@@ -569,7 +569,7 @@ class _Im2colWeightGradConv(torch.autograd.Function):
         return grad_x, grad_w
 
 
-class _FastConv(nn.Conv2d):
+class Conv3x3(nn.Conv2d):
     """3x3 'same' conv without bias that trains faster on small bf16 CPU images (see _Im2colWeightGradConv)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -583,7 +583,7 @@ class _FastConv(nn.Conv2d):
         return super().forward(x)
 
 
-class _MaxPool2x2(torch.autograd.Function):
+class _UnpoolGradMaxPool(torch.autograd.Function):
     """2x2 max-pool whose backward scatters with max_unpool2d, which on the CPU skips the zero-filled pass that
     max-pool's own backward makes: 11 against 17 ms for fastnet's first pool (batch 512, bf16, channels_last)."""
 
@@ -601,13 +601,15 @@ class _MaxPool2x2(torch.autograd.Function):
                               output_size=ctx.input_size)
 
 
-class _FastMaxPool(nn.MaxPool2d):
+class MaxPool2x2(nn.MaxPool2d):
+    """2x2 max-pool with the cheaper CPU backward of _UnpoolGradMaxPool (channels_last training only)."""
+
     def __init__(self) -> None:
         super().__init__(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last) and torch.is_grad_enabled():
-            return _MaxPool2x2.apply(x)
+            return _UnpoolGradMaxPool.apply(x)
         return super().forward(x)
 
 
@@ -616,11 +618,11 @@ class _FastBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool, bn_momentum: float) -> None:
         super().__init__()
-        self.conv1 = _FastConv(in_channels, out_channels)
-        self.pool = _FastMaxPool() if pool else nn.Identity()
-        self.bn1 = _ShiftOnlyBatchNorm(out_channels, bn_momentum)
-        self.conv2 = _FastConv(out_channels, out_channels)
-        self.bn2 = _ShiftOnlyBatchNorm(out_channels, bn_momentum)
+        self.conv1 = Conv3x3(in_channels, out_channels)
+        self.pool = MaxPool2x2() if pool else nn.Identity()
+        self.bn1 = ShiftOnlyBatchNorm(out_channels, bn_momentum)
+        self.conv2 = Conv3x3(out_channels, out_channels)
+        self.bn2 = ShiftOnlyBatchNorm(out_channels, bn_momentum)
         self.act = nn.GELU()
         for conv in (self.conv1, self.conv2):
             # Identity (Dirac) init of the first filters: the block starts close to passing its input on.
