@@ -174,6 +174,7 @@ def test_whiten_bias_trains_only_in_its_first_epochs(tmp_path):
     trained = train(out=tmp_path / "trained", whiten_bias_epochs=2, **options).model
     assert torch.equal(frozen.whiten.bias, torch.zeros_like(frozen.whiten.bias))  # as init_from_data left it
     assert trained.whiten.bias.abs().sum() > 0
+    assert frozen.whiten.bias.requires_grad  # frozen only while training: the returned net trains as built
     with pytest.raises(ImgclfError, match="whiten_bias_epochs -1"):
         train(out=tmp_path / "bad", whiten_bias_epochs=-1, **options)
 

@@ -542,9 +542,9 @@ class ShiftOnlyBatchNorm(nn.BatchNorm2d):
 class _Im2colWeightGradConv(torch.autograd.Function):
     """A 3x3 'same' convolution whose weight gradient is one matrix product over an im2col copy of the input.
 
-    On tiny images oneDNN's bf16 weight gradient runs far below the matmul rate: a 256-channel conv's forward
-    and backward at 3x3 take 13 ms this way against 33 ms (batch 512, Sapphire Rapids); at 7x7 the copy costs
-    more than it saves (74 against 67 ms).
+    On tiny images oneDNN's bf16 weight gradient runs far below the matmul rate (benchmarks/conv_backward.py:
+    23 ms for fastnet's 256-channel 3x3 conv, batch 512, Sapphire Rapids); at 7x7 the copy costs as much as it
+    saves. With MaxPool2x2, 6% of a fastnet step (benchmarks/fastnet_step.py --torch-layers).
     """
 
     @staticmethod
@@ -585,7 +585,7 @@ class Conv3x3(nn.Conv2d):
 
 class _UnpoolGradMaxPool(torch.autograd.Function):
     """2x2 max-pool whose backward scatters with max_unpool2d, which on the CPU skips the zero-filled pass that
-    max-pool's own backward makes: 11 against 17 ms for fastnet's first pool (batch 512, bf16, channels_last)."""
+    max-pool's own backward makes."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

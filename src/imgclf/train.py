@@ -92,8 +92,8 @@ def keep_freed_memory() -> None:
     """Let glibc's malloc keep and reuse freed blocks instead of handing every large one back to the system.
 
     By default each block above 32 MB (a batch of activations or their gradients) is a fresh mmap whose pages
-    fault in on first touch, every step: that is 13% of a fastnet step on CIFAR-10 (444 against 385 ms,
-    Sapphire Rapids, batch 512). The process keeps its peak heap until it ends. Elsewhere (macOS, musl) a no-op.
+    fault in on first touch, every step: 7-13% of a fastnet step on CIFAR-10 (benchmarks/fastnet_step.py
+    --no-keep-freed-memory). The process keeps its peak heap until it ends. Elsewhere (macOS, musl) a no-op.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -428,8 +428,10 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
     inner = distributed.unwrap(net)
     whiten = getattr(inner, "whiten", None)
     # DDP expects a gradient for every parameter it was built with: ranks keep training the bias.
-    if cfg.whiten_bias_epochs is not None and whiten is not None and whiten.bias is not None and not ctx.enabled:
-        whiten.bias.requires_grad_(epoch <= cfg.whiten_bias_epochs)
+    freeze_whiten_bias = (cfg.whiten_bias_epochs is not None and epoch > cfg.whiten_bias_epochs
+                          and whiten is not None and whiten.bias is not None and not ctx.enabled)
+    if freeze_whiten_bias:
+        whiten.bias.requires_grad_(False)  # for this epoch only: the trained net keeps a trainable bias
     first_step = (epoch - 1) * steps_per_epoch
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
@@ -467,6 +469,8 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
             rate = seen / (time.perf_counter() - started)
             on_progress(completed=step + 1,
                         stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} {rate:,.0f} img/s")
+    if freeze_whiten_bias:
+        whiten.bias.requires_grad_(True)
     loss_sum, correct, seen = ctx.sum(loss_sum, correct, torch.tensor(seen))
     return {"train_loss": (loss_sum / seen).item(), "train_acc": (correct / seen).item(),
             "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}

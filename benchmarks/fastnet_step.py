@@ -1,0 +1,80 @@
+"""Milliseconds of one fastnet training step (forward, backward, SGD step) on random data, with or without
+each CPU speed-up, so their effect can be checked on any machine.
+
+    python benchmarks/fastnet_step.py [--batch-size 512] [--shape 32x32x3] [--widths 64,256,256]
+        [--torch-layers] [--no-keep-freed-memory] [--frozen-whiten-bias]
+
+--torch-layers swaps fastnet's Conv3x3 and MaxPool2x2 for torch's nn.Conv2d and nn.MaxPool2d;
+--no-keep-freed-memory leaves glibc's default (a fresh mmap for every large tensor);
+--frozen-whiten-bias times a step after whiten_bias_epochs. bf16 autocast, channels_last. Nothing is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgclf.models import Conv3x3, MaxPool2x2, create_model
+from imgclf.train import keep_freed_memory
+
+
+def with_torch_layers(net: nn.Module) -> None:
+    for block in net.blocks:
+        for name in ("conv1", "conv2"):
+            ours = getattr(block, name)
+            plain = nn.Conv2d(ours.in_channels, ours.out_channels, 3, padding=1, bias=False)
+            plain.weight.data.copy_(ours.weight.data)
+            setattr(block, name, plain)
+        if isinstance(block.pool, MaxPool2x2):
+            block.pool = nn.MaxPool2d(2)
+    assert not any(isinstance(m, Conv3x3 | MaxPool2x2) for m in net.modules())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--shape", default="32x32x3", help="input HxWxC")
+    parser.add_argument("--widths", default="64,256,256")
+    parser.add_argument("--torch-layers", action="store_true")
+    parser.add_argument("--no-keep-freed-memory", action="store_true")
+    parser.add_argument("--frozen-whiten-bias", action="store_true")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    if not args.no_keep_freed_memory:
+        keep_freed_memory()
+    size, _, channels = (int(v) for v in args.shape.split("x"))
+    torch.manual_seed(0)
+    net = create_model("fastnet", in_channels=channels, image_size=size,
+                       widths=[int(w) for w in args.widths.split(",")])
+    if args.torch_layers:
+        with_torch_layers(net)
+    net.whiten.bias.requires_grad_(not args.frozen_whiten_bias)
+    net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                nesterov=True)
+    x = torch.randn(args.batch_size, channels, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x).float(), y, label_smoothing=0.2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):  # oneDNN picks its kernels on the first calls
+        step()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - started) / args.steps
+    print(f"fastnet {args.widths} at {args.shape}, batch {args.batch_size}, {torch.get_num_threads()} threads: "
+          f"{seconds * 1000:.1f} ms a step, {args.batch_size / seconds:,.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()
