@@ -16,6 +16,7 @@ Rows are printed and appended to benchmarks/RESULTS.md with the machine, torch v
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -32,10 +33,23 @@ import yaml
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
+@functools.cache
 def machine() -> str:
+    """Cores, processor name and the bf16 matmul speed measured now: the same VM type has run at 0.6 and
+    at 1.3+ TFLOP/s on different days, and the row's seconds only compare at the same speed."""
+    import torch
+
     from imgclf.train import cpu_name
 
-    return f"{os.cpu_count()} cores {cpu_name()}"
+    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ b  # oneDNN's first call picks its kernel
+    seconds = []
+    while sum(seconds) < 1.0:
+        started = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - started)
+    tflops = 2 * 2048**3 / statistics.median(seconds) / 1e12
+    return f"{os.cpu_count()} cores {cpu_name()}, bf16 matmul {tflops:.2f} TFLOP/s"
 
 
 def git_commit() -> str:
@@ -107,6 +121,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     tuning = bool(args.val_split)
     split = "test" if data.test is not None and len(data.test) and not tuning else "val"
     commit = git_commit()  # of the code the runs use, not of the tree when they end
+    host = machine()  # its matmul speed before the runs, on an idle machine
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.runs):
         with tempfile.TemporaryDirectory() as tmp:
@@ -140,7 +155,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     row = (f"| {name} | {runs[0]['dataset']} | {split} | {statistics.mean(accuracies):.2f} ± {std:.2f} "
            f"(n={len(runs)}{seeds}) | {statistics.mean(walls):.1f} | {rate:,.0f} "
            f"| {max(r['peak_rss_mib'] for r in runs):,.0f} | {runs[0]['precision']}, {threads} threads "
-           f"| {machine()} | {_torch_version()} | {time.strftime('%Y-%m-%d')} | {commit} | `{command}` |")
+           f"| {host} | {_torch_version()} | {time.strftime('%Y-%m-%d')} | {commit} | `{command}` |")
     header = ("## Time to accuracy\n\n| recipe | dataset | split | accuracy % (mean ± std) | wall s | train img/s "
               "| peak RSS MiB | precision | machine | torch | date | commit | command |\n"
               "|---|---|---|---|---:|---:|---:|---|---|---|---|---|---|")
@@ -213,6 +228,7 @@ def throughput(args: argparse.Namespace) -> None:
     header = (f"## Throughput (images/s, batch {args.batch_size})\n\n| model | input | precision | train img/s "
               "| inference img/s | machine | torch | date | commit | command |\n"
               "|---|---|---|---:|---:|---|---|---|---|---|")
+    host = machine()  # its matmul speed before the models load it
     torch.manual_seed(0)
     for name in names:
         for precision in ("fp32", "bf16"):
@@ -224,7 +240,7 @@ def throughput(args: argparse.Namespace) -> None:
             train_rate, infer_rate = images_per_second(net, args.batch_size, (c, size, size), precision,
                                                        args.min_steps, args.min_seconds)
             row = (f"| {name} | {c}x{size}x{size} | {precision} | {train_rate:,.0f} | {infer_rate:,.0f} "
-                   f"| {machine()} | {torch.__version__} | {time.strftime('%Y-%m-%d')} | {git_commit()} "
+                   f"| {host} | {torch.__version__} | {time.strftime('%Y-%m-%d')} | {git_commit()} "
                    f"| `{command}` |")
             print(row)
             if not args.no_save:

@@ -4,6 +4,7 @@ import pytest
 
 from imgclf.config import list_recipes, load_recipe
 from imgclf.data import dataset_info
+from imgclf.errors import ImgclfError
 from imgclf.models import count_params, create_model
 
 # Trainable parameter counts of the classic Keras notebooks these recipes rebuild.
@@ -69,3 +70,32 @@ def test_fast_recipe_runs_end_to_end_on_tiny_canonical_files(recipe, tmp_path, m
     assert metrics["num_images"] == {"mnist": 20, "fashion-mnist": 20, "cifar10": 30}.get(dataset, 100)
     assert len(metrics["confusion_matrix"]) == dataset_info(dataset).num_classes
     assert metrics["tta"] == load_recipe(recipe).train.tta
+
+
+def test_recipe_base_supplies_every_option_the_recipe_does_not_give(tmp_path):
+    (tmp_path / "base.yaml").write_text("data: {dataset: mnist, val_split: 0.1}\n"
+                                        "model: {name: fastnet, widths: [8, 16, 16]}\ntrain: {epochs: 3, lr: 0.5}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 7}\n")
+    (tmp_path / "other_model.yaml").write_text("base: base.yaml\nmodel: {name: mlp}\n")
+    child = load_recipe(tmp_path / "child.yaml")
+    assert (child.train.epochs, child.train.lr, child.data.val_split) == (7, 0.5, 0.1)
+    assert child.model.options == {"widths": [8, 16, 16]}
+    assert load_recipe(tmp_path / "other_model.yaml").model.options == {}  # fastnet's widths are not the mlp's
+
+
+def test_shipped_cifar100_recipes_are_cifar10_fast_on_their_dataset():
+    fast = load_recipe("cifar10-fast")
+    for name, dataset in [("cifar100-fast", "cifar100"), ("cifar100-coarse-fast", "cifar100-coarse")]:
+        config = load_recipe(name)
+        assert (config.recipe, config.data.dataset, config.model) == (name, dataset, fast.model)
+        assert config.train.optimizer == fast.train.optimizer and config.train.muon_lr == fast.train.muon_lr
+
+
+def test_recipe_base_cycle_is_a_one_line_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ImgclfError, match="its own base"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ImgclfError, match="does not exist"):
+        load_recipe(tmp_path / "c.yaml")

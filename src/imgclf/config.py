@@ -195,11 +195,36 @@ def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> t
         raise ImgclfError(f"{kind} {path} is not valid YAML ({type(e).__name__}); fix or replace the file") from None
 
 
-def load_recipe(name_or_path: str | Path) -> RunConfig:
-    """A shipped recipe by name, or a YAML file (a recipe, a run's config.yaml or a tuning best.yaml)."""
+def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """(path, sections) of a recipe, with those of the recipe its `base:` names underneath: the recipe's
+    own data/model/train options replace the base's one by one."""
     path, raw = read_shipped_or_file(name_or_path, recipe_dir(), "recipe")
     if not isinstance(raw, dict):
         raise ImgclfError(f"recipe {path} must be a YAML mapping with data/model/train sections")
+    if "base" not in raw:
+        return path, raw
+    if path.resolve() in seen:
+        raise ImgclfError(f"recipe {path} is its own base (through base: {raw['base']}); break the cycle")
+    # A relative base path is relative to the recipe that names it, as a shipped name is to the recipes.
+    base = raw["base"] if Path(str(raw["base"])).suffix == "" else path.parent / str(raw["base"])
+    _, merged = _read_recipe(base, (*seen, path.resolve()))
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in merged.items()}
+    for key, value in raw.items():
+        if key == "base":
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            if key == "model" and value.get("name", merged[key].get("name")) != merged[key].get("name"):
+                merged[key] = {}  # another model: the base's model options do not apply to it
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    merged.pop("recipe", None)  # the recipe is this one, not its base
+    return path, merged
+
+
+def load_recipe(name_or_path: str | Path) -> RunConfig:
+    """A shipped recipe by name, or a YAML file (a recipe, a run's config.yaml or a tuning best.yaml)."""
+    path, raw = _read_recipe(name_or_path)
     config = RunConfig.from_dict(raw, source=f"recipe {path.name}")
     config.recipe = config.recipe or (path.stem if path.parent == recipe_dir() else str(path))
     return config

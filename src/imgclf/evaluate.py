@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,21 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep and reuse freed blocks instead of handing every large one back to the system.
+
+    By default each block above 32 MB (a batch of activations or their gradients) is a fresh mmap whose pages
+    fault in on first touch, every step: 7-13% of a fastnet step on CIFAR-10 (benchmarks/fastnet_step.py
+    --no-keep-freed-memory). The process keeps its peak heap until it ends. Elsewhere (macOS, musl) a no-op.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, not from mmap
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
+
+
 def tta_views(images: torch.Tensor, augment: list[str]) -> list[torch.Tensor]:
     """The views averaged by test-time augmentation: those the net saw in training (flip, 1-pixel shifts)."""
     flip = "flip" in augment or "altflip" in augment
@@ -42,6 +58,7 @@ def tta_views(images: torch.Tensor, augment: list[str]) -> list[torch.Tensor]:
 def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, batch_size: int = 500,
                    precision: str = "fp32", tta_augment: list[str] | None = None) -> torch.Tensor:
     """Float32 logits for uint8 images (N, C, H, W); with tta_augment, averaged over the TTA views."""
+    keep_freed_memory()  # TTA on 10,000 images would otherwise page-fault every batch in afresh
     device = next(net.parameters()).device
     mean_t = torch.tensor(mean, device=device)
     std_t = torch.tensor(std, device=device)

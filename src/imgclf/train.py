@@ -7,7 +7,6 @@ checkpoint, the metrics and the model after every epoch.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ from imgclf import __version__, distributed
 from imgclf.config import RunConfig, make_config
 from imgclf.data import Dataset, load_dataset
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import autocast, predict_logits
+from imgclf.evaluate import autocast, keep_freed_memory, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
 from imgclf.models import count_params, create_model
 from imgclf.optim import Lookahead, build_optimizer, lr_factor
@@ -86,21 +85,6 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep and reuse freed blocks instead of handing every large one back to the system.
-
-    By default each block above 32 MB (a batch of activations or their gradients) is a fresh mmap whose pages
-    fault in on first touch, every step: 7-13% of a fastnet step on CIFAR-10 (benchmarks/fastnet_step.py
-    --no-keep-freed-memory). The process keeps its peak heap until it ends. Elsewhere (macOS, musl) a no-op.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, not from mmap
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
 
 
 def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module) -> str:
