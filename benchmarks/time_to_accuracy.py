@@ -35,8 +35,10 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 @functools.cache
 def machine() -> str:
-    """Cores, processor name and the bf16 matmul speed measured now: the same VM type has run at 0.6 and
-    at 1.3+ TFLOP/s on different days, and the row's seconds only compare at the same speed."""
+    """Cores, processor name and the bf16 matmul speed measured now. The development VM, always reported as
+    "Intel(R) Xeon(R) Processor", ran bf16 matmuls at 1.3-1.6 TFLOP/s on 2026-11-22 and on the morning of
+    2026-12-01 (conv_backward.py's matmul column: 23.4 and 18.5 ms for 29.6 GFLOP) and at 0.6-0.9 that
+    evening: seconds in two rows compare only at the same speed."""
     import torch
 
     from imgclf.train import cpu_name

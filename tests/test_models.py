@@ -5,12 +5,21 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from imgclf.errors import ImgclfError
-from imgclf.models import MODELS, count_params, create_model, list_models, register_model, summarize
+from imgclf.models import (
+    MODELS,
+    _Im2colWeightGradConv,
+    count_params,
+    create_model,
+    list_models,
+    register_model,
+    summarize,
+)
 
 ALL_MODELS = sorted(MODELS)
 
@@ -218,24 +227,34 @@ def test_vgg_loads_conv_base_weights_strictly(tmp_path):
         create_model("vgg", layout=[8, "M", 16, "M", 32], weights=str(path))
 
 
-@pytest.mark.parametrize("size", [3, 7])  # im2col's weight gradient and torch's own
+@pytest.mark.parametrize("height, width", [(3, 3), (7, 7), (2, 5)])
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
-def test_fastnet_small_image_conv_gradients_match_torchs_conv(size, memory_format):
-    # fastnet's convs on images of 4x4 and less take their bf16 weight gradient from an im2col product.
+def test_im2col_conv_gradients_match_torchs_conv(height, width, memory_format):
+    # fastnet's Conv3x3 uses this on images of 16 pixels and less; the sizes above it check the index arithmetic.
     conv = create_model("fastnet").blocks[2].conv2
-    reference = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
-    reference.weight.data.copy_(conv.weight.data)
-    x = torch.randn(8, conv.in_channels, size, size).contiguous(memory_format=memory_format)
-    grad_out = torch.randn(8, conv.out_channels, size, size)
+    x = torch.randn(8, conv.in_channels, height, width).contiguous(memory_format=memory_format)
+    grad_out = torch.randn(8, conv.out_channels, height, width)
     results = []
-    for net in (conv, reference):
-        x_in = x.clone().requires_grad_()
+    for im2col in (True, False):
+        x_in, weight = x.clone().requires_grad_(), conv.weight.detach().clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = net(x_in)
+            if im2col:
+                out = _Im2colWeightGradConv.apply(x_in.bfloat16(), weight.bfloat16())
+            else:
+                out = F.conv2d(x_in, weight, padding=1)
         out.float().backward(grad_out)
-        results.append((out.float(), x_in.grad, net.weight.grad))
+        results.append((out.float(), x_in.grad, weight.grad))
     for ours, torchs in zip(*results, strict=True):
         assert torch.allclose(ours, torchs, rtol=0.02, atol=0.02 * torchs.abs().max().item())
+
+
+def test_fastnet_last_conv_takes_the_im2col_path_only_when_training_in_bf16():
+    conv = create_model("fastnet").blocks[2].conv2
+    x = torch.randn(2, conv.in_channels, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "_Im2colWeightGradConv" in type(conv(x).grad_fn).__name__
+        assert "_Im2colWeightGradConv" not in type(conv(torch.randn(2, conv.in_channels, 7, 7)).grad_fn).__name__
+    assert "_Im2colWeightGradConv" not in type(conv(x).grad_fn).__name__  # fp32: torch's own conv
 
 
 def test_fastnet_pool_gradient_equals_max_pools():
