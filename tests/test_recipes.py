@@ -99,3 +99,9 @@ def test_recipe_base_cycle_is_a_one_line_error(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ImgclfError, match="does not exist"):
         load_recipe(tmp_path / "c.yaml")
+
+
+def test_recipe_base_lends_its_sections_not_its_description(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: cifar10-fast\ntrain: {lr: 0.5}\n")
+    child = load_recipe(tmp_path / "child.yaml")
+    assert (child.description, child.recipe, child.train.lr) == ("", str(tmp_path / "child.yaml"), 0.5)

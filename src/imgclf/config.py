@@ -208,7 +208,9 @@ def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple
     # A relative base path is relative to the recipe that names it, as a shipped name is to the recipes.
     base = raw["base"] if Path(str(raw["base"])).suffix == "" else path.parent / str(raw["base"])
     _, merged = _read_recipe(base, (*seen, path.resolve()))
-    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in merged.items()}
+    # Only the base's sections carry over: its name (recipe:) and description are not this recipe's.
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in merged.items()
+              if key in ("data", "model", "train")}
     for key, value in raw.items():
         if key == "base":
             continue
@@ -218,7 +220,6 @@ def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple
             merged[key].update(value)
         else:
             merged[key] = value
-    merged.pop("recipe", None)  # the recipe is this one, not its base
     return path, merged
 
 
