@@ -16,7 +16,6 @@ Rows are printed and appended to benchmarks/RESULTS.md with the machine, torch v
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -33,15 +32,12 @@ import yaml
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-@functools.cache
-def machine() -> str:
-    """Cores, processor name and the bf16 matmul speed measured now. The development VM, always reported as
-    "Intel(R) Xeon(R) Processor", ran bf16 matmuls at 1.3-1.6 TFLOP/s on 2026-11-22 and on the morning of
-    2026-12-01 (conv_backward.py's matmul column: 23.4 and 18.5 ms for 29.6 GFLOP) and at 0.6-0.9 that
-    evening: seconds in two rows compare only at the same speed."""
+def matmul_tflops() -> float:
+    """The bf16 matmul speed of this machine now. The development VM, always reported as "Intel(R) Xeon(R)
+    Processor", ran bf16 matmuls at 1.3-1.6 TFLOP/s on 2026-11-22 and on the morning of 2026-12-01
+    (conv_backward.py's matmul column: 23.4 and 18.5 ms for 29.6 GFLOP) and at 0.4-0.9 that evening:
+    seconds in two rows compare only at the same speed."""
     import torch
-
-    from imgclf.train import cpu_name
 
     a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
     a @ b  # oneDNN's first call picks its kernel
@@ -50,8 +46,15 @@ def machine() -> str:
         started = time.perf_counter()
         a @ b
         seconds.append(time.perf_counter() - started)
-    tflops = 2 * 2048**3 / statistics.median(seconds) / 1e12
-    return f"{os.cpu_count()} cores {cpu_name()}, bf16 matmul {tflops:.2f} TFLOP/s"
+    return 2 * 2048**3 / statistics.median(seconds) / 1e12
+
+
+def machine(*tflops: float) -> str:
+    """Cores, processor name and the matmul speeds measured around the runs (before, after: a drift shows)."""
+    from imgclf.train import cpu_name
+
+    speeds = " then ".join(f"{t:.2f}" for t in tflops)
+    return f"{os.cpu_count()} cores {cpu_name()}, bf16 matmul {speeds} TFLOP/s"
 
 
 def git_commit() -> str:
@@ -123,7 +126,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
     tuning = bool(args.val_split)
     split = "test" if data.test is not None and len(data.test) and not tuning else "val"
     commit = git_commit()  # of the code the runs use, not of the tree when they end
-    host = machine()  # its matmul speed before the runs, on an idle machine
+    speed_before = matmul_tflops()  # on an idle machine, before the runs
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.runs):
         with tempfile.TemporaryDirectory() as tmp:
@@ -143,6 +146,7 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
             runs.append(run)
             print(f"seed {seed}: {run['accuracy']:.4f} {split} accuracy in {wall:.1f}s "
                   f"({run['train_images_per_s']:,.0f} train img/s, peak RSS {run['peak_rss_mib']:,.0f} MiB)")
+    host = machine(speed_before, matmul_tflops())  # a speed that drifted during the runs shows
     accuracies = [r["accuracy"] * 100 for r in runs]
     walls = [r["wall_seconds"] for r in runs]
     std = statistics.stdev(accuracies) if len(runs) > 1 else 0.0
@@ -230,7 +234,7 @@ def throughput(args: argparse.Namespace) -> None:
     header = (f"## Throughput (images/s, batch {args.batch_size})\n\n| model | input | precision | train img/s "
               "| inference img/s | machine | torch | date | commit | command |\n"
               "|---|---|---|---:|---:|---|---|---|---|---|")
-    host = machine()  # its matmul speed before the models load it
+    host = machine(matmul_tflops())  # before the models load the machine
     torch.manual_seed(0)
     for name in names:
         for precision in ("fp32", "bf16"):
