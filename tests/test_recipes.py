@@ -105,3 +105,12 @@ def test_recipe_base_lends_its_sections_not_its_description(tmp_path):
     (tmp_path / "child.yaml").write_text("base: cifar10-fast\ntrain: {lr: 0.5}\n")
     child = load_recipe(tmp_path / "child.yaml")
     assert (child.description, child.recipe, child.train.lr) == ("", str(tmp_path / "child.yaml"), 0.5)
+
+
+def test_recipe_base_path_without_suffix_is_relative_to_the_recipe(tmp_path, monkeypatch):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "small.yaml").write_text("train: {epochs: 3}\n")
+    (tmp_path / "child.yaml").write_text("base: bases/small\ntrain: {lr: 0.5}\n")
+    monkeypatch.chdir(tmp_path / "bases")  # not the folder the base is relative to
+    child = load_recipe(tmp_path / "child.yaml")
+    assert (child.train.epochs, child.train.lr) == (3, 0.5)

@@ -205,8 +205,10 @@ def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple
         return path, raw
     if path.resolve() in seen:
         raise ImgclfError(f"recipe {path} is its own base (through base: {raw['base']}); break the cycle")
-    # A relative base path is relative to the recipe that names it, as a shipped name is to the recipes.
-    base = raw["base"] if Path(str(raw["base"])).suffix == "" else path.parent / str(raw["base"])
+    # A bare name is a shipped recipe; anything with a suffix or a folder is a path from this recipe's folder.
+    base = str(raw["base"])
+    if Path(base).suffix or Path(base).name != base:
+        base = path.parent / base
     _, merged = _read_recipe(base, (*seen, path.resolve()))
     # Only the base's sections carry over: its name (recipe:) and description are not this recipe's.
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in merged.items()

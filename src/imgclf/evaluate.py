@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+@functools.cache  # once per process: training and every prediction call ask for it
 def keep_freed_memory() -> None:
     """Let glibc's malloc keep and reuse freed blocks instead of handing every large one back to the system.
 
