@@ -10,9 +10,10 @@ import torch
 from imgclf import evaluate, train
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
+from imgclf.evaluate import tta_views
 from imgclf.models import create_model
 from imgclf.optim import hidden_matrices, lr_factor, orthogonalize
-from imgclf.runs import read_metrics
+from imgclf.runs import load_model, read_metrics
 from imgclf.train import resolve_precision
 
 FAST = dict(dataset="digits", model="cnn", batch_size=64, lr=3e-3, quiet=True)
@@ -162,9 +163,25 @@ def test_fast_training_options(tmp_path):
     result = train(epochs=3, out=tmp_path / "run", **dict(
         FAST, model="fastnet", model_options={"widths": [16, 32, 32]}, optimizer="nesterov", lr=0.2,
         schedule="linear", warmup_epochs=1, final_lr_fraction=0.1, bias_lr_scale=2, lookahead=True,
-        augment="crop,altflip", label_smoothing=0.2, batch_size=32))
+        augment="crop,altflip", label_smoothing=0.2, batch_size=32, tta_shift=1))
     assert result.history[-1]["val_acc"] > 0.7
     assert evaluate(result.run_dir, split="val", tta=True)["accuracy"] > 0.7
+    assert load_model(result.run_dir).info["tta_shift"] == 1  # evaluate's TTA uses the recipe's views
+
+
+def test_tta_views_are_the_training_shifts_and_flips():
+    images = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    airbench = list(tta_views(images, ["crop", "altflip"]))
+    assert len(airbench) == 6 and torch.equal(airbench[2], images) and torch.equal(airbench[3], images.flip(3))
+    grid = list(tta_views(images, ["crop", "flip"], shift=2))
+    assert len(grid) == 50  # 5 x 5 shifts, each also flipped
+    assert torch.equal(grid[0][..., 2:, 2:], images[..., :-2, :-2])  # shifted down-right by 2 pixels
+    assert len({tuple(v.flatten().tolist()) for v in grid}) == 50
+    assert len(list(tta_views(images, ["crop"], shift=1))) == 9 and len(list(tta_views(images, ["flip"]))) == 2
+    with pytest.raises(ImgclfError, match="smaller shift"):
+        list(tta_views(images, ["crop"], shift=8))
+    with pytest.raises(ImgclfError, match="tta_shift"):
+        train(epochs=1, tta_shift=0, **FAST)
 
 
 def test_whiten_bias_trains_only_in_its_first_epochs(tmp_path):

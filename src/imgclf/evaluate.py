@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +45,31 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
 
 
-def tta_views(images: torch.Tensor, augment: list[str]) -> list[torch.Tensor]:
-    """The views averaged by test-time augmentation: those the net saw in training (flip, 1-pixel shifts)."""
+def tta_views(images: torch.Tensor, augment: list[str], shift: int | None = None) -> Iterator[torch.Tensor]:
+    """The views averaged by test-time augmentation: those the net saw in training. With crop, the centre and
+    two diagonal 1-pixel shifts (airbench), or with `shift` every translation up to that many pixels; each
+    also flipped with flip or altflip."""
     flip = "flip" in augment or "altflip" in augment
-    views = [images, images.flip(3)] if flip else [images]
+    offsets = [(0, 0)]
     if "crop" in augment:
-        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-        h, w = images.shape[-2:]
-        for shifted in (padded[..., :h, :w], padded[..., 2:, 2:]):
-            views += [shifted, shifted.flip(3)] if flip else [shifted]
-    return views
+        reach = range(-shift, shift + 1) if shift else ()
+        offsets = [(dy, dx) for dy in reach for dx in reach] if shift else [(-1, -1), (0, 0), (1, 1)]
+    pad = max(abs(dy) for dy, _ in offsets)
+    h, w = images.shape[-2:]
+    if pad >= min(h, w):
+        raise ImgclfError(f"tta_shift {pad} is not smaller than the {h}x{w} images; use a smaller shift")
+    padded = F.pad(images, (pad,) * 4, mode="reflect") if pad else images
+    for dy, dx in offsets:
+        view = padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+        yield view
+        if flip:
+            yield view.flip(3)
 
 
 @torch.no_grad()
 def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, batch_size: int = 500,
-                   precision: str = "fp32", tta_augment: list[str] | None = None) -> torch.Tensor:
+                   precision: str = "fp32", tta_augment: list[str] | None = None,
+                   tta_shift: int | None = None) -> torch.Tensor:
     """Float32 logits for uint8 images (N, C, H, W); with tta_augment, averaged over the TTA views."""
     keep_freed_memory()  # TTA on 10,000 images would otherwise page-fault every batch in afresh
     device = next(net.parameters()).device
@@ -71,9 +82,12 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(device), mean_t, std_t)
         x = x.contiguous(memory_format=memory_format)
-        views = tta_views(x, tta_augment) if tta_augment is not None else [x]
+        views = tta_views(x, tta_augment, tta_shift) if tta_augment is not None else [x]
         with autocast(device, precision):
-            out.append(torch.stack([net(v).float() for v in views]).mean(0))
+            total, count = 0, 0
+            for view in views:  # one view at a time: 50 views of a batch need not be in memory together
+                total, count = total + net(view).float(), count + 1
+            out.append(total / count)
     net.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 0)
 
@@ -133,6 +147,15 @@ def _align_labels(split_labels: torch.Tensor, data_classes: list[str], model_cla
     return mapping[split_labels]
 
 
+def _prediction_options(model: TrainedModel, tta: bool | None) -> tuple[bool, dict[str, Any]]:
+    """(tta, predict_logits keywords) for a run: `tta=None` uses its recipe's setting."""
+    tta = bool(model.info.get("tta", False)) if tta is None else tta
+    options = {"precision": model.info.get("precision", "fp32")}
+    if tta:
+        options.update(tta_augment=model.info.get("augment", []), tta_shift=model.info.get("tta_shift"))
+    return tta, options
+
+
 def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bool | None = None,
                          batch_size: int = 500) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """evaluate() on a loaded model and dataset, also returning the logits and the (model-aligned) labels."""
@@ -140,11 +163,8 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
     if tuple(chosen.images.shape[1:]) != tuple(model.input_shape):
         raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
                           f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
-    if tta is None:
-        tta = bool(model.info.get("tta", False))
-    logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size,
-                            precision=model.info.get("precision", "fp32"),
-                            tta_augment=model.info.get("augment", []) if tta else None)
+    tta, options = _prediction_options(model, tta)
+    logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size, **options)
     labels = _align_labels(chosen.labels, data.class_names, model.class_names)
     metrics = classification_metrics(logits, labels, model.class_names)
     return {"dataset": data.name, "split": split, "tta": tta, **metrics}, logits, labels
@@ -184,11 +204,7 @@ def predict(run_or_model: str | Path | TrainedModel, images: list[str | Path] | 
     model, _ = _as_model(run_or_model)
     if not isinstance(images, torch.Tensor):
         images = read_images(list(images), model.input_shape)
-    if tta is None:
-        tta = bool(model.info.get("tta", False))
-    logits = predict_logits(model.net, images, model.mean, model.std,
-                            precision=model.info.get("precision", "fp32"),
-                            tta_augment=model.info.get("augment", []) if tta else None)
+    logits = predict_logits(model.net, images, model.mean, model.std, **_prediction_options(model, tta)[1])
     probabilities = logits.softmax(1)
     k = max(1, min(top_k, model.num_classes))
     top = probabilities.topk(k, dim=1)
