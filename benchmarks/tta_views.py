@@ -1,0 +1,62 @@
+"""Validation accuracy of a trained run under several test-time-augmentation view sets.
+
+    python benchmarks/tta_views.py RUN_DIR [RUN_DIR ...]
+
+RUN_DIR is the --out folder of an `imgclf train ... --val-split F` run; its own validation split is rebuilt.
+Each view (a shift of up to 2 pixels, flipped or not) is predicted once, then the sets average their views.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from imgclf.evaluate import _as_model, load_run_dataset, predict_logits, tta_views  # noqa: E402
+
+MAX_SHIFT = 2  # pixels
+FLIPS = (False, True)
+SHIFT_SETS = {  # name: the (dy, dx) shifts of a view set
+    "centre": [(0, 0)],
+    "centre + diagonal 1-pixel shifts (airbench, tta_shift unset)": [(-1, -1), (0, 0), (1, 1)],
+    "3x3 shifts (tta_shift: 1)": [(dy, dx) for dy in range(-1, 2) for dx in range(-1, 2)],
+    "5x5 shifts (tta_shift: 2)": [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)],
+    "diagonal shifts up to 2": [(d, d) for d in range(-2, 3)],
+}
+
+
+def view_accuracies(run_dir: str) -> dict[str, float]:
+    model, path = _as_model(run_dir)
+    val = load_run_dataset(model, path, None, None).split("val")
+    precision = model.info.get("precision", "fp32")
+    # tta_views yields each shift of the grid in row order, then its flip.
+    views = tta_views(val.images.float(), ["crop", "flip"], shift=MAX_SHIFT)
+    keys = [(dy, dx, flip) for dy, dx in SHIFT_SETS["5x5 shifts (tta_shift: 2)"] for flip in FLIPS]
+    logits = {key: predict_logits(model.net, view.to(torch.uint8), model.mean, model.std, precision=precision)
+              for key, view in zip(keys, views, strict=True)}
+    results = {}
+    for name, shifts in SHIFT_SETS.items():
+        for flips in ((False,), FLIPS):
+            mean = torch.stack([logits[dy, dx, f] for dy, dx in shifts for f in flips]).mean(0)
+            label = f"{name}{' x flip' if len(flips) == 2 else ''} ({len(shifts) * len(flips)} views)"
+            results[label] = (mean.argmax(1) == val.labels).float().mean().item() * 100
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders trained with a validation split")
+    args = parser.parse_args()
+    table = {run: view_accuracies(run) for run in args.runs}
+    names = list(next(iter(table.values())))
+    print("| view set | " + " | ".join(args.runs) + " | mean |")
+    print("| --- |" + " --- |" * (len(args.runs) + 1))
+    for name in names:
+        values = [table[run][name] for run in args.runs]
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
