@@ -51,9 +51,10 @@ def tta_views(images: torch.Tensor, augment: list[str], shift: int | None = None
     also flipped with flip or altflip."""
     flip = "flip" in augment or "altflip" in augment
     offsets = [(0, 0)]
-    if "crop" in augment:
-        reach = range(-shift, shift + 1) if shift else ()
-        offsets = [(dy, dx) for dy in reach for dx in reach] if shift else [(-1, -1), (0, 0), (1, 1)]
+    if "crop" in augment and shift:
+        offsets = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
+    elif "crop" in augment:
+        offsets = [(-1, -1), (0, 0), (1, 1)]
     pad = max(abs(dy) for dy, _ in offsets)
     h, w = images.shape[-2:]
     if pad >= min(h, w):
