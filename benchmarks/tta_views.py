@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from imgclf.evaluate import _as_model, load_run_dataset, predict_logits, tta_views  # noqa: E402
+from imgclf.evaluate import load_run_dataset, predict_logits, tta_views  # noqa: E402
+from imgclf.runs import load_model  # noqa: E402
 
 MAX_SHIFT = 2  # pixels
 FLIPS = (False, True)
@@ -28,8 +29,8 @@ SHIFT_SETS = {  # name: the (dy, dx) shifts of a view set
 
 
 def view_accuracies(run_dir: str) -> dict[str, float]:
-    model, path = _as_model(run_dir)
-    val = load_run_dataset(model, path, None, None).split("val")
+    model = load_model(run_dir)
+    val = load_run_dataset(model, Path(run_dir), None, None).split("val")
     precision = model.info.get("precision", "fp32")
     # tta_views yields each shift of the grid in row order, then its flip.
     views = tta_views(val.images.float(), ["crop", "flip"], shift=MAX_SHIFT)

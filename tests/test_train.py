@@ -169,12 +169,12 @@ def test_fast_training_options(tmp_path):
     assert load_model(result.run_dir).info["tta_shift"] == 1  # evaluate's TTA uses the recipe's views
 
 
-def test_bf16_prediction_puts_a_loaded_net_in_channels_last():
+def test_bf16_prediction_puts_the_net_in_channels_last():
     net = create_model("fastnet", num_classes=10, in_channels=3, image_size=16, widths=[8, 16, 16]).eval()
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     expected = predict_logits(net, images, (0.5,) * 3, (0.25,) * 3, precision="fp32")
     logits = predict_logits(net, images, (0.5,) * 3, (0.25,) * 3, precision="bf16")
-    assert net.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout
+    assert net.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)  # a loaded net is not
     assert torch.allclose(logits, expected, atol=0.1 * expected.abs().max().item())
 
 
