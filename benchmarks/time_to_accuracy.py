@@ -184,8 +184,9 @@ def images_per_second(net, batch_size: int, shape: tuple[int, int, int], precisi
     import torch
     import torch.nn.functional as F
 
-    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-    fmt = torch.channels_last if precision == "bf16" and has_conv else torch.contiguous_format
+    from imgclf.evaluate import memory_format
+
+    fmt = memory_format(net, precision)
     net = net.to(memory_format=fmt)
     x = torch.randn(batch_size, *shape).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch_size,))

@@ -29,6 +29,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+def memory_format(net: torch.nn.Module, precision: str) -> torch.memory_format:
+    """channels_last for convnets in reduced precision (oneDNN's fast bf16 layout on AMX CPUs), else contiguous."""
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    return torch.channels_last if precision != "fp32" and has_conv else torch.contiguous_format
+
+
 @functools.cache  # once per process: training and every prediction call ask for it
 def keep_freed_memory() -> None:
     """Let glibc's malloc keep and reuse freed blocks instead of handing every large one back to the system.
@@ -76,16 +82,16 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
     device = next(net.parameters()).device
     mean_t = torch.tensor(mean, device=device)
     std_t = torch.tensor(std, device=device)
-    memory_format = torch.channels_last if precision != "fp32" and images.dim() == 4 else torch.contiguous_format
-    # Filters in the images' layout: a net loaded from a run has contiguous filters, and a bf16 fastnet then
-    # predicted at a fraction of its speed (for the training net, already in channels_last, a no-op).
-    net.to(memory_format=memory_format)
+    layout = memory_format(net, precision)
+    # A net loaded from a run has contiguous filters, and a bf16 fastnet then predicted at a fraction of its
+    # speed (for the training net, already in this layout, a no-op).
+    net.to(memory_format=layout)
     was_training = net.training
     net.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(device), mean_t, std_t)
-        x = x.contiguous(memory_format=memory_format)
+        x = x.contiguous(memory_format=layout)
         views = tta_views(x, tta_augment, tta_shift) if tta_augment is not None else [x]
         with autocast(device, precision):
             total, count = 0, 0

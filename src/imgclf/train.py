@@ -28,7 +28,7 @@ from imgclf import __version__, distributed
 from imgclf.config import RunConfig, make_config
 from imgclf.data import Dataset, load_dataset
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import autocast, keep_freed_memory, predict_logits
+from imgclf.evaluate import autocast, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
 from imgclf.models import count_params, create_model
 from imgclf.optim import Lookahead, build_optimizer, lr_factor
@@ -219,9 +219,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if cfg.progressive_size:
         _check_progressive(net, config.model.name, cfg.progressive_size, (c, h, w), device)
     precision = resolve_precision(cfg.precision, device, net)
-    memory_format = torch.channels_last if precision != "fp32" and any(
-        isinstance(m, torch.nn.Conv2d) for m in net.modules()) else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
+    layout = memory_format(net, precision)
+    net = net.to(memory_format=layout)
     optimizer = build_optimizer(net, cfg, precision)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -261,7 +260,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     train_set = TrainImages(train_images, train_labels, mean, std,
                             crop_padding=cfg.crop_padding if cfg.crop_padding is not None else max(1, h // 8),
                             cutout_size=cfg.cutout_size if cfg.cutout_size is not None else max(1, h // 4),
-                            memory_format=memory_format)
+                            memory_format=layout)
 
     trainable, total = count_params(net)
     ranks = f"{ctx.world_size} processes ({ctx.backend}) x " if ctx.enabled else ""
