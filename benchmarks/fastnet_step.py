@@ -2,11 +2,12 @@
 each CPU speed-up, so their effect can be checked on any machine.
 
     python benchmarks/fastnet_step.py [--batch-size 512] [--shape 32x32x3] [--widths 64,256,256]
-        [--torch-layers] [--no-keep-freed-memory] [--frozen-whiten-bias]
+        [--torch-layers] [--no-keep-freed-memory] [--frozen-whiten-bias] [--precision auto|bf16|fp32]
 
 --torch-layers swaps fastnet's Conv3x3 and MaxPool2x2 for torch's nn.Conv2d and nn.MaxPool2d;
 --no-keep-freed-memory leaves glibc's default (a fresh mmap for every large tensor);
---frozen-whiten-bias times a step after whiten_bias_epochs. bf16 autocast, channels_last. Nothing is saved.
+--frozen-whiten-bias times a step after whiten_bias_epochs. The precision and layout are training's: auto is
+bf16 autocast with channels_last where the CPU has AMX or AVX512-BF16, else fp32. Nothing is saved.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgclf.evaluate import autocast, memory_format
 from imgclf.models import Conv3x3, MaxPool2x2, create_model
-from imgclf.train import keep_freed_memory
+from imgclf.train import keep_freed_memory, resolve_precision
 
 
 def with_torch_layers(net: nn.Module) -> None:
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--no-keep-freed-memory", action="store_true")
     parser.add_argument("--frozen-whiten-bias", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     args = parser.parse_args()
     if not args.no_keep_freed_memory:
         keep_freed_memory()
@@ -53,14 +56,16 @@ def main() -> None:
     if args.torch_layers:
         with_torch_layers(net)
     net.whiten.bias.requires_grad_(not args.frozen_whiten_bias)
-    net = net.to(memory_format=torch.channels_last)
+    precision = resolve_precision(args.precision, torch.device("cpu"), net)
+    layout = memory_format(net, precision)
+    net = net.to(memory_format=layout)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 nesterov=True)
-    x = torch.randn(args.batch_size, channels, size, size).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, channels, size, size).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch_size,))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), precision):
             loss = F.cross_entropy(net(x).float(), y, label_smoothing=0.2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,7 +77,8 @@ def main() -> None:
     for _ in range(args.steps):
         step()
     seconds = (time.perf_counter() - started) / args.steps
-    print(f"fastnet {args.widths} at {args.shape}, batch {args.batch_size}, {torch.get_num_threads()} threads: "
+    print(f"fastnet {args.widths} at {args.shape}, batch {args.batch_size}, {precision}, "
+          f"{torch.get_num_threads()} threads: "
           f"{seconds * 1000:.1f} ms a step, {args.batch_size / seconds:,.0f} img/s")
 
 

@@ -3,7 +3,7 @@
     python benchmarks/time_to_accuracy.py --recipe mnist-fast --runs 3 [--dataset D] [--data-dir DIR]
     python benchmarks/time_to_accuracy.py --model mlp --dataset mnist --epochs 1
     python benchmarks/time_to_accuracy.py --recipe cifar10-fast --dataset DIR --val-split 0.1 --set lr=0.5 --no-save
-    python benchmarks/time_to_accuracy.py --throughput [--models cnn,mlp] [--batch-size 512]
+    python benchmarks/time_to_accuracy.py --throughput [--models cnn,mlp] [--batch-size 512] [--precisions fp32]
 
 Each timed run is a fresh process (seed 0, 1, ..., or from --first-seed): wall seconds run from that
 process's start to the evaluated model, so imports, data loading (already downloaded), training and
@@ -32,29 +32,32 @@ import yaml
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def matmul_tflops() -> float:
-    """The bf16 matmul speed of this machine now. The development VM, always reported as "Intel(R) Xeon(R)
-    Processor", ran bf16 matmuls at 1.3-1.6 TFLOP/s on 2026-11-22 and on the morning of 2026-12-01
-    (conv_backward.py's matmul column: 23.4 and 18.5 ms for 29.6 GFLOP) and at 0.4-0.9 that evening:
-    seconds in two rows compare only at the same speed."""
+def matmul_tflops() -> tuple[str, float]:
+    """The matmul speed of this machine now, in the precision training picks here (bf16 where the CPU has
+    AMX or AVX512-BF16, else fp32: emulated bf16 takes seconds for one such matmul). The development VM,
+    always reported as "Intel(R) Xeon(R) Processor", ran bf16 matmuls at 1.3-1.6 TFLOP/s on 2026-11-22 and on
+    the morning of 2026-12-01 and at 0.4-0.9 that evening: seconds in two rows compare only at the same speed."""
     import torch
 
-    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    from imgclf.train import cpu_has_fast_bf16
+
+    dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b  # oneDNN's first call picks its kernel
     seconds = []
     while sum(seconds) < 1.0:
         started = time.perf_counter()
         a @ b
         seconds.append(time.perf_counter() - started)
-    return 2 * 2048**3 / statistics.median(seconds) / 1e12
+    return ("bf16" if dtype == torch.bfloat16 else "fp32"), 2 * 2048**3 / statistics.median(seconds) / 1e12
 
 
-def machine(*tflops: float) -> str:
+def machine(*speeds: tuple[str, float]) -> str:
     """Cores, processor name and the matmul speeds measured around the runs (before, after: a drift shows)."""
     from imgclf.train import cpu_name
 
-    speeds = " then ".join(f"{t:.2f}" for t in tflops)
-    return f"{os.cpu_count()} cores {cpu_name()}, bf16 matmul {speeds} TFLOP/s"
+    tflops = " then ".join(f"{t:.2f}" for _, t in speeds)
+    return f"{os.cpu_count()} cores {cpu_name()}, {speeds[0][0]} matmul {tflops} TFLOP/s"
 
 
 def git_commit() -> str:
@@ -231,6 +234,9 @@ def throughput(args: argparse.Namespace) -> None:
     if height != width:
         sys.exit(f"--shape {args.shape}: the models take square images")
     size = height
+    precisions = args.precisions.split(",")
+    if not set(precisions) <= {"fp32", "bf16"}:
+        sys.exit(f"--precisions {args.precisions}: use fp32, bf16 or fp32,bf16")
     command = "python benchmarks/time_to_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     header = (f"## Throughput (images/s, batch {args.batch_size})\n\n| model | input | precision | train img/s "
               "| inference img/s | machine | torch | date | commit | command |\n"
@@ -238,7 +244,7 @@ def throughput(args: argparse.Namespace) -> None:
     host = machine(matmul_tflops())  # before the models load the machine
     torch.manual_seed(0)
     for name in names:
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             try:
                 net = create_model(name, num_classes=10, in_channels=c, image_size=size)
             except Exception as e:  # a model that does not fit this input size
@@ -270,6 +276,8 @@ def main() -> None:
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--models", help="throughput: comma-separated model names (default: all)")
     parser.add_argument("--shape", default="32x32x3", help="throughput: input HxWxC (default 32x32x3)")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="throughput: comma-separated, of fp32 and bf16 (bf16 is slow without AMX/AVX512-BF16)")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--min-steps", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=5.0)

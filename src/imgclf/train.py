@@ -268,6 +268,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         f"{len(data.val) if data.val is not None else 0:,} val images {tuple(data.train.images.shape[1:])}, "
         f"{data.num_classes} classes, {trainable:,} trainable params, {precision} on {device.type} "
         f"({ranks}{torch.get_num_threads()} threads) -> {run_dir}")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        # Measured on an AMD EPYC with AVX2 only: a fastnet step 12x slower in bf16 than in fp32.
+        say("[yellow]warning:[/] this CPU has no AMX or AVX512-BF16, so bf16 runs several times slower than "
+            "fp32 here; use --precision auto or fp32")
     # DDP wraps the net after init_from_data and resume: it copies rank 0's weights to every rank.
     learner = Learner(distributed.wrap(net, ctx, device), optimizer, scaler, ema, lookahead)
 
