@@ -203,6 +203,8 @@ def test_whiten_bias_trains_only_in_its_first_epochs(tmp_path):
     assert frozen.whiten.bias.requires_grad  # frozen only while training: the returned net trains as built
     with pytest.raises(ImgclfError, match="whiten_bias_epochs -1"):
         train(out=tmp_path / "bad", whiten_bias_epochs=-1, **options)
+    with pytest.raises(ImgclfError, match="whiten_bias_epochs is for nets with a patch-whitening layer"):
+        train(out=tmp_path / "no-whitening", **{**options, "model": "mlp", "model_options": {}}, whiten_bias_epochs=1)
 
 
 def test_progressive_resizing_trains_early_epochs_on_smaller_windows(tmp_path):

@@ -216,6 +216,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     c, h, w = data.train.images.shape[1:]
     net = create_model(config.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
                        **config.model.options).to(device)
+    if cfg.whiten_bias_epochs is not None and whitening_bias(net) is None:
+        raise ImgclfError(f"whiten_bias_epochs is for nets with a patch-whitening layer (fastnet); "
+                          f"{config.model.name} has none: remove it from the recipe")
     if cfg.progressive_size:
         _check_progressive(net, config.model.name, cfg.progressive_size, (c, h, w), device)
     precision = resolve_precision(cfg.precision, device, net)
@@ -400,6 +403,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def whitening_bias(net: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The bias of a net's frozen patch-whitening layer (fastnet's `whiten`), which whiten_bias_epochs limits."""
+    whiten = getattr(net, "whiten", None)
+    return getattr(whiten, "bias", None)
+
+
 def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, steps_per_epoch: int,
                     generator: torch.Generator, precision: str, ctx: distributed.Context,
                     on_progress: Callable[..., None]) -> dict[str, float]:
@@ -414,12 +423,14 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
     augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(
         cfg.seed * 1_000_003 + (epoch - 1) * 1009 + ctx.rank + 1)
     inner = distributed.unwrap(net)
-    whiten = getattr(inner, "whiten", None)
-    # DDP expects a gradient for every parameter it was built with: ranks keep training the bias.
-    freeze_whiten_bias = (cfg.whiten_bias_epochs is not None and epoch > cfg.whiten_bias_epochs
-                          and whiten is not None and whiten.bias is not None and not ctx.enabled)
-    if freeze_whiten_bias:
-        whiten.bias.requires_grad_(False)  # for this epoch only: the trained net keeps a trainable bias
+    bias = whitening_bias(inner)
+    bias_done = cfg.whiten_bias_epochs is not None and epoch > cfg.whiten_bias_epochs and bias is not None
+    # Alone, freezing the bias also spares the backward pass through the first block. DDP expects a gradient
+    # for every parameter it was built with, so ranks drop the bias's gradient after each backward instead:
+    # the optimizer skips a parameter without one, and the bias stays put as it would alone.
+    freeze_bias, drop_bias_grad = bias_done and not ctx.enabled, bias_done and ctx.enabled
+    if freeze_bias:
+        bias.requires_grad_(False)  # for this epoch only: the trained net keeps a trainable bias
     first_step = (epoch - 1) * steps_per_epoch
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
@@ -444,6 +455,8 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
                               "the last finished epoch is kept: lower --lr or use --precision fp32")
         optimizer.zero_grad(set_to_none=True)
         learner.scaler.scale(loss).backward()
+        if drop_bias_grad:
+            bias.grad = None
         learner.scaler.step(optimizer)
         learner.scaler.update()
         if learner.ema is not None:
@@ -457,8 +470,8 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
             rate = seen / (time.perf_counter() - started)
             on_progress(completed=step + 1,
                         stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} {rate:,.0f} img/s")
-    if freeze_whiten_bias:
-        whiten.bias.requires_grad_(True)
+    if freeze_bias:
+        bias.requires_grad_(True)
     loss_sum, correct, seen = ctx.sum(loss_sum, correct, torch.tensor(seen))
     return {"train_loss": (loss_sum / seen).item(), "train_acc": (correct / seen).item(),
             "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
