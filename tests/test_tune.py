@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from imgclf.cli import main
 from imgclf.config import RunConfig
+from imgclf.errors import ImgclfError
 from imgclf.models import count_params, create_model
 from imgclf.spaces import grid_points, list_spaces, load_space, suggest, trial_config
 from imgclf.tune import tune
@@ -87,6 +88,22 @@ def test_hparams_grid_is_the_full_grid_and_l1l2_sets_both_penalties():
     config = trial_config(RunConfig.from_dict(space.base), space, values)
     assert config.train.l1 == config.train.weight_decay == 0.01
     assert config.model.options["filters"] == [64] and config.model.options["pool"] == 4
+
+
+def test_a_space_can_start_from_a_recipe_by_name_path_or_under_its_own_options(tmp_path):
+    params = {"train.lr": {"type": "float", "low": 0.1, "high": 1.0}}
+    (tmp_path / "mine.yaml").write_text("base: mnist-fast\ntrain: {epochs: 2}\n")
+    by_name = RunConfig.from_dict(load_space(write_space(tmp_path, params, base="mnist-fast", name="a")).base)
+    by_path = RunConfig.from_dict(load_space(write_space(tmp_path, params, base="mine.yaml", name="b")).base)
+    under = RunConfig.from_dict(load_space(write_space(tmp_path, params, name="c", base={
+        "base": "mnist-fast", "train": {"batch_size": 128}})).base)
+    assert by_name.model.name == by_path.model.name == under.model.name == "fastnet"
+    assert (by_name.train.epochs, by_path.train.epochs, under.train.epochs) == (5, 2, 5)
+    assert (by_name.train.batch_size, under.train.batch_size) == (256, 128)
+    with pytest.raises(ImgclfError, match="base must be a recipe name or path, or a mapping"):
+        load_space(write_space(tmp_path, params, base=[1, 2], name="d"))
+    with pytest.raises(ImgclfError, match="unknown recipe 'nosuchrecipe'"):
+        load_space(write_space(tmp_path, params, base="nosuchrecipe", name="e"))
 
 
 # ---- studies ---------------------------------------------------------------------------------------------

@@ -200,20 +200,24 @@ def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> t
 
 
 def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple[Path, dict[str, Any]]:
-    """(path, sections) of a recipe, with those of the recipe its `base:` names underneath: the recipe's
-    own data/model/train options replace the base's one by one."""
+    """(path, sections) of a recipe file, with those of the recipe its `base:` names underneath."""
     path, raw = read_shipped_or_file(name_or_path, recipe_dir(), "recipe")
     if not isinstance(raw, dict):
         raise ImgclfError(f"recipe {path} must be a YAML mapping with data/model/train sections")
-    if "base" not in raw:
-        return path, raw
-    if path.resolve() in seen:
+    if "base" in raw and path.resolve() in seen:
         raise ImgclfError(f"recipe {path} is its own base (through base: {raw['base']}); break the cycle")
-    # A bare name is a shipped recipe; anything with a suffix or a folder is a path from this recipe's folder.
+    return path, over_base(raw, path.parent, (*seen, path.resolve()))
+
+
+def over_base(raw: dict[str, Any], folder: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe mapping's own data/model/train options laid one by one over those of the recipe its `base:`
+    names: a bare name is a shipped recipe, anything with a suffix or a folder a path from `folder`."""
+    if "base" not in raw:
+        return raw
     base = str(raw["base"])
     if Path(base).suffix or Path(base).name != base:
-        base = path.parent / base
-    _, merged = _read_recipe(base, (*seen, path.resolve()))
+        base = folder / base
+    _, merged = _read_recipe(base, seen)
     # Only the base's sections carry over: its name (recipe:) and description are not this recipe's.
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in merged.items()
               if key in ("data", "model", "train")}
@@ -226,7 +230,7 @@ def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple
             merged[key].update(value)
         else:
             merged[key] = value
-    return path, merged
+    return merged
 
 
 def load_recipe(name_or_path: str | Path) -> RunConfig:

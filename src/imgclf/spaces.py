@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 import yaml
 
-from imgclf.config import DataConfig, RunConfig, TrainConfig, read_shipped_or_file
+from imgclf.config import DataConfig, RunConfig, TrainConfig, over_base, read_shipped_or_file
 from imgclf.errors import ImgclfError
 from imgclf.models import MODELS
 
@@ -61,7 +61,13 @@ def load_space(name_or_path: str | Path) -> Space:
     unknown = set(raw) - {"description", "base", "params"}
     if unknown:
         raise ImgclfError(f"{source}: unknown key(s) {sorted(unknown)}; use description, base, params")
-    space = Space(path.stem, raw.get("description") or "", raw.get("base") or {}, raw["params"])
+    base = raw.get("base") or {}
+    if isinstance(base, str):  # a recipe, by name or path, as a recipe's own base:
+        base = {"base": base}
+    if not isinstance(base, dict):
+        raise ImgclfError(f"{source}: base must be a recipe name or path, or a mapping of data/model/train "
+                          "options (which may name a recipe under its own base:)")
+    space = Space(path.stem, raw.get("description") or "", over_base(base, path.parent), raw["params"])
     base = RunConfig.from_dict(space.base, source=f"{source}: base")
     for name, spec in space.params.items():
         _check_param(source, space, name, spec, base.model.name)
