@@ -39,7 +39,7 @@ def matmul_tflops() -> tuple[str, float]:
     the morning of 2026-12-01 and at 0.4-0.9 that evening: seconds in two rows compare only at the same speed."""
     import torch
 
-    from imgclf.train import cpu_has_fast_bf16
+    from imgclf.evaluate import cpu_has_fast_bf16
 
     dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)

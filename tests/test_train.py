@@ -10,7 +10,7 @@ import torch
 from imgclf import evaluate, train
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import predict_logits, tta_views
+from imgclf.evaluate import memory_format, predict_logits, tta_views
 from imgclf.models import create_model
 from imgclf.optim import hidden_matrices, lr_factor, orthogonalize
 from imgclf.runs import load_model, read_metrics
@@ -167,6 +167,16 @@ def test_fast_training_options(tmp_path):
     assert result.history[-1]["val_acc"] > 0.7
     assert evaluate(result.run_dir, split="val", tta=True)["accuracy"] > 0.7
     assert load_model(result.run_dir).info["tta_shift"] == 1  # evaluate's TTA uses the recipe's views
+
+
+def test_convnets_take_channels_last_where_it_was_measured_faster(monkeypatch):
+    evaluate_module = importlib.import_module("imgclf.evaluate")
+    cnn, mlp = create_model("cnn"), create_model("mlp")
+    for fast_bf16, fp32_layout in ((True, torch.contiguous_format), (False, torch.channels_last)):
+        monkeypatch.setattr(evaluate_module, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
+        assert memory_format(cnn, "bf16") == torch.channels_last
+        assert memory_format(cnn, "fp32") == fp32_layout
+        assert memory_format(mlp, "bf16") == memory_format(mlp, "fp32") == torch.contiguous_format
 
 
 def test_bf16_prediction_puts_the_net_in_channels_last():

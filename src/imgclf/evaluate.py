@@ -29,10 +29,24 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 make bf16 convolutions several times faster than fp32; elsewhere bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def memory_format(net: torch.nn.Module, precision: str) -> torch.memory_format:
-    """channels_last for convnets in reduced precision (oneDNN's fast bf16 layout on AMX CPUs), else contiguous."""
-    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-    return torch.channels_last if precision != "fp32" and has_conv else torch.contiguous_format
+    """channels_last for convnets in reduced precision (oneDNN's fast bf16 layout on AMX CPUs) and in fp32 on
+    CPUs without fast bf16 (1.2-1.4x faster there: benchmarks/RESULTS.md, 2026-12-02), else contiguous."""
+    if not any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
+        return torch.contiguous_format
+    on_cpu = next(net.parameters()).device.type == "cpu"
+    fp32_fast = precision == "fp32" and on_cpu and not cpu_has_fast_bf16()
+    return torch.channels_last if precision != "fp32" or fp32_fast else torch.contiguous_format
 
 
 @functools.cache  # once per process: training and every prediction call ask for it

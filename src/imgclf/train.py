@@ -28,7 +28,7 @@ from imgclf import __version__, distributed
 from imgclf.config import RunConfig, make_config
 from imgclf.data import Dataset, load_dataset
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import autocast, keep_freed_memory, memory_format, predict_logits
+from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
 from imgclf.models import count_params, create_model
 from imgclf.optim import Lookahead, build_optimizer, lr_factor
@@ -76,15 +76,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 make bf16 convolutions several times faster than fp32; elsewhere bf16 is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module) -> str:
