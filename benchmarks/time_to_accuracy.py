@@ -187,24 +187,24 @@ def images_per_second(net, batch_size: int, shape: tuple[int, int, int], precisi
     import torch
     import torch.nn.functional as F
 
-    from imgclf.evaluate import memory_format
+    from imgclf.evaluate import autocast, memory_format
 
+    cpu = torch.device("cpu")
     fmt = memory_format(net, precision)
     net = net.to(memory_format=fmt)
     x = torch.randn(batch_size, *shape).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch_size,))
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def train_step() -> None:
-        with autocast:
+        with autocast(cpu, precision):
             loss = F.cross_entropy(net(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     def infer_step() -> None:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(cpu, precision):
             net(x)
 
     rates = []
