@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from imgclf.evaluate import load_run_dataset, predict_logits, tta_views  # noqa: E402
+from imgclf.evaluate import load_run_dataset, predict_logits, tta_shifts, tta_views  # noqa: E402
 from imgclf.runs import load_model  # noqa: E402
 
 MAX_SHIFT = 2  # pixels
 FLIPS = (False, True)
-SHIFT_SETS = {  # name: the (dy, dx) shifts of a view set
-    "centre": [(0, 0)],
-    "centre + diagonal 1-pixel shifts (airbench, tta_shift unset)": [(-1, -1), (0, 0), (1, 1)],
-    "3x3 shifts (tta_shift: 1)": [(dy, dx) for dy in range(-1, 2) for dx in range(-1, 2)],
-    "5x5 shifts (tta_shift: 2)": [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)],
+SHIFT_SETS = {  # name: the (dy, dx) shifts of a view set; all but the last are imgclf's own
+    "centre": tta_shifts([]),
+    "centre + diagonal 1-pixel shifts (airbench, tta_shift unset)": tta_shifts(["crop"]),
+    "3x3 shifts (tta_shift: 1)": tta_shifts(["crop"], 1),
+    "5x5 shifts (tta_shift: 2)": tta_shifts(["crop"], 2),
     "diagonal shifts up to 2": [(d, d) for d in range(-2, 3)],
 }
 
@@ -32,9 +32,8 @@ def view_accuracies(run_dir: str) -> dict[str, float]:
     model = load_model(run_dir)
     val = load_run_dataset(model, Path(run_dir), None, None).split("val")
     precision = model.info.get("precision", "fp32")
-    # tta_views yields each shift of the grid in row order, then its flip.
-    views = tta_views(val.images.float(), ["crop", "flip"], shift=MAX_SHIFT)
-    keys = [(dy, dx, flip) for dy, dx in SHIFT_SETS["5x5 shifts (tta_shift: 2)"] for flip in FLIPS]
+    views = tta_views(val.images.float(), ["crop", "flip"], shift=MAX_SHIFT)  # each shift, then its flip
+    keys = [(dy, dx, flip) for dy, dx in tta_shifts(["crop"], MAX_SHIFT) for flip in FLIPS]
     logits = {key: predict_logits(model.net, view.to(torch.uint8), model.mean, model.std, precision=precision)
               for key, view in zip(keys, views, strict=True)}
     results = {}

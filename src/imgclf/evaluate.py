@@ -65,16 +65,21 @@ def keep_freed_memory() -> None:
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
 
 
-def tta_views(images: torch.Tensor, augment: list[str], shift: int | None = None) -> Iterator[torch.Tensor]:
-    """The views averaged by test-time augmentation: those the net saw in training. With crop, the centre and
-    two diagonal 1-pixel shifts (airbench), or with `shift` every translation up to that many pixels; each
-    also flipped with flip or altflip."""
-    flip = "flip" in augment or "altflip" in augment
-    offsets = [(0, 0)]
+def tta_shifts(augment: list[str], shift: int | None = None) -> list[tuple[int, int]]:
+    """The (dy, dx) pixel shifts test-time augmentation averages: with crop, the centre and two diagonal
+    1-pixel shifts (airbench), or with `shift` every translation up to that many pixels; else the centre."""
     if "crop" in augment and shift:
-        offsets = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
-    elif "crop" in augment:
-        offsets = [(-1, -1), (0, 0), (1, 1)]
+        return [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
+    if "crop" in augment:
+        return [(-1, -1), (0, 0), (1, 1)]
+    return [(0, 0)]
+
+
+def tta_views(images: torch.Tensor, augment: list[str], shift: int | None = None) -> Iterator[torch.Tensor]:
+    """The views averaged by test-time augmentation, those the net saw in training: each of tta_shifts in
+    turn, followed by its left-right flip with flip or altflip."""
+    flip = "flip" in augment or "altflip" in augment
+    offsets = tta_shifts(augment, shift)
     pad = max(abs(dy) for dy, _ in offsets)
     h, w = images.shape[-2:]
     if pad >= min(h, w):
