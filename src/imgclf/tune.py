@@ -286,7 +286,8 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     base.data.subset = subset or base.data.subset
     base.train.epochs = epochs or base.train.epochs
     if base.data.val_split <= 0:
-        raise ImgclfError("tuning scores trials on the validation split; give the space's base a data.val_split > 0")
+        raise ImgclfError("tuning scores trials on the validation split; give the space's base a data.val_split > 0 "
+                          "(e.g. base: {base: RECIPE, data: {val_split: 0.1}})")
     grid = grid_points(space_obj) if sampler == "grid" else None
     out = Path(out)
     storage = storage or str(out / "study.log")
