@@ -354,6 +354,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         draw_curves()
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"done in {seconds:.1f}s: model saved to {run_dir}")
+    if cfg.tta and any("val_acc" in r for r in history):  # one view per epoch keeps the epochs cheap
+        say(f"the epochs' val accuracy is of the plain images; `imgclf evaluate {run_dir}` adds the run's "
+            "test-time augmentation")
     if report:
         from imgclf.report import write_report
         say(f"report: {write_report(run_dir)}")
