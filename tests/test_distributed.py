@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from imgclf.models import create_model
 from imgclf.train import train
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -44,15 +43,14 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "ddp-rank0.pt", "ddp-rank1.pt", "single"]
 
 
-def test_two_ranks_keep_the_whitening_bias_where_whiten_bias_epochs_stops_it(tmp_path):
+def test_two_ranks_stop_the_whitening_bias_and_share_batch_norm_statistics(tmp_path):
     changes = {"model": "fastnet", "model_options": {"widths": [16, 32, 32]}, "optimizer": "nesterov", "lr": 0.2,
                "whiten_bias_epochs": 0}
     job = torchrun(WORKER, tmp_path / "ddp", 1, json.dumps(changes))
     assert job.returncode == 0, job.stderr[-2000:]
     rank0, rank1 = (torch.load(tmp_path / f"ddp-rank{r}.pt") for r in (0, 1))
     assert torch.equal(rank0["whiten.bias"], torch.zeros_like(rank0["whiten.bias"]))  # as init_from_data left it
-    for name, _ in create_model("fastnet", num_classes=10, in_channels=1, image_size=8,
-                                widths=[16, 32, 32]).named_parameters():  # the ranks' weights stayed in step
+    for name in rank0:  # the weights stayed in step, and rank 0's batch-norm statistics reached rank 1
         assert torch.allclose(rank0[name], rank1[name], rtol=0, atol=1e-6), name
 
 

@@ -53,6 +53,13 @@ class Context:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def broadcast_buffers(self, net: torch.nn.Module) -> None:
+        """Rank 0's buffers on every rank: each rank updates its batch-norm statistics from its own part of
+        the batch, and validation and the saved model should use the same statistics."""
+        if self.enabled:
+            for buffer in net.buffers():
+                dist.broadcast(buffer, src=0)
+
     def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
         """Element-wise sums over the ranks (float64, so counts stay exact)."""
         if not self.enabled:
