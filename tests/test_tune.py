@@ -104,8 +104,10 @@ def test_a_space_can_start_from_a_recipe_by_name_path_or_under_its_own_options(t
         load_space(write_space(tmp_path, params, base=[1, 2], name="d"))
     with pytest.raises(ImgclfError, match="unknown recipe 'nosuchrecipe'"):
         load_space(write_space(tmp_path, params, base="nosuchrecipe", name="e"))
-    with pytest.raises(ImgclfError, match=r"val_split > 0 \(e.g. base: \{base: RECIPE"):  # fast recipes have none
+    with pytest.raises(ImgclfError, match="pass --val-split 0.1 or give the space's base"):  # fast recipes: none
         tune("digits", write_space(tmp_path, params, base="mnist-fast", name="f"), trials=1, out=tmp_path / "t")
+    with pytest.raises(ImgclfError, match="val split 1.5 must be a fraction"):
+        tune("digits", write_space(tmp_path, params, base="mnist-fast", name="f"), val_split=1.5, out=tmp_path / "t")
 
 
 # ---- studies ---------------------------------------------------------------------------------------------

@@ -184,7 +184,8 @@ def _tune(args: argparse.Namespace) -> None:
 
     tune(args.dataset, args.space, sampler=args.sampler, pruner=args.pruner, trials=args.trials,
          timeout=args.timeout, epochs=args.epochs, executions=args.executions_per_trial, subset=args.subset,
-         workers=args.workers, storage=args.storage, study=args.study, out=args.out, data_dir=args.data_dir)
+         workers=args.workers, storage=args.storage, study=args.study, out=args.out, data_dir=args.data_dir,
+         val_split=args.val_split)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the space's)")
     p.add_argument("--executions-per-trial", type=int, default=1, metavar="K", help="average K seeds per trial")
     p.add_argument("--subset", type=int, help="train each trial on a stratified sample of N images")
+    p.add_argument("--val-split", type=float, metavar="F",
+                   help="score trials on this fraction of the training set (default: the space's)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (they split the cores)")
     p.add_argument("--storage", help="study storage: postgresql://USER:PASSWORD@HOST/DB to share it between "
                    "machines (default: a journal file OUT/study.log)")

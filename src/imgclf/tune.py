@@ -265,7 +265,8 @@ class TuneResult:
 def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe", pruner: str = "median",
          trials: int | None = None, timeout: float | None = None, epochs: int | None = None, executions: int = 1,
          subset: int | None = None, workers: int = 1, storage: str | None = None, study: str | None = None,
-         out: str | Path = "tune", data_dir: str | None = None, quiet: bool = False) -> TuneResult:
+         out: str | Path = "tune", data_dir: str | None = None, val_split: float | None = None,
+         quiet: bool = False) -> TuneResult:
     """Run (or resume, or join) a study until it holds `trials` completed or pruned trials; write its report.
 
     `trials` is the total: a re-run adds only the missing ones (failed trials do not count, so a re-run retries
@@ -285,9 +286,12 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     base.data.dataset, base.data.data_dir = dataset, data_dir or base.data.data_dir
     base.data.subset = subset or base.data.subset
     base.train.epochs = epochs or base.train.epochs
+    if val_split is not None and not 0 < val_split < 1:
+        raise ImgclfError(f"val split {val_split} must be a fraction between 0 and 1, e.g. 0.1")
+    base.data.val_split = val_split or base.data.val_split
     if base.data.val_split <= 0:
-        raise ImgclfError("tuning scores trials on the validation split; give the space's base a data.val_split > 0 "
-                          "(e.g. base: {base: RECIPE, data: {val_split: 0.1}})")
+        raise ImgclfError("tuning scores trials on the validation split; pass --val-split 0.1 or give the space's "
+                          "base a data.val_split > 0")
     grid = grid_points(space_obj) if sampler == "grid" else None
     out = Path(out)
     storage = storage or str(out / "study.log")
