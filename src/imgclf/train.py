@@ -303,8 +303,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                 row = train_one_epoch(learner, train_set, cfg, epoch, steps_per_epoch, generator, precision, ctx,
                                       partial(progress.update, task))
                 row["epoch"] = epoch
-                for module in {id(m): m for m in (net, evaluation_net())}.values():
-                    ctx.broadcast_buffers(module)
+                ctx.broadcast_buffers(net)
+                if ema is not None:
+                    ctx.broadcast_buffers(ema.module)
                 if data.val is not None and len(data.val) > 0:
                     row.update(validate(evaluation_net(), data, precision, ctx))
                 progress.remove_task(task)
