@@ -41,7 +41,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def memory_format(net: torch.nn.Module, precision: str) -> torch.memory_format:
     """channels_last for convnets in reduced precision (oneDNN's fast bf16 layout on AMX CPUs) and in fp32 on
-    CPUs without fast bf16 (1.2-1.4x faster there: benchmarks/RESULTS.md, 2026-12-02), else contiguous."""
+    CPUs without fast bf16 (faster on an AVX2 EPYC: the throughput rows at 6521ec7 in benchmarks/RESULTS.md),
+    else contiguous."""
     if not any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
         return torch.contiguous_format
     on_cpu = next(net.parameters()).device.type == "cpu"
