@@ -43,10 +43,12 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "ddp-rank0.pt", "ddp-rank1.pt", "single"]
 
 
-def test_two_ranks_stop_the_whitening_bias_and_share_batch_norm_statistics(tmp_path):
+def test_two_ranks_stop_the_whitening_bias_and_share_batch_norm_statistics_with_lookahead(tmp_path):
+    # Lookahead keeps a slow copy of the batch-norm statistics too, which each rank would otherwise pull
+    # towards its own; 2 epochs take it through an end-of-epoch sync and the final copy into the net.
     changes = {"model": "fastnet", "model_options": {"widths": [16, 32, 32]}, "optimizer": "nesterov", "lr": 0.2,
-               "whiten_bias_epochs": 0}
-    job = torchrun(WORKER, tmp_path / "ddp", 1, json.dumps(changes))
+               "whiten_bias_epochs": 0, "lookahead": True}
+    job = torchrun(WORKER, tmp_path / "ddp", 2, json.dumps(changes))
     assert job.returncode == 0, job.stderr[-2000:]
     rank0, rank1 = (torch.load(tmp_path / f"ddp-rank{r}.pt") for r in (0, 1))
     assert torch.equal(rank0["whiten.bias"], torch.zeros_like(rank0["whiten.bias"]))  # as init_from_data left it

@@ -46,8 +46,9 @@ def test_a_different_run_into_the_same_folder_is_refused(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text() == config_before
 
 
-def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch):
-    options = dict(FAST, epochs=3, augment="crop,flip", model_options={"dropout": 0.2})
+@pytest.mark.parametrize("extra", [{}, {"lookahead": True, "ema": 0.9}], ids=["plain", "lookahead-ema"])
+def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch, extra):
+    options = dict(FAST, epochs=3, augment="crop,flip", model_options={"dropout": 0.2}, **extra)
     straight = train(out=tmp_path / "straight", **options)
 
     train_module = importlib.import_module("imgclf.train")  # the module, not the function imgclf.train
@@ -165,6 +166,8 @@ def test_fast_training_options(tmp_path):
         schedule="linear", warmup_epochs=1, final_lr_fraction=0.1, bias_lr_scale=2, lookahead=True,
         augment="crop,altflip", label_smoothing=0.2, batch_size=32, tta_shift=1))
     assert result.history[-1]["val_acc"] > 0.7
+    whiten = result.model.whiten.weight  # frozen, so still the filters set from the data and their negatives
+    assert torch.equal(whiten[: len(whiten) // 2], -whiten[len(whiten) // 2:])
     assert evaluate(result.run_dir, split="val", tta=True)["accuracy"] > 0.7
     assert load_model(result.run_dir).info["tta_shift"] == 1  # evaluate's TTA uses the recipe's views
 

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -53,12 +54,11 @@ class Context:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def broadcast_buffers(self, net: torch.nn.Module) -> None:
-        """Rank 0's buffers on every rank: each rank updates its batch-norm statistics from its own part of
-        the batch, and validation and the saved model should use the same statistics."""
+    def broadcast_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Rank 0's values of `tensors` on every rank, in place (e.g. batch-norm statistics)."""
         if self.enabled:
-            for buffer in net.buffers():
-                dist.broadcast(buffer, src=0)
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
 
     def sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
         """Element-wise sums over the ranks (float64, so counts stay exact)."""

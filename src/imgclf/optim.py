@@ -123,8 +123,10 @@ class Lookahead:
     With fast-moving batch-norm statistics this smooths a short, high-lr run (hlb-CIFAR10, airbench).
     """
 
-    def __init__(self, net: torch.nn.Module) -> None:
-        self.slow = [t.detach().clone() for t in net.state_dict().values() if t.dtype.is_floating_point]
+    def __init__(self, net: torch.nn.Module, slow: list[torch.Tensor] | None = None) -> None:
+        """`slow`: the slow weights of a checkpoint, to resume; by default a copy of the net's weights."""
+        self.slow = slow if slow is not None else [
+            t.detach().clone() for t in net.state_dict().values() if t.dtype.is_floating_point]
 
     @torch.no_grad()
     def step(self, net: torch.nn.Module, alpha: float) -> None:

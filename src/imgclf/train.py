@@ -218,7 +218,6 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     optimizer = build_optimizer(net, cfg, precision)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lookahead = Lookahead(net) if cfg.lookahead else None
 
     train_images, train_labels = data.train.images.to(device), data.train.labels.to(device)
     mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
@@ -240,8 +239,6 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
             ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        if lookahead is not None:
-            lookahead.slow = state["lookahead"]
         history, best = state["history"], state["best"]
         start_epoch = state["epoch"] + 1
         say(f"resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
@@ -251,6 +248,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         if hasattr(net, "init_from_data"):  # e.g. fastnet's whitening filters
             sample = train_images[torch.randperm(len(train_images), generator=generator)[:5000]]
             net.init_from_data(normalize(sample, mean, std))
+    # After init_from_data: a slow copy of the random init would pull the whitening filters back towards it.
+    lookahead = Lookahead(net, state["lookahead"] if mode == "resume" else None) if cfg.lookahead else None
     train_set = TrainImages(train_images, train_labels, mean, std,
                             crop_padding=cfg.crop_padding if cfg.crop_padding is not None else max(1, h // 8),
                             cutout_size=cfg.cutout_size if cfg.cutout_size is not None else max(1, h // 4),
@@ -303,9 +302,13 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                 row = train_one_epoch(learner, train_set, cfg, epoch, steps_per_epoch, generator, precision, ctx,
                                       partial(progress.update, task))
                 row["epoch"] = epoch
-                ctx.broadcast_buffers(net)
+                # Rank 0's batch-norm statistics everywhere, and in the copies that hold them: each rank
+                # updates its own from its slice of the batch.
+                ctx.broadcast_tensors(net.buffers())
                 if ema is not None:
-                    ctx.broadcast_buffers(ema.module)
+                    ctx.broadcast_tensors(ema.module.buffers())
+                if lookahead is not None:
+                    ctx.broadcast_tensors(lookahead.slow)
                 if data.val is not None and len(data.val) > 0:
                     row.update(validate(evaluation_net(), data, precision, ctx))
                 progress.remove_task(task)
