@@ -1,6 +1,6 @@
 """Where a fastnet training step goes: each 3x3 conv's forward, input gradient and weight gradient.
 
-    python benchmarks/conv_backward.py [--batch-size 512] [--widths 64,256,256] [--shape 32x32x3]
+    python benchmarks/conv_backward.py [--batch-size 512] [--widths 64,256,256] [--shape 32x32x3] [--seconds 1]
 
 Times the three parts of every conv of fastnet (bf16, channels_last, the trainer's settings) with
 torch's own kernels, plus a plain matrix product of the weight gradient's size, which is what the weight
@@ -36,7 +36,7 @@ def conv_shapes(widths: list[int], height: int, channels: int) -> list[tuple[int
     return shapes
 
 
-def time_conv(n: int, c_in: int, c_out: int, size: int) -> list[float]:
+def time_conv(n: int, c_in: int, c_out: int, size: int, seconds: float) -> list[float]:
     """Milliseconds of forward, input gradient, weight gradient and a matmul of the weight gradient's size."""
     def bf16(*shape):
         return torch.randn(*shape).bfloat16().contiguous(memory_format=torch.channels_last)
@@ -46,8 +46,9 @@ def time_conv(n: int, c_in: int, c_out: int, size: int) -> list[float]:
         return torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
     # The weight gradient is a (c_out x n*size*size) by (n*size*size x 9*c_in) product.
     a, b = torch.randn(c_out, n * size * size).bfloat16(), torch.randn(n * size * size, 9 * c_in).bfloat16()
-    return [milliseconds(lambda: F.conv2d(x, w, padding=1)), milliseconds(lambda: backward([True, False, False])),
-            milliseconds(lambda: backward([False, True, False])), milliseconds(lambda: a @ b)]
+    kernels = [lambda: F.conv2d(x, w, padding=1), lambda: backward([True, False, False]),
+               lambda: backward([False, True, False]), lambda: a @ b]
+    return [milliseconds(kernel, seconds) for kernel in kernels]
 
 
 def main() -> None:
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--widths", default="64,256,256")
     parser.add_argument("--shape", default="32x32x3", help="input HxWxC")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time each kernel for at least this long")
     args = parser.parse_args()
     from imgclf.train import keep_freed_memory
 
@@ -66,7 +68,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     totals = [0.0] * 4
     for c_in, c_out, size in conv_shapes([int(w) for w in args.widths.split(",")], height, channels):
-        times = time_conv(n, c_in, c_out, size)
+        times = time_conv(n, c_in, c_out, size, args.seconds)
         totals = [t + s for t, s in zip(totals, times, strict=True)]
         flops = 2 * c_out * n * size * size * 9 * c_in
         print(f"| {c_in}->{c_out} at {size}x{size} | " + " | ".join(f"{t:.1f}" for t in times)

@@ -72,6 +72,13 @@ def test_fastnet_step():
     assert "fastnet 8,16,16 at 32x32x3, batch 8, fp32" in out and "ms a step" in out
 
 
+def test_conv_backward_table():
+    rows = table_rows(run_script("conv_backward.py", "--batch-size", "2", "--widths", "8,16", "--shape", "8x8x1",
+                                 "--seconds", "0"))
+    assert [row[0] for row in rows[1:]] == ["8->8 at 7x7", "8->8 at 3x3", "8->16 at 3x3", "16->16 at 1x1", "total"]
+    assert all(float(cell) >= 0 for row in rows[1:] for cell in row[1:5]) and float(rows[-1][1]) > 0
+
+
 def test_tta_views_table(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--val-split", "0.2",
