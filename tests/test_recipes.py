@@ -114,3 +114,32 @@ def test_recipe_base_path_without_suffix_is_relative_to_the_recipe(tmp_path, mon
     monkeypatch.chdir(tmp_path / "bases")  # not the folder the base is relative to
     child = load_recipe(tmp_path / "child.yaml")
     assert (child.train.epochs, child.train.lr) == (3, 0.5)
+
+
+def test_recipe_values_are_read_as_their_option_types(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {lr: 1e-3, warmup_epochs: 1, epochs: 2.0, augment: 'crop,flip'}\n")
+    train = load_recipe(recipe).train  # YAML reads 1e-3 as a string; the option is a float
+    assert (train.lr, train.warmup_epochs, train.epochs, train.augment) == (1e-3, 1.0, 2, ["crop", "flip"])
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("train: {epochs: ten}", "option epochs is 'ten', which is not a whole number"),
+    ("train: {epochs: 1.5}", "option epochs is 1.5, which is not a whole number"),
+    ("data: {val_split: a tenth}", "option val_split is 'a tenth', which is not a number"),
+    ("train: {augment: 5}", "option augment is 5, which is not a list of names"),
+    ("train: {lookahead: 1}", "option lookahead is 1, which is not true or false"),
+    ("model: mlp", "model must be a mapping such as {name: cnn}, not 'mlp'"),
+    ("train: {momentum: -1}", "invalid momentum -1.0; use a value in [0, 1)"),
+    ("train: {schedule: step, step_size: 0}", "invalid step_size 0"),
+    ("train: {early_stopping: -1}", "invalid early stopping patience -1"),
+    ("train: {warmup_epochs: -2}", "invalid warm-up epochs -2.0"),
+    ("train: {crop_padding: -3}", "invalid crop_padding -3"),
+    ("train: {cutout_size: 0}", "invalid cutout_size 0"),
+])
+def test_a_recipe_value_of_the_wrong_type_or_range_is_a_one_line_error(tmp_path, body, problem):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(body + "\n")
+    with pytest.raises(ImgclfError) as error:
+        load_recipe(recipe)
+    assert problem in str(error.value) and "\n" not in str(error.value)

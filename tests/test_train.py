@@ -133,6 +133,11 @@ def test_ema_early_stopping_schedule_label_smoothing(tmp_path):
     assert evaluate(result.run_dir, split="val")["accuracy"] > 0.5
 
 
+def test_early_stopping_without_a_val_split_is_a_one_line_error(tmp_path):
+    with pytest.raises(ImgclfError, match="early stopping watches the val accuracy"):
+        train(out=tmp_path / "run", epochs=2, early_stopping=1, val_split=0.0, **FAST)
+
+
 def test_lr_schedules():
     steps = 10
     cosine = TrainConfig(epochs=4, schedule="cosine", warmup_epochs=1)

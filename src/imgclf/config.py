@@ -110,6 +110,8 @@ class RunConfig:
         unknown = set(raw) - {"description", "recipe", "data", "model", "train"}
         if unknown:
             raise ImgclfError(f"{source}: unknown section(s) {sorted(unknown)}; use data, model, train")
+        if not isinstance(raw.get("model") or {}, dict):
+            raise ImgclfError(f"{source}: model must be a mapping such as {{name: cnn}}, not {raw['model']!r}")
         model = dict(raw.get("model") or {})
         config = cls(
             data=_build(DataConfig, raw.get("data") or {}, f"{source}: data"),
@@ -140,6 +142,14 @@ class RunConfig:
             (t.progressive_size is None or t.progressive_size >= 1,
              f"progressive size {t.progressive_size}; use a window side in pixels, smaller than the images"),
             (t.progressive_epochs >= 0, f"progressive epochs {t.progressive_epochs}; use 0 or more"),
+            (t.warmup_epochs >= 0, f"warm-up epochs {t.warmup_epochs}; use 0 or more"),
+            (t.momentum is None or 0 <= t.momentum < 1, f"momentum {t.momentum}; use a value in [0, 1)"),
+            (t.step_size >= 1, f"step_size {t.step_size}; use 1 or more epochs"),
+            (t.early_stopping is None or t.early_stopping >= 1,
+             f"early stopping patience {t.early_stopping}; use 1 or more epochs"),
+            (t.crop_padding is None or t.crop_padding >= 0, f"crop_padding {t.crop_padding}; use 0 or more pixels"),
+            (t.cutout_size is None or t.cutout_size >= 1, f"cutout_size {t.cutout_size}; use 1 or more pixels"),
+            (t.threads is None or t.threads >= 1, f"threads {t.threads}; use 1 or more"),
             (t.whiten_bias_epochs is None or t.whiten_bias_epochs >= 0,
              f"whiten_bias_epochs {t.whiten_bias_epochs}; use 0 or more epochs"),
             (t.tta_shift is None or (isinstance(t.tta_shift, int) and t.tta_shift >= 1),
@@ -160,10 +170,46 @@ def _build(cls: type, values: dict[str, Any], source: str) -> Any:
     unknown = set(values) - set(names)
     if unknown:
         raise ImgclfError(f"{source}: unknown option(s) {sorted(unknown)}; valid options: {', '.join(names)}")
-    values = dict(values)
-    if isinstance(values.get("augment"), str):  # "crop,flip" as on the command line
-        values["augment"] = [a for a in values["augment"].split(",") if a]
-    return cls(**values)
+    return cls(**{name: _typed(name, names[name].type, value, source) for name, value in values.items()})
+
+
+def _typed(name: str, kind: str, value: Any, source: str) -> Any:
+    """A recipe value as its field's type (`kind`, e.g. "float | None"), or a one-line error naming it."""
+    optional, base = kind.endswith(" | None"), kind.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if base == "float":
+        expected = "a number"
+        if number:
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base == "int":
+        expected = "a whole number"
+        if number and value == int(value):
+            return int(value)
+    elif base == "bool":
+        expected = "true or false"
+        if isinstance(value, bool):
+            return value
+    elif base == "str":
+        expected = "a string"
+        if isinstance(value, str):
+            return value
+    elif base == "list[str]":
+        expected = "a list of names"
+        if isinstance(value, str):  # "crop,flip" as on the command line
+            value = [a for a in value.split(",") if a]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    else:
+        return value
+    raise ImgclfError(f"{source}: option {name} is {value!r}, which is not {expected}"
+                      f"{' (or null)' if optional else ''}; fix its value")
 
 
 # ---- recipes -----------------------------------------------------------------------------------------
