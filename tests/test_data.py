@@ -411,6 +411,21 @@ def test_folder_all_gray_gives_one_channel_and_union_of_classes(tmp_path):
     assert len(d.val) == 1 and d.val.labels.tolist() == [1] and d.test is None
 
 
+def test_16_bit_gray_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    pixels = np.array([[0, 257 * 100], [257 * 200, 65535]], np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(pixels).save(path)
+    assert data.read_image(path, "L", (2, 2))[0].tolist() == [[0, 100], [200, 255]]
+    assert data.read_image(path, "RGB", (2, 2))[2].tolist() == [[0, 100], [200, 255]]
+
+
+def test_a_constant_channel_is_left_unscaled_not_divided_by_zero(tmp_path):
+    for i in range(4):  # red varies, green and blue are 0 everywhere
+        make_image(tmp_path / "f" / "train" / "ab"[i % 2] / f"{i}.png", color=(50 * i, 0, 0))
+    d = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
+    assert d.std[0] > 0 and d.std[1:] == (1.0, 1.0) and d.mean[1:] == (0.0, 0.0)
+
+
 def test_folder_of_classes_carves_a_fixed_test_split(tmp_path):
     make_folder(tmp_path / "pets", splits=("",))
     with pytest.warns(UserWarning):

@@ -460,7 +460,10 @@ def read_image(path: str | Path, mode: str, size: tuple[int, int]) -> np.ndarray
     """One image file -> uint8 (C, H, W) in `mode` ('L' or 'RGB') and `size` (w, h); raises on a bad file."""
     with Image.open(path) as im:
         im.draft(mode, size)  # JPEG: decode big photos at 1/2..1/8 scale, ~5x faster, ~same pixels
-        converted = ImageOps.exif_transpose(im).convert(mode)  # phone photos: apply the rotation tag
+        im = ImageOps.exif_transpose(im)  # phone photos: apply the rotation tag
+        if im.mode.startswith("I"):  # 16-bit gray (I;16, or I as PNG opens it): PIL's convert clips to 255
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+        converted = im.convert(mode)
     if converted.size != size:
         converted = converted.resize(size, Image.Resampling.BILINEAR)
     pixels = np.asarray(converted)
@@ -600,6 +603,7 @@ def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
     values = np.arange(256) / 255
     mean = p @ values
     std = np.sqrt(np.maximum(p @ values**2 - mean**2, 0))
+    std[std < 1e-3] = 1.0  # a constant channel: nothing to scale, and dividing by 0 would train on NaN
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
