@@ -119,6 +119,15 @@ def test_each_sampler_runs_the_shipped_quick_space(sampler, pruner, tmp_path):
     assert 0.3 < result.best_value <= 1
 
 
+def test_the_readme_space_example_runs(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    space = tmp_path / "space.yaml"
+    space.write_text(readme.split("The format:\n\n```yaml\n")[1].split("```")[0])
+    result = tune("digits", space, sampler="random", pruner="none", trials=3, epochs=1, out=tmp_path / "t",
+                  quiet=True)
+    assert result.counts["COMPLETE"] == 3 and result.counts["FAIL"] == 0
+
+
 def test_grid_covers_each_point_exactly_once_with_two_workers(tmp_path):
     space = write_space(tmp_path, {"model.filters": [{"type": "categorical", "choices": [4, 8]}],
                                    "train.lr": {"type": "categorical", "choices": [0.001, 0.003, 0.01]}})
