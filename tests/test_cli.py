@@ -75,6 +75,9 @@ def test_listing_commands(command, capsys):
     (["train", "--dataset", "digits", "--augment", "rotate"], "augmentation"),
     (["train", "--dataset", "digits", "--val-split", "1.5"], "val split"),
     (["train", "--resume"], "--out"),
+    (["train", "--resume", "--out", "run", "--epochs", "5", "--lr", "0.1"],
+     "--resume continues the run with its own settings, so --epochs, --lr would be ignored"),
+    (["train", "--dataset", "digits", "--threads", "0"], "invalid threads 0"),
     (["evaluate", "."], "holds no trained model"),
     (["evaluate", "no/such/run"], "not a run folder"),
 ])

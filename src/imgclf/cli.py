@@ -39,6 +39,12 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         if not args.out:
             raise ImgclfError("--resume needs --out RUN_DIR: the run folder to continue")
+        given = [k for k, v in {**overrides, "recipe": args.recipe, "model": args.model}.items()
+                 if v is not None and k not in ("device", "threads")]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ImgclfError(f"--resume continues the run with its own settings, so {flags} would be ignored; "
+                              "drop them, or train with them into a new --out")
         train(out=args.out, resume=True, device=args.device, threads=args.threads, report=args.report,
               tensorboard=args.tensorboard)
         return
