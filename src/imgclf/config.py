@@ -7,6 +7,7 @@ files with the same three sections; command-line flags and keyword arguments ove
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -178,7 +179,7 @@ def _typed(name: str, kind: str, value: Any, source: str) -> Any:
     optional, base = kind.endswith(" | None"), kind.removesuffix(" | None")
     if value is None and optional:
         return None
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
     if base == "float":
         expected = "a number"
         if number:
@@ -202,8 +203,8 @@ def _typed(name: str, kind: str, value: Any, source: str) -> Any:
             return value
     elif base == "list[str]":
         expected = "a list of names"
-        if isinstance(value, str):  # "crop,flip" as on the command line
-            value = [a for a in value.split(",") if a]
+        if isinstance(value, str):  # "crop,flip" (or "none") as on the command line
+            value = [a for a in value.split(",") if a and a != "none"]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
     else:
@@ -298,19 +299,17 @@ def make_config(recipe: str | Path | None = None, model: str | None = None, **ov
     if model:
         config.model = ModelConfig(name=model)
     config.model.options.update(overrides.pop("model_options", None) or {})
-    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    data_fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for key, value in overrides.items():
         if value is None:
             continue
         if key in data_fields:
-            section = config.data
+            section, kind = config.data, data_fields[key].type
         elif key in train_fields:
-            section = config.train
+            section, kind = config.train, train_fields[key].type
         else:
             raise ImgclfError(f"unknown option '{key}'; valid options: {', '.join(sorted(data_fields | train_fields))}")
-        if key == "augment" and isinstance(value, str):
-            value = [a for a in value.split(",") if a and a != "none"]
-        setattr(section, key, value)
+        setattr(section, key, _typed(key, kind, value, "settings"))
     config.validate()
     return config
