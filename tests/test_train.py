@@ -141,8 +141,8 @@ def test_early_stopping_without_a_val_split_is_a_one_line_error(tmp_path):
 def test_a_single_class_is_a_one_line_error(tmp_path):
     from PIL import Image
 
+    (tmp_path / "f" / "only").mkdir(parents=True)
     for i in range(3):
-        (tmp_path / "f" / "only").mkdir(parents=True, exist_ok=True)
         Image.new("L", (8, 8), 40 * i).save(tmp_path / "f" / "only" / f"{i}.png")
     with pytest.raises(ImgclfError, match="has 1 class; a classifier needs 2 or more"):
         train(out=tmp_path / "run", epochs=1, **{**FAST, "dataset": str(tmp_path / "f"), "model": "mlp",

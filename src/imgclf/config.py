@@ -191,7 +191,7 @@ def _typed(name: str, kind: str, value: Any, source: str) -> Any:
                 pass
     elif base == "int":
         expected = "a whole number"
-        if number and value == int(value):
+        if number and float(value).is_integer():  # not NaN or inf, which int() cannot take
             return int(value)
     elif base == "bool":
         expected = "true or false"
