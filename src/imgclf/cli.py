@@ -78,16 +78,30 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from imgclf.evaluate import predict
+    from imgclf.evaluate import predict, predictions_json
 
     results = predict(args.run, args.images, top_k=args.top_k)
     if args.json:
-        print(json.dumps([{"image": str(path), "top": [{"label": c, "probability": p} for c, p in top]}
-                          for path, top in zip(args.images, results, strict=True)]))
+        print(json.dumps(predictions_json(args.images, results)))
         return
     for path, top in zip(args.images, results, strict=True):
         console.print(f"{path}: " + ", ".join(f"[bold]{c}[/] {p:.1%}" if i == 0 else f"{c} {p:.1%}"
                                                for i, (c, p) in enumerate(top)))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from imgclf.export import export_onnx
+
+    result = export_onnx(args.run, args.out, tta=args.tta)
+    console.print(f"wrote {result.path} ({result.num_bytes / 1e6:.1f} MB{', with TTA' if result.tta else ''}): "
+                  f"uint8 images (N, C, H, W) in, logits out; onnxruntime matches PyTorch to "
+                  f"{result.max_difference:.1e}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from imgclf.serve import serve
+
+    serve(args.run, host=args.host, port=args.port)
 
 
 def _summary(args: argparse.Namespace) -> None:
@@ -247,6 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="write the trained model as one ONNX file (normalization included)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", help="the .onnx file to write (default: RUN/model.onnx)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="average the test-time augmentation views inside the graph (default: the run's setting)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve", help="HTTP prediction server for a trained run (POST images to /predict)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only; 0.0.0.0 for every network)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000; 0 picks a free one")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("summary", help="Keras-like table of a model's layers and parameters")
     p.add_argument("--model")

@@ -7,12 +7,12 @@ import ctypes
 import functools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from imgclf.config import load_recipe
@@ -213,19 +213,30 @@ def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | N
     return evaluate_with_logits(model, data, split, tta, batch_size)[0]
 
 
-def read_images(paths: list[str | Path], input_shape: tuple[int, int, int]) -> torch.Tensor:
-    """Image files of any size and mode -> uint8 (N, C, H, W) in the model's channels and size."""
+def read_images(sources: list[str | Path | BinaryIO], input_shape: tuple[int, int, int],
+                names: list[str] | None = None) -> torch.Tensor:
+    """Image files (paths, or open binary files named by `names`) of any size and mode -> uint8 (N, C, H, W)
+    in the model's channels and size."""
     c, h, w = input_shape
     arrays = []
-    for path in paths:
+    for source, name in zip(sources, names or sources, strict=True):
         try:
-            arrays.append(read_image(path, "L" if c == 1 else "RGB", (w, h)))
+            arrays.append(read_image(source, "L" if c == 1 else "RGB", (w, h)))
         except FileNotFoundError:
-            raise ImgclfError(f"{path} does not exist; check the path") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ImgclfError(f"{path} is not an image that can be read ({type(e).__name__}); "
+            raise ImgclfError(f"{name} does not exist; check the path") from None
+        except Image.DecompressionBombError:
+            raise ImgclfError(f"{name} has more pixels than can be decoded safely ({2 * Image.MAX_IMAGE_PIXELS:,}); "
+                              "shrink it first") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise ImgclfError(f"{name} is not an image that can be read ({type(e).__name__}); "
                               "give PNG, JPEG, BMP or WebP files") from None
     return torch.from_numpy(np.stack(arrays))
+
+
+def predictions_json(names: list[str], results: list[list[tuple[str, float]]]) -> list[dict[str, Any]]:
+    """The JSON of `imgclf predict --json` and of the prediction server: per image, its top labels."""
+    return [{"image": str(name), "top": [{"label": c, "probability": p} for c, p in top]}
+            for name, top in zip(names, results, strict=True)]
 
 
 def predict(run_or_model: str | Path | TrainedModel, images: list[str | Path] | torch.Tensor, *,

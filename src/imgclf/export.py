@@ -1,0 +1,138 @@
+"""ONNX export of a trained run: one self-describing file for onnxruntime, OpenCV, ONNX Runtime Web and others.
+
+The graph takes what `imgclf predict` feeds the net, uint8 images (N, C, H, W) at the run's input shape, and
+returns float32 logits (N, classes). The run's normalization, and with TTA its averaged views, are inside the
+graph, so a caller only decodes and resizes. The class names and the input shape are in the model's metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgclf import __version__
+from imgclf.errors import ImgclfError
+from imgclf.evaluate import _as_model, _prediction_options, tta_views
+from imgclf.loader import normalize
+from imgclf.runs import atomic_write
+
+# The export is checked on a batch of random images against PyTorch, and refused beyond this difference of
+# logits, relative to their largest magnitude (float32 kernels differ by about 1e-7 in practice).
+MAX_RELATIVE_DIFFERENCE = 1e-4
+CHECK_BATCH = 3  # not the traced batch size of 2, so the check also proves the batch dimension is dynamic
+
+
+class DeployableNet(nn.Module):
+    """uint8 images -> logits: the run's normalization and (optionally) its TTA views around its net."""
+
+    def __init__(self, net: nn.Module, mean, std, tta_augment: list[str] | None = None,
+                 tta_shift: int | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        self.tta_augment, self.tta_shift = tta_augment, tta_shift
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = normalize(images, self.mean, self.std)
+        if self.tta_augment is None:
+            return self.net(x)
+        views = list(tta_views(x, self.tta_augment, self.tta_shift))
+        logits = self.net(torch.cat(views))  # one batch of all views: fewer, larger kernels for the runtime
+        return logits.view(len(views), -1, logits.shape[-1]).mean(0)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    tta: bool
+    max_difference: float  # largest |onnxruntime - PyTorch| logit on the check images
+    num_bytes: int
+
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ImportError as e:
+        raise ImgclfError(f"ONNX export needs the {e.name} package: pip install onnx onnxscript onnxruntime "
+                          "(or the imgclf[onnx] extra)") from None
+    return onnx, onnxruntime
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs notes on torchvision ops and deprecations that say nothing about this model."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None = None) -> ExportResult:
+    """Write RUN/model.onnx (or `out`), checked against PyTorch with onnxruntime before it is written.
+
+    `tta=None` uses the run's recipe setting, as `imgclf evaluate` and `imgclf predict` do.
+    """
+    onnx, onnxruntime = _import_onnx()
+    model, run_dir = _as_model(run_or_model)
+    if out is None:
+        if run_dir is None:
+            raise ImgclfError("give `out`: where to write the .onnx file of a model that was not loaded from a run")
+        out = run_dir / "model.onnx"
+    out = Path(out)
+    if out.is_dir():
+        raise ImgclfError(f"{out} is a folder; give the path of the .onnx file to write, e.g. {out / 'model.onnx'}")
+    tta, options = _prediction_options(model, tta)
+    deployable = DeployableNet(model.net.float().to(memory_format=torch.contiguous_format).cpu().eval(),
+                               model.mean, model.std, options.get("tta_augment"), options.get("tta_shift"))
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 256, (2, *model.input_shape), dtype=torch.uint8, generator=generator)
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(deployable, (example,), dynamo=True, input_names=["images"],
+                                        output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        verbose=False, report=False)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ImgclfError(f"the ONNX exporter failed on this model ({type(e).__name__}: {first}); "
+                          "please report it with the run's model.json") from None
+    proto = program.model_proto
+    arch = model.info.get("architecture", {})
+    onnx.helper.set_model_props(proto, {
+        "imgclf_version": __version__,
+        "class_names": json.dumps(model.class_names),
+        "input": f"images: uint8 (N, {', '.join(map(str, model.input_shape))}), N any; output logits: float32 "
+                 f"(N, {model.num_classes}), softmax gives probabilities",
+        "input_shape": json.dumps(list(model.input_shape)),
+        "architecture": json.dumps(arch),
+        "dataset": str(model.info.get("dataset", "")),
+        "tta": json.dumps(tta),
+    })
+    data = proto.SerializeToString()
+
+    check = torch.randint(0, 256, (CHECK_BATCH, *model.input_shape), dtype=torch.uint8, generator=generator)
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": check.numpy()})[0]
+    with torch.no_grad():
+        expected = deployable(check).numpy()
+    difference = float(np.abs(got - expected).max())
+    if got.shape != expected.shape or difference > MAX_RELATIVE_DIFFERENCE * max(1.0, float(np.abs(expected).max())):
+        raise ImgclfError(f"the exported graph's logits differ from PyTorch's by {difference:.3g}, so {out} was not "
+                          "written; please report it with the run's model.json")
+    atomic_write(out, data)
+    return ExportResult(path=out, tta=tta, max_difference=difference, num_bytes=len(data))

@@ -1,0 +1,67 @@
+"""ONNX export: every registered model exports, and onnxruntime gives the logits PyTorch gives."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from imgclf.errors import ImgclfError
+from imgclf.evaluate import predict_logits
+from imgclf.export import export_onnx
+from imgclf.models import MODELS, create_model
+from imgclf.runs import load_model, save_model
+
+
+def saved_run(path, name, channels=3, size=32, **info):
+    torch.manual_seed(0)
+    net = create_model(name, num_classes=4, in_channels=channels, image_size=size)
+    with torch.no_grad():  # move batch-norm statistics off their initial values, so their export is checked
+        net.train()(torch.randn(8, channels, size, size))
+    save_model(path, net.eval(), ["a", "b", "c", "d"], [0.5] * channels, [0.25] * channels, (channels, size, size),
+               dataset="synthetic", **info)
+    return path
+
+
+def run_onnx(path, images: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images.numpy()})[0]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_exports_and_matches_pytorch(name, tmp_path):
+    run = saved_run(tmp_path / name, name)
+    result = export_onnx(run)
+    assert result.path == run / "model.onnx" and not result.tta
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    model = load_model(run)
+    expected = predict_logits(model.net, images, model.mean, model.std).numpy()
+    np.testing.assert_allclose(run_onnx(result.path, images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_metadata_and_tta_follow_the_run(tmp_path):
+    run = saved_run(tmp_path / "run", "lenet", 1, 28, augment=["crop", "flip"], tta=True)
+    result = export_onnx(run)
+    assert result.tta
+    meta = {p.key: p.value for p in onnx.load(result.path).metadata_props}
+    assert json.loads(meta["class_names"]) == ["a", "b", "c", "d"] and json.loads(meta["input_shape"]) == [1, 28, 28]
+    assert json.loads(meta["tta"]) is True and meta["dataset"] == "synthetic"
+
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    model = load_model(run)
+    with_tta = predict_logits(model.net, images, model.mean, model.std, tta_augment=["crop", "flip"]).numpy()
+    np.testing.assert_allclose(run_onnx(result.path, images), with_tta, rtol=1e-4, atol=1e-5)
+    plain = export_onnx(run, tmp_path / "plain.onnx", tta=False)
+    without = predict_logits(model.net, images, model.mean, model.std).numpy()
+    np.testing.assert_allclose(run_onnx(plain.path, images), without, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(with_tta, without)
+
+
+def test_bad_targets_are_one_line_errors(tmp_path):
+    with pytest.raises(ImgclfError, match="no trained model"):
+        export_onnx(tmp_path)
+    run = saved_run(tmp_path / "run", "mlp", 1, 8)
+    with pytest.raises(ImgclfError, match="is a folder"):
+        export_onnx(run, tmp_path)

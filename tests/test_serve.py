@@ -1,0 +1,83 @@
+"""The prediction server: the answers of `imgclf predict`, over HTTP, and clear 4xx errors for bad uploads."""
+
+import io
+import json
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_export import saved_run
+
+from imgclf import serve as serve_module
+from imgclf.evaluate import predict, predictions_json
+from imgclf.serve import create_app
+
+
+def png(seed: int, size: int = 40) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return saved_run(tmp_path_factory.mktemp("serve") / "run", "lenet", 1, 28)
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    return TestClient(create_app(run))
+
+
+def test_health_and_info(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    info = client.get("/info").json()
+    assert info["classes"] == ["a", "b", "c", "d"] and info["input_shape"] == [1, 28, 28] and info["model"] == "lenet"
+
+
+def test_predict_answers_what_predict_answers(client, run, tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"img{i}.png")
+        paths[-1].write_bytes(png(i))
+    response = client.post("/predict", params={"top_k": 2},
+                           files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths])
+    assert response.status_code == 200
+    expected = predictions_json([p.name for p in paths], predict(run, paths, top_k=2))
+    got = response.json()
+    assert [r["image"] for r in got] == ["img0.png", "img1.png"] and all(len(r["top"]) == 2 for r in got)
+    for g, e in zip(got, expected, strict=True):
+        assert [t["label"] for t in g["top"]] == [t["label"] for t in e["top"]]
+        np.testing.assert_allclose([t["probability"] for t in g["top"]], [t["probability"] for t in e["top"]],
+                                   rtol=1e-5)
+
+
+def test_bad_uploads_get_a_clear_4xx(client, monkeypatch):
+    response = client.post("/predict", files=[("files", ("notes.png", b"not an image", "image/png"))])
+    assert response.status_code == 400 and "notes.png is not an image" in response.json()["detail"]
+    assert client.post("/predict").status_code == 422  # no files at all
+    monkeypatch.setattr(serve_module, "MAX_IMAGE_BYTES", 100)
+    response = client.post("/predict", files=[("files", ("big.png", png(0), "image/png"))])
+    assert response.status_code == 413 and "big.png is larger" in response.json()["detail"]
+    monkeypatch.setattr(serve_module, "MAX_IMAGES", 1)
+    response = client.post("/predict", files=[("files", ("a.png", b"x", "image/png"))] * 2)
+    assert response.status_code == 413 and "at most 1" in response.json()["detail"]
+
+
+def test_cli_serves_until_stopped(run):
+    server = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(run), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "serving" in line, server.stderr.read()
+        url = line.split(" on ")[1].split()[0]
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
+            assert json.load(response) == {"status": "ok"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
