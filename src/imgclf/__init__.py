@@ -10,13 +10,23 @@ The Python API:
     export_onnx(run_dir)             -> ExportResult (RUN/model.onnx, checked against onnxruntime)
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
-from imgclf.data import load_dataset  # noqa: E402
-from imgclf.evaluate import evaluate, predict  # noqa: E402
-from imgclf.export import export_onnx  # noqa: E402
-from imgclf.models import create_model  # noqa: E402
-from imgclf.runs import load_model  # noqa: E402
-from imgclf.train import train  # noqa: E402
+# Imported on first use (PEP 562), so `imgclf --help` and one-line errors need not load torch and scikit-learn.
+_API = {"load_dataset": "imgclf.data", "create_model": "imgclf.models", "train": "imgclf.train",
+        "evaluate": "imgclf.evaluate", "predict": "imgclf.evaluate", "load_model": "imgclf.runs",
+        "export_onnx": "imgclf.export"}
 
-__all__ = ["load_dataset", "create_model", "train", "evaluate", "predict", "load_model", "export_onnx", "__version__"]
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'imgclf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -28,8 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from imgclf.errors import ImgclfError
 
@@ -412,6 +410,8 @@ def _load_cifar100(name: str, folder: Path) -> tuple[list[str], Arrays]:
 
 
 def _load_digits(name: str, folder: Path) -> tuple[list[str], Arrays]:
+    from sklearn.datasets import load_digits  # here: scikit-learn takes seconds to import, and most runs need less
+
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # sklearn stores 0..16
     labels = digits.target.astype(np.int64)
@@ -555,6 +555,8 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
 
 def _split_indices(labels: np.ndarray, seed: int, **size) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded split of range(len(labels)) by train_size= or test_size=; both parts sorted."""
+    from sklearn.model_selection import train_test_split  # here: a second of imports that only splits need
+
     idx = np.arange(len(labels))
     try:
         a, b = train_test_split(idx, stratify=labels, random_state=seed, **size)

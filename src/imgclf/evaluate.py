@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from imgclf.config import load_recipe
 from imgclf.data import Dataset, load_dataset, read_image
@@ -123,6 +122,8 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # seconds to import: on use
+
     labels = labels.cpu()
     logits = logits.cpu()
     predicted = logits.argmax(1)
