@@ -11,6 +11,8 @@ The Python API:
 """
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -30,3 +32,15 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """Importing the module imgclf.train sets the package's `train` attribute to that module; keep the names of
+    the API (train, evaluate) meaning the functions, as they did when this file imported them eagerly."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name in _API and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -500,11 +500,28 @@ def _decode_folder(root: Path, files: dict, class_names: list[str], channels: in
     label_of = {c: i for i, c in enumerate(class_names)}
     arrays = {"skipped": np.array([p for p in paths if decoded.get(p) is None], dtype=str)}
     for split, entries in files.items():
-        kept = [(decoded[p], label_of[c]) for p, c in entries if decoded.get(p) is not None]
-        images = np.stack([x for x, _ in kept]) if kept else np.zeros((0, channels, h, w), np.uint8)
+        kept = [(decoded[p], label_of[c], Path(p).relative_to(root).as_posix()) for p, c in entries
+                if decoded.get(p) is not None]
+        images = np.stack([x for x, _, _ in kept]) if kept else np.zeros((0, channels, h, w), np.uint8)
         arrays[f"{split}_images"] = images
-        arrays[f"{split}_labels"] = np.array([y for _, y in kept], np.int64)
+        arrays[f"{split}_labels"] = np.array([y for _, y, _ in kept], np.int64)
+        arrays[f"{split}_files"] = np.array([f for _, _, f in kept], dtype=str)
     return arrays
+
+
+def _carved_test(files: np.ndarray, labels: np.ndarray, fraction: float = 0.2) -> np.ndarray:
+    """Which images of a folder without split folders are test images: those whose path hashes below `fraction`.
+
+    Each image's split depends on its own path only, so adding or removing images never moves another one
+    between train and test (a seeded shuffle would, and a later model would then be tested on images an earlier
+    one trained on). A class that would have no training image keeps all of its images for training.
+    """
+    digests = [hashlib.sha256(f.encode()).digest()[:8] for f in files]
+    test = np.array([int.from_bytes(d, "big") / 2**64 < fraction for d in digests], dtype=bool)
+    for label in np.unique(labels):
+        if test[labels == label].all():
+            test[labels == label] = False
+    return test
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -529,13 +546,16 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
     class_names, files = _scan_folder(root.resolve())
     stats = [(p, st.st_size, st.st_mtime_ns) for entries in files.values() for p, _ in entries
              for st in [os.stat(p)]]
-    key = json.dumps(["v1", channels, image_size, stats])  # absolute paths: a moved folder decodes again
+    key = json.dumps(["v2", channels, image_size, stats])  # absolute paths: a moved folder decodes again
     cache = cache_root / "folder-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    needed = {"skipped"} | {f"{s}_{part}" for s in files for part in ("images", "labels", "files")}
     try:
         with np.load(cache) as z:
             arrays = {k: z[k] for k in z.files}
+        if not needed <= arrays.keys():
+            raise ValueError("incomplete cache")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # no cache yet, or a damaged one
-        arrays = _decode_folder(root, files, class_names, channels, image_size)
+        arrays = _decode_folder(root.resolve(), files, class_names, channels, image_size)
         _write_cache(cache, arrays)
     if len(skipped := arrays["skipped"]):
         warnings.warn(f"{root}: skipped {len(skipped)} unreadable or non-image files, e.g. "
@@ -543,11 +563,17 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
     splits = {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in files}
     if "all" in splits:
         images, labels = splits.pop("all")
-        train, test = _split_indices(labels, _FIXED_TEST_SEED, test_size=0.2)
-        splits = {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+        test = _carved_test(arrays["all_files"], labels)
+        splits = {"train": (images[~test], labels[~test]), "test": (images[test], labels[test])}
     if "train" not in splits:  # evaluation-only folder
         images = next(iter(splits.values()))[0]
         splits["train"] = images[:0], np.zeros(0, np.int64)
+    elif empty := [c for i, c in enumerate(class_names) if not (splits["train"][1] == i).any()]:
+        where = root / "train" if (root / "train").is_dir() else root
+        several = len(empty) > 1
+        raise ImgclfError(f"class folder{'s' if several else ''} {', '.join(empty[:5])} in {where} "
+                          f"hold{'' if several else 's'} no readable training images; add images or remove "
+                          f"the folder{'s' if several else ''}")
     return class_names, splits
 
 
