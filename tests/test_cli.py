@@ -138,3 +138,27 @@ def test_evaluate_on_another_dataset_with_matching_class_names(digits_run, tmp_p
                  "--data-dir", str(tmp_path / "cache")]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["num_images"] == 100 and metrics["accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--dataset", "digits", "--seed", "-5"], "invalid seed -5"),
+    (["train", "--dataset", "digits", "--out", "notes.txt"], "is a file, not a folder"),
+    (["export", "no/such/run"], "not a run folder"),
+    (["serve", "no/such/run"], "not a run folder"),
+])
+def test_bad_input_in_process(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_warnings_are_one_line(tmp_path, capsys):
+    for i in range(6):
+        (tmp_path / "f" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / "f" / "ab"[i % 2] / f"{i}.png")
+    (tmp_path / "f" / "a" / "notes.png").write_text("not an image")
+    assert main(["datasets", str(tmp_path / "f"), "--data-dir", str(tmp_path / "cache")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imgclf: warning: ") and "skipped 1 unreadable" in err[0]

@@ -46,6 +46,35 @@ def test_a_different_run_into_the_same_folder_is_refused(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text() == config_before
 
 
+def test_a_run_stopped_before_its_first_checkpoint_gives_way_to_a_new_one(tmp_path):
+    run = tmp_path / "run"
+    train(epochs=1, out=run, **FAST)
+    for name in ("checkpoint.pt", "summary.json"):  # as left by a crash in epoch 1
+        (run / name).unlink()
+    result = train(epochs=2, out=run, **FAST)  # another configuration: nothing to lose, so no refusal
+    assert not result.reused and len(result.history) == 2
+
+
+def test_out_naming_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ImgclfError, match="is a file, not a folder"):
+        train(epochs=1, out=tmp_path / "notes.txt", **FAST)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_image_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for i in range(20):
+        (tmp_path / "shapes" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 10 * i if i % 2 else 255 - 5 * i).save(tmp_path / "shapes" / "ab"[i % 2] / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    result = train(dataset="shapes", model="mlp", epochs=1, batch_size=8, quiet=True, out="run", data_dir="cache")
+    monkeypatch.chdir(tmp_path / "run")  # elsewhere, "shapes" and "cache" mean nothing
+    assert evaluate(tmp_path / "run")["dataset"] == str(tmp_path / "shapes") == result.summary["dataset"]
+    assert not (tmp_path / "run" / "cache").exists()  # the folder cache was found where training wrote it
+
+
 @pytest.mark.parametrize("extra", [{}, {"lookahead": True, "ema": 0.9}], ids=["plain", "lookahead-ema"])
 def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch, extra):
     options = dict(FAST, epochs=3, augment="crop,flip", model_options={"dropout": 0.2}, **extra)

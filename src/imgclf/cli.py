@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -337,11 +338,19 @@ def _version() -> str:
     return __version__
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"imgclf: warning: {message}", file=sys.stderr)  # not Python's two lines naming our source file
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.showwarning = _one_line_warning
     try:
         args.func(args)
+    except BrokenPipeError:  # `imgclf evaluate RUN | head` stopped reading: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush would fail again
+        return 1
     except ImgclfError as e:
         if os.environ.get("RANK", "0") == "0" or isinstance(e, PeerLost):  # ranks share rank 0's errors
             print(f"imgclf: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -151,6 +152,7 @@ class RunConfig:
             (t.crop_padding is None or t.crop_padding >= 0, f"crop_padding {t.crop_padding}; use 0 or more pixels"),
             (t.cutout_size is None or t.cutout_size >= 1, f"cutout_size {t.cutout_size}; use 1 or more pixels"),
             (t.threads is None or t.threads >= 1, f"threads {t.threads}; use 1 or more"),
+            (0 <= t.seed < 2**32, f"seed {t.seed}; use a whole number from 0 to 2**32 - 1"),  # numpy's range
             (t.whiten_bias_epochs is None or t.whiten_bias_epochs >= 0,
              f"whiten_bias_epochs {t.whiten_bias_epochs}; use 0 or more epochs"),
             (t.tta_shift is None or (isinstance(t.tta_shift, int) and t.tta_shift >= 1),
@@ -199,8 +201,8 @@ def _typed(name: str, kind: str, value: Any, source: str) -> Any:
             return value
     elif base == "str":
         expected = "a string"
-        if isinstance(value, str):
-            return value
+        if isinstance(value, str | os.PathLike):  # a pathlib.Path from the Python API: dataset, data_dir
+            return os.fspath(value)
     elif base == "list[str]":
         expected = "a list of names"
         if isinstance(value, str):  # "crop,flip" (or "none") as on the command line

@@ -219,6 +219,13 @@ def dataset_info(name: str) -> DatasetInfo:
     return DatasetInfo(name, len(class_names), None, None, None, None, class_names, "image folder")
 
 
+def canonical_dataset(name: str) -> str:
+    """A dataset's name, or an image folder's absolute path (a relative one depends on the current folder)."""
+    if name in DATASETS or not Path(name).expanduser().is_dir():
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
 def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
     root = data_root(data_dir)
     return [{"name": name, "classes": len(d["classes"]), "shape": d["shape"], "train": d["train_size"],

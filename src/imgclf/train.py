@@ -7,6 +7,7 @@ checkpoint, the metrics and the model after every epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
 from imgclf.config import RunConfig, make_config
-from imgclf.data import Dataset, load_dataset
+from imgclf.data import Dataset, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
@@ -100,6 +101,8 @@ def default_run_dir(config: RunConfig) -> Path:
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, str]:
     """Decide what to do with the folder: 'new', 'resume' or 'reuse'. Never touches an unrelated run."""
     config_path = run_dir / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ImgclfError(f"--out {run_dir} is a file, not a folder; give the folder to write the run into")
     if not config_path.exists():
         if resume:
             raise ImgclfError(f"{run_dir} holds no run to resume; drop --resume to start a new run there")
@@ -114,13 +117,13 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Run
         stored.data.data_dir = config.data.data_dir or stored.data.data_dir
         stored.train.device, stored.train.threads = config.train.device, config.train.threads
         return stored, "reuse" if finished else "resume" if started else "new"
+    if not started:
+        return config, "new"
     if stored.what() != config.what():
         raise ImgclfError(f"{run_dir} already holds a different run; choose another --out "
                           "(or --resume to continue that run); nothing was changed")
     if finished:
         return stored, "reuse"
-    if not started:
-        return stored, "new"
     raise ImgclfError(f"{run_dir} holds an unfinished run of this configuration; "
                       "add --resume to continue it, or choose another --out")
 
@@ -180,6 +183,11 @@ def _open_run(config: RunConfig, out: str | Path | None, resume: bool,
 
 def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, quiet: bool, report: bool,
            tensorboard: bool, on_epoch, ctx: distributed.Context, rank_device: torch.device | None) -> TrainResult:
+    # An image folder and a data folder are recorded by their absolute paths, so that `imgclf evaluate RUN`
+    # finds them from any folder.
+    data_dir = config.data.data_dir and str(Path(config.data.data_dir).expanduser().resolve())
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, dataset=canonical_dataset(config.data.dataset), data_dir=data_dir))
     config, run_dir, mode = _open_run(config, out, resume, ctx)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
@@ -337,8 +345,12 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                         f"keeping the weights of epoch {best['epoch']}")
                     break
     except KeyboardInterrupt:
-        say(f"\ninterrupted in epoch {epoch}: the checkpoint after epoch {epoch - 1} is saved in "
-                      f"{run_dir}; continue with `imgclf train --resume --out {run_dir}`")
+        if (run_dir / "checkpoint.pt").exists():
+            say(f"\ninterrupted in epoch {epoch}: the checkpoint after epoch {epoch - 1} is saved in "
+                f"{run_dir}; continue with `imgclf train --resume --out {run_dir}`")
+        else:
+            say("\ninterrupted in epoch 1, before the first checkpoint: nothing to resume; the same command "
+                "starts the run again")
         raise
 
     if lookahead is not None:
