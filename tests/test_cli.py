@@ -162,3 +162,28 @@ def test_warnings_are_one_line(tmp_path, capsys):
     assert main(["datasets", str(tmp_path / "f"), "--data-dir", str(tmp_path / "cache")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("imgclf: warning: ") and "skipped 1 unreadable" in err[0]
+
+
+@pytest.mark.parametrize("name, content, command, message", [
+    ("model.json", "[1, 2]", "predict", "model.json is not an imgclf model description"),
+    ("model.json", '{"format": "imgclf-model", "architecture": "cnn"}', "predict", "not an imgclf model description"),
+    ("summary.json", "{broken", "compare", "summary.json is damaged"),
+    ("metrics.csv", "epoch,val_acc\n1,0.5,extra\n", "report", "metrics.csv is damaged"),
+    ("config.yaml", "[unclosed", "compare", "config.yaml is damaged"),
+    ("summary.json", None, "report", "has not finished; continue it with"),
+])
+def test_a_damaged_run_file_is_a_one_line_error(digits_run, tmp_path, capsys, name, content, command, message):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    if content is None:
+        (run / name).unlink()
+    else:
+        (run / name).write_text(content)
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8)).save(image)
+    args = {"predict": ["predict", str(run), str(image)], "report": ["report", str(run)],
+            "compare": ["compare", str(run), "--out", str(tmp_path / "cmp")]}[command]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -292,3 +292,17 @@ def test_two_machines_share_one_study_in_postgresql(postgres_url, tmp_path):
     assert all(t.user_attrs.get("fail_reason", "").startswith("not run") for t in study.trials if t not in done)
     for name in ("a", "b"):
         assert (tmp_path / name / "best.yaml").exists() and (tmp_path / name / "trials.csv").exists()
+
+
+def test_a_half_written_journal_record_is_dropped_and_a_damaged_journal_is_a_one_line_error(tmp_path):
+    space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.001, 0.003, 0.01]}})
+    tune("digits", space, sampler="grid", pruner="none", trials=1, out=tmp_path / "out", quiet=True)
+    journal = tmp_path / "out" / "study.log"
+    complete = journal.read_bytes()
+    journal.write_bytes(complete + b'{"op_code": 4, "worker_id": "killed mid-wri')  # a worker killed mid-append
+    with pytest.warns(UserWarning, match="half-written record"):
+        result = tune("digits", space, sampler="grid", pruner="none", trials=2, out=tmp_path / "out", quiet=True)
+    assert len(load(tmp_path / "out", result.study).trials) == 2 and journal.read_bytes().startswith(complete)
+    journal.write_bytes(b"this line is not json\n" + complete)
+    with pytest.raises(ImgclfError, match="study journal .* is damaged"):
+        tune("digits", space, sampler="grid", pruner="none", trials=3, out=tmp_path / "out", quiet=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from matplotlib.colors import Normalize, PowerNorm  # noqa: E402
 from imgclf.data import Dataset  # noqa: E402
 from imgclf.errors import ImgclfError  # noqa: E402
 from imgclf.evaluate import evaluate_with_logits, load_run_dataset  # noqa: E402
-from imgclf.runs import TrainedModel, atomic_write, load_model, read_metrics  # noqa: E402
+from imgclf.runs import TrainedModel, atomic_write, load_model, read_json, read_metrics  # noqa: E402
 
 GREEN, RED = "#1a7f37", "#cf222e"
 TRAIN_COLOR, VAL_COLOR = "#0969da", "#e36209"
@@ -186,10 +185,26 @@ def plot_per_class(per_class_metrics: dict[str, dict[str, float]], path: str | P
 
 def _finished_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not all((run_dir / f).exists() for f in ("summary.json", "model.json", "config.yaml")):
-        raise ImgclfError(f"{run_dir} is not a finished run (no summary.json, model.json and config.yaml); "
+    if not run_dir.is_dir():
+        raise ImgclfError(f"{run_dir} is not a run folder; give the --out folder of a finished `imgclf train` run")
+    if (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists():
+        raise ImgclfError(f"{run_dir} holds a run that has not finished; continue it with "
+                          f"`imgclf train --resume --out {run_dir}`")
+    missing = [f for f in ("config.yaml", "summary.json", "model.json") if not (run_dir / f).exists()]
+    if missing:
+        raise ImgclfError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
                           "give the --out folder of a finished `imgclf train` run")
     return run_dir
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise ImgclfError(f"{run_dir / 'config.yaml'} is damaged (not the YAML imgclf writes); restore the file")
+    return config
 
 
 def _evaluate_default_split(model: TrainedModel, data: Dataset, split: str | None, tta: bool | None
@@ -235,7 +250,7 @@ def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None
                       figures / f"{name}.png", title)
     plot_per_class(metrics["per_class"], figures / "per_class.png")
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_json(run_dir / "summary.json")
     pairs = most_confused_pairs(metrics["confusion_matrix"], model.class_names)
     page = _report_html(run_dir, summary, metrics, pairs, (run_dir / "config.yaml").read_text())
     atomic_write(run_dir / "report.html", page)
@@ -353,9 +368,8 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
         raise ImgclfError("no runs to compare; give one or more run folders")
     rows = []
     for run_dir in map(_finished_run, run_dirs):
-        summary = json.loads((run_dir / "summary.json").read_text())
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        model_json = json.loads((run_dir / "model.json").read_text())
+        summary, config, model_json = read_json(run_dir / "summary.json"), _run_config(run_dir), read_json(
+            run_dir / "model.json")
         model = load_model(run_dir)
         metrics = _evaluate_default_split(model, load_run_dataset(model, run_dir), None, None)[0]
         rows.append({

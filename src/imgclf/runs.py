@@ -60,9 +60,30 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-                for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="") as f:
+            rows = [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+                    for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise ImgclfError(f"{path} is missing; retrain the run or restore the file") from None
+    except (csv.Error, ValueError, TypeError, UnicodeDecodeError):  # TypeError: a row with extra fields
+        raise ImgclfError(f"{path} is damaged (not the CSV imgclf writes); retrain the run or restore "
+                          "the file") from None
+    return rows
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object written by imgclf (model.json, summary.json), or a one-line error if missing or damaged."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ImgclfError(f"{path} is missing; retrain the run or restore the file") from None
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise ImgclfError(f"{path} is damaged (not the JSON object imgclf writes); retrain the run or restore "
+                          "the file")
+    return value
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -127,12 +148,16 @@ def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
                           "train it first, or give the --out folder of a finished `imgclf train` run")
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != "imgclf-model":
+        if not isinstance(meta, dict) or meta.get("format") != "imgclf-model":
             raise ValueError("not an imgclf model")
         arch = meta["architecture"]
         net = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
                            image_size=arch["image_size"], **arch.get("options", {}))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        class_names, mean, std = list(map(str, meta["class_names"])), tuple(meta["mean"]), tuple(meta["std"])
+        input_shape = tuple(int(n) for n in meta["input_shape"])
+        if len(class_names) != arch["num_classes"] or len(input_shape) != 3:
+            raise ValueError("class names or input shape do not match the architecture")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ImgclfError) as e:
         raise ImgclfError(f"{meta_path} is not an imgclf model description ({type(e).__name__}: {e}); "
                           "retrain the run or restore the file") from None
     try:
@@ -143,6 +168,5 @@ def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
         raise ImgclfError(f"{weights_path} does not hold this model's weights ({first}); "
                           "retrain the run or restore the file") from None
     net.to(device).eval()
-    return TrainedModel(net=net, class_names=meta["class_names"], mean=tuple(meta["mean"]),
-                        std=tuple(meta["std"]), input_shape=tuple(meta["input_shape"]),
+    return TrainedModel(net=net, class_names=class_names, mean=mean, std=std, input_shape=input_shape,
                         info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")})

@@ -33,7 +33,15 @@ from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memo
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
 from imgclf.models import count_params, create_model
 from imgclf.optim import Lookahead, build_optimizer, lr_factor
-from imgclf.runs import atomic_write, load_checkpoint, read_metrics, save_checkpoint, save_model, write_metrics
+from imgclf.runs import (
+    atomic_write,
+    load_checkpoint,
+    read_json,
+    read_metrics,
+    save_checkpoint,
+    save_model,
+    write_metrics,
+)
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -194,7 +202,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         say(f"{run_dir} already holds a finished run of this configuration: reusing its model, not retraining "
             "(delete the folder or choose another --out to train again)")
         return TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"),
-                           json.loads((run_dir / "summary.json").read_text()), reused=True)
+                           read_json(run_dir / "summary.json"), reused=True)
 
     board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None  # fail before any writing
     cfg = config.train

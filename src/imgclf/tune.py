@@ -50,12 +50,40 @@ console = Console(highlight=False, soft_wrap=True)
 
 # ---- storage, samplers, pruners ------------------------------------------------------------------------
 
+def _open_journal(path: Path) -> optuna.storages.JournalStorage:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))  # the lock every append takes
+    if path.exists():
+        lock.acquire()
+        try:
+            _drop_half_written_record(path)
+        finally:
+            lock.release()
+    try:
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock))
+    except ValueError as e:  # json.JSONDecodeError included: a line changed by hand or by a disk fault
+        raise ImgclfError(f"study journal {path} is damaged ({type(e).__name__}: {e}); restore it from a backup, "
+                          "or tune into a new --out") from None
+
+
+def _drop_half_written_record(path: Path) -> None:
+    """A worker killed in the middle of an append leaves a last line without its newline. Optuna skips it, but
+    the next append would be glued to it and make the whole journal unreadable; the record never completed,
+    so cut it off."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        warnings.warn(f"{path} ended in a half-written record (a worker killed while writing?); dropped its "
+                      f"{len(data) - keep} bytes", stacklevel=2)
+
+
 def open_storage(url_or_path: str | Path) -> optuna.storages.BaseStorage:
     """A database URL (postgresql://, sqlite:///, mysql://) or the path of a journal file."""
     url = str(url_or_path)
     if "://" not in url:
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+        return _open_journal(Path(url))
     shown = _shown(url)
     # The driver that imgclf[postgres] installs (SQLAlchemy >= 2.1 would look for psycopg 3); postgres:// is libpq's.
     url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg2://", url)
