@@ -187,3 +187,9 @@ def test_a_damaged_run_file_is_a_one_line_error(digits_run, tmp_path, capsys, na
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_tta_can_be_turned_on_and_off(digits_run, capsys):
+    for flag, expected in (("--tta", True), ("--no-tta", False)):
+        assert main(["evaluate", str(digits_run), flag, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["tta"] is expected

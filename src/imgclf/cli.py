@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> None:
         "schedule", "warmup_epochs", "weight_decay", "label_smoothing", "augment", "ema", "early_stopping",
         "precision", "device", "seed", "threads")}
     overrides["grayscale"] = True if args.grayscale else None
-    overrides["tta"] = True if args.tta else None
+    overrides["tta"] = args.tta
     if args.resume:
         if not args.out:
             raise ImgclfError("--resume needs --out RUN_DIR: the run folder to continue")
@@ -58,7 +58,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from imgclf.evaluate import evaluate
 
-    metrics = evaluate(args.run, args.dataset, split=args.split, tta=True if args.tta else None,
+    metrics = evaluate(args.run, args.dataset, split=args.split, tta=args.tta,
                        data_dir=args.data_dir)
     if args.json:
         print(json.dumps(metrics))
@@ -81,7 +81,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from imgclf.evaluate import predict, predictions_json
 
-    results = predict(args.run, args.images, top_k=args.top_k)
+    results = predict(args.run, args.images, top_k=args.top_k, tta=args.tta)
     if args.json:
         print(json.dumps(predictions_json(args.images, results)))
         return
@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, help="train on a stratified sample of N images")
     p.add_argument("--grayscale", action="store_true")
     p.add_argument("--image-size", type=int, help="image folders: resize to this size")
-    p.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation by default")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="whether evaluate and predict use test-time augmentation by default (default: the recipe's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="another dataset or folder with the same class names")
     p.add_argument("--data-dir")
     p.add_argument("--split", default="test", choices=("test", "val", "train"))
-    p.add_argument("--tta", action="store_true", help="test-time augmentation")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="average the test-time augmentation views (default: the run's recipe setting)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_evaluate)
 
@@ -260,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="average the test-time augmentation views (default: the run's recipe setting)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_predict)
 
