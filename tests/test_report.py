@@ -1,5 +1,6 @@
 """Reports: a run's figures and HTML page, comparisons of runs, dataset pictures, and the CLI for them."""
 
+import base64
 import csv
 import shutil
 import subprocess
@@ -39,8 +40,10 @@ def test_write_report(runs):
     for name in FIGURES:
         assert_png(runs[0] / "figures" / f"{name}.png")
     text = page.read_text()
-    for name in FIGURES:
-        assert f"figures/{name}.png" in text
+    for name in FIGURES:  # each figure inside the page, which is then one self-contained file
+        data = base64.b64encode((runs[0] / "figures" / f"{name}.png").read_bytes()).decode()
+        assert f"src='data:image/png;base64,{data}'" in text
+    assert "src='figures/" not in text
     accuracy = imgclf.evaluate(runs[0])["accuracy"]
     assert f"{accuracy:.2%}" in text
     assert "test split, 360 images" in text and "name: mlp" in text  # the config.yaml, in full

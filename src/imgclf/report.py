@@ -6,6 +6,7 @@ so a run folder (or a comparison folder) can be zipped and opened anywhere.
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import io
@@ -183,6 +184,12 @@ def plot_per_class(per_class_metrics: dict[str, dict[str, float]], path: str | P
 
 # ---- a run ----
 
+def embedded_png(path: Path, alt: str) -> str:
+    """An <img> holding the PNG itself, so the HTML page is one file that can be mailed or moved on its own."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"<img src='data:image/png;base64,{data}' alt='{html.escape(alt, quote=True)}' title='{Path(path).name}'>"
+
+
 def _finished_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -329,7 +336,7 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
     per_class = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()]
 
     def figure(name: str, alt: str) -> str:
-        return f"<img src='figures/{name}.png' alt='{e(alt)}'>"
+        return embedded_png(run_dir / "figures" / f"{name}.png", alt)
 
     body = f"""
 <h1>{e(run_dir.name)}</h1>
@@ -396,8 +403,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
     body = (f"<h1>Comparison of {len(rows)} runs</h1>"
             + html_table(["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top-5", "minutes"],
                          table)
-            + "<h2>Accuracy</h2><img src='accuracy.png' alt='accuracy per run'>"
-            + "<h2>Accuracy vs training time</h2><img src='accuracy_vs_time.png' alt='accuracy vs minutes'>")
+            + "<h2>Accuracy</h2>" + embedded_png(out_dir / "accuracy.png", "accuracy per run")
+            + "<h2>Accuracy vs training time</h2>" + embedded_png(out_dir / "accuracy_vs_time.png",
+                                                                   "accuracy vs minutes"))
     atomic_write(out_dir / "compare.html", html_page("imgclf comparison", body))
     return rows
 

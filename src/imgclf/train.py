@@ -415,7 +415,8 @@ def _tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ImgclfError("--tensorboard needs the tensorboard package: pip install 'imgclf[tensorboard]'") from None
+        raise ImgclfError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or the imgclf[tensorboard] extra)") from None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 

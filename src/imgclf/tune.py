@@ -104,7 +104,7 @@ def open_storage(url_or_path: str | Path) -> optuna.storages.BaseStorage:
                 time.sleep(0.5 + attempt)  # machines starting together race to create the tables: the loser retries
     except ImportError:
         raise ImgclfError(f"storage '{shown}' needs a database driver that is not installed; for PostgreSQL: "
-                          "pip install 'imgclf[postgres]'") from None
+                          "pip install psycopg2-binary (or the imgclf[postgres] extra)") from None
     except Exception as e:  # SQLAlchemy's errors: a bad URL, no server, wrong password, no such database
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImgclfError(f"cannot open storage '{shown}': {reason}; check the URL, that the server runs and "
@@ -475,7 +475,8 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
                                   "train the winner longer)\n" + config.to_yaml())
     figures = plot_study(study, out / "figures")
     counts = _counts(study)
-    atomic_write(out / "report.html", _report_html(study, storage, counts, ranked[:10], trials, figures))
+    atomic_write(out / "report.html", _report_html(study, storage, counts, ranked[:10], trials, figures,
+                                                   out / "figures"))
     if not quiet:
         table = Table("trial", "val acc", "seconds", "parameters", title=f"best trials of {study.study_name}")
         table.columns[-1].overflow = "fold"
@@ -547,10 +548,10 @@ def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
 
 
 def _report_html(study: optuna.Study, storage: str, counts: dict[str, int], ranked: list, trials: list,
-                 figures: dict[str, str]) -> str:
+                 figures: dict[str, str], figure_dir: Path) -> str:
     import html
 
-    from imgclf.report import html_page, html_table
+    from imgclf.report import embedded_png, html_page, html_table
 
     e = html.escape
     setup = study.user_attrs.get("imgclf", {})
@@ -562,7 +563,7 @@ def _report_html(study: optuna.Study, storage: str, counts: dict[str, int], rank
     best = [[t.number, f"{t.value:.2%}", round(t.duration.total_seconds(), 1),
              _describe(t.user_attrs.get("values", t.params))] for t in ranked]
     failed = [[t.number, _fail_reason(t)] for t in trials if t.state == TrialState.FAIL]
-    images = "".join(f"<h2>{e(title)}</h2><img src='figures/{name}.png' alt='{e(title)}'>"
+    images = "".join(f"<h2>{e(title)}</h2>" + embedded_png(figure_dir / f"{name}.png", title)
                      for name, title in figures.items())
     body = f"""
 <h1>Tuning: {e(study.study_name)}</h1>
