@@ -145,6 +145,7 @@ def test_evaluate_on_another_dataset_with_matching_class_names(digits_run, tmp_p
     (["train", "--dataset", "digits", "--out", "notes.txt"], "is a file, not a folder"),
     (["export", "no/such/run"], "not a run folder"),
     (["serve", "no/such/run"], "not a run folder"),
+    (["predict", "no/such/run", "x.png", "--top-k", "0"], "top-k 0: ask for 1 or more"),
 ])
 def test_bad_input_in_process(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -44,7 +44,7 @@ def test_every_model_exports_and_matches_pytorch(name, tmp_path):
 def test_metadata_and_tta_follow_the_run(tmp_path):
     run = saved_run(tmp_path / "run", "lenet", 1, 28, augment=["crop", "flip"], tta=True)
     result = export_onnx(run)
-    assert result.tta
+    assert result.tta and result.views == 6  # three shifts, each also flipped
     meta = {p.key: p.value for p in onnx.load(result.path).metadata_props}
     assert json.loads(meta["class_names"]) == ["a", "b", "c", "d"] and json.loads(meta["input_shape"]) == [1, 28, 28]
     assert json.loads(meta["tta"]) is True and meta["dataset"] == "synthetic"
@@ -63,5 +63,20 @@ def test_bad_targets_are_one_line_errors(tmp_path):
     with pytest.raises(ImgclfError, match="no trained model"):
         export_onnx(tmp_path)
     run = saved_run(tmp_path / "run", "mlp", 1, 8)
-    with pytest.raises(ImgclfError, match="is a folder"):
-        export_onnx(run, tmp_path)
+    assert export_onnx(run, tmp_path).path == tmp_path / "model.onnx"  # a folder, as for cp
+    assert export_onnx(run, f"{tmp_path}/new/").path == tmp_path / "new" / "model.onnx"
+    (tmp_path / "photo.png").write_bytes(b"mine")
+    with pytest.raises(ImgclfError, match="exists and is not an .onnx file"):
+        export_onnx(run, tmp_path / "photo.png")
+    assert (tmp_path / "photo.png").read_bytes() == b"mine"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ImgclfError, match="cannot write"):
+        export_onnx(run, tmp_path / "afile" / "model.onnx")
+
+
+def test_tta_without_views_is_plain_and_the_run_precision_is_recorded(tmp_path):
+    run = saved_run(tmp_path / "run", "mlp", 1, 8, augment=[], tta=True, precision="bf16")
+    result = export_onnx(run)
+    assert not result.tta and result.views == 1 and result.run_precision == "bf16"
+    meta = {p.key: p.value for p in onnx.load(result.path).metadata_props}
+    assert meta["run_precision"] == "bf16" and meta["tta_views"] == "1"

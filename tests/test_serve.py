@@ -35,9 +35,10 @@ def client(run):
 
 
 def test_health_and_info(client):
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok"} and client.head("/health").status_code == 200
     info = client.get("/info").json()
     assert info["classes"] == ["a", "b", "c", "d"] and info["input_shape"] == [1, 28, 28] and info["model"] == "lenet"
+    assert info["precision"] == "fp32" and info["tta"] is False
 
 
 def test_predict_answers_what_predict_answers(client, run, tmp_path):
@@ -60,7 +61,17 @@ def test_predict_answers_what_predict_answers(client, run, tmp_path):
 def test_bad_uploads_get_a_clear_4xx(client, monkeypatch):
     response = client.post("/predict", files=[("files", ("notes.png", b"not an image", "image/png"))])
     assert response.status_code == 400 and "notes.png is not an image" in response.json()["detail"]
-    assert client.post("/predict").status_code == 422  # no files at all
+    response = client.post("/predict")  # no files at all
+    assert response.status_code == 422 and "multipart file field `files`" in response.json()["detail"]
+    response = client.post("/predict", data={"files": "text, not a file"})
+    assert response.status_code == 422 and "multipart file field `files`" in response.json()["detail"]
+    response = client.post("/predict", params={"top_k": 0}, files=[("files", ("a.png", png(0), "image/png"))])
+    assert response.status_code == 422 and response.json()["detail"].startswith("top_k: ")
+    response = client.post("/predict", files=[("files", ("empty.png", b"", "image/png"))])
+    assert response.status_code == 400 and "empty.png is empty" in response.json()["detail"]
+    monkeypatch.setattr(serve_module, "MAX_PIXELS", 1000)
+    response = client.post("/predict", files=[("files", ("wide.png", png(0), "image/png"))])
+    assert response.status_code == 400 and "wide.png is 40x40, more than the 1,000 pixels" in response.json()["detail"]
     monkeypatch.setattr(serve_module, "MAX_IMAGE_BYTES", 100)
     response = client.post("/predict", files=[("files", ("big.png", png(0), "image/png"))])
     assert response.status_code == 413 and "big.png is larger" in response.json()["detail"]

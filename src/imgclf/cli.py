@@ -94,9 +94,13 @@ def _export(args: argparse.Namespace) -> None:
     from imgclf.export import export_onnx
 
     result = export_onnx(args.run, args.out, tta=args.tta)
-    console.print(f"wrote {result.path} ({result.num_bytes / 1e6:.1f} MB{', with TTA' if result.tta else ''}): "
-                  f"uint8 images (N, C, H, W) in, logits out; onnxruntime matches PyTorch to "
-                  f"{result.max_difference:.1e}")
+    if args.tta and not result.tta:
+        console.print("note: this run trained without crops or flips, so TTA has no views to average")
+    views = f", {result.views}-view TTA inside" if result.tta else ""
+    bf16 = (f"; the run predicts in {result.run_precision}, the graph in float32, so probabilities differ slightly"
+            if result.run_precision != "fp32" else "")
+    console.print(f"wrote {result.path} ({result.num_bytes / 1e6:.1f} MB{views}): uint8 images (N, C, H, W) in, "
+                  f"logits out; onnxruntime matches PyTorch float32 to {result.max_difference:.1e}{bf16}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -209,6 +213,12 @@ def _tune(args: argparse.Namespace) -> None:
          val_split=args.val_split)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535; 0: any free one)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate and use image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgclf {_version()}")
@@ -278,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 for every network)")
-    p.add_argument("--port", type=int, default=8000, help="default: 8000; 0 picks a free one")
+    p.add_argument("--port", type=_port, default=8000, help="default: 8000; 0 picks a free one")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("summary", help="Keras-like table of a model's layers and parameters")

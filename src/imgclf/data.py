@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -463,10 +464,20 @@ def _read_header(path: str) -> tuple[int, int, bool] | None:
         return None
 
 
-def read_image(path: str | Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """One image file -> uint8 (C, H, W) in `mode` ('L' or 'RGB') and `size` (w, h); raises on a bad file."""
+class TooManyPixels(ValueError):
+    """An image that would decode to more pixels than the caller allows (its message: the decoded size)."""
+
+
+def read_image(path: str | Path | BinaryIO, mode: str, size: tuple[int, int],
+               max_pixels: int | None = None) -> np.ndarray:
+    """One image file -> uint8 (C, H, W) in `mode` ('L' or 'RGB') and `size` (w, h); raises on a bad file.
+
+    With `max_pixels`, an image that would decode to more pixels raises TooManyPixels before it is decoded.
+    """
     with Image.open(path) as im:
         im.draft(mode, size)  # JPEG: decode big photos at 1/2..1/8 scale, ~5x faster, ~same pixels
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise TooManyPixels(f"{im.width}x{im.height}")
         im = ImageOps.exif_transpose(im)  # phone photos: apply the rotation tag
         if im.mode.startswith("I"):  # 16-bit gray (I;16, or I as PNG opens it): PIL's convert clips to 255
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from imgclf.config import load_recipe
-from imgclf.data import Dataset, load_dataset, read_image
+from imgclf.data import Dataset, TooManyPixels, load_dataset, read_image
 from imgclf.errors import ImgclfError
 from imgclf.loader import normalize
 from imgclf.runs import TrainedModel, load_model
@@ -97,7 +97,8 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
                    precision: str = "fp32", tta_augment: list[str] | None = None,
                    tta_shift: int | None = None) -> torch.Tensor:
     """Float32 logits for uint8 images (N, C, H, W); with tta_augment, averaged over the TTA views."""
-    keep_freed_memory()  # TTA on 10,000 images would otherwise page-fault every batch in afresh
+    if len(images) > batch_size:  # TTA on 10,000 images would otherwise page-fault every batch in afresh; a
+        keep_freed_memory()  # few images gain nothing, and a server would keep its largest request's heap
     device = next(net.parameters()).device
     mean_t = torch.tensor(mean, device=device)
     std_t = torch.tensor(std, device=device)
@@ -215,16 +216,18 @@ def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | N
 
 
 def read_images(sources: list[str | Path | BinaryIO], input_shape: tuple[int, int, int],
-                names: list[str] | None = None) -> torch.Tensor:
+                names: list[str] | None = None, max_pixels: int | None = None) -> torch.Tensor:
     """Image files (paths, or open binary files named by `names`) of any size and mode -> uint8 (N, C, H, W)
-    in the model's channels and size."""
+    in the model's channels and size. `max_pixels` refuses images that would decode to more pixels."""
     c, h, w = input_shape
     arrays = []
     for source, name in zip(sources, names or sources, strict=True):
         try:
-            arrays.append(read_image(source, "L" if c == 1 else "RGB", (w, h)))
+            arrays.append(read_image(source, "L" if c == 1 else "RGB", (w, h), max_pixels))
         except FileNotFoundError:
             raise ImgclfError(f"{name} does not exist; check the path") from None
+        except TooManyPixels as e:
+            raise ImgclfError(f"{name} is {e}, more than the {max_pixels:,} pixels allowed; shrink it first") from None
         except Image.DecompressionBombError:
             raise ImgclfError(f"{name} has more pixels than can be decoded safely ({2 * Image.MAX_IMAGE_PIXELS:,}); "
                               "shrink it first") from None
@@ -243,6 +246,8 @@ def predictions_json(names: list[str], results: list[list[tuple[str, float]]]) -
 def predict(run_or_model: str | Path | TrainedModel, images: list[str | Path] | torch.Tensor, *,
             top_k: int = 5, tta: bool | None = None) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image file (or uint8 image tensor)."""
+    if top_k < 1:
+        raise ImgclfError(f"top-k {top_k}: ask for 1 or more labels per image")
     model, _ = _as_model(run_or_model)
     if not isinstance(images, torch.Tensor):
         images = read_images(list(images), model.input_shape)

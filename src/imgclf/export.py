@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from imgclf import __version__
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import _as_model, _prediction_options, tta_views
 from imgclf.loader import normalize
-from imgclf.runs import atomic_write
+from imgclf.runs import atomic_write, warn_if_unfinished
 
 # The export is checked on a batch of random images against PyTorch, and refused beyond this difference of
 # logits, relative to their largest magnitude (float32 kernels differ by about 1e-7 in practice).
@@ -54,8 +55,10 @@ class DeployableNet(nn.Module):
 class ExportResult:
     path: Path
     tta: bool
-    max_difference: float  # largest |onnxruntime - PyTorch| logit on the check images
+    views: int  # averaged inside the graph: 1 without TTA
+    max_difference: float  # largest |onnxruntime - PyTorch float32| logit on the check images
     num_bytes: int
+    run_precision: str  # what `imgclf predict` computes in (bf16 runs differ from the float32 graph slightly)
 
 
 def _import_onnx():
@@ -94,10 +97,18 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
         if run_dir is None:
             raise ImgclfError("give `out`: where to write the .onnx file of a model that was not loaded from a run")
         out = run_dir / "model.onnx"
+    if Path(out).is_dir() or str(out).endswith(("/", os.sep)):  # a folder, as for cp: the file goes inside it
+        out = Path(out) / "model.onnx"
     out = Path(out)
-    if out.is_dir():
-        raise ImgclfError(f"{out} is a folder; give the path of the .onnx file to write, e.g. {out / 'model.onnx'}")
+    if out.exists() and out.suffix != ".onnx":
+        raise ImgclfError(f"{out} exists and is not an .onnx file; choose another --out (nothing was written)")
+    if run_dir is not None:
+        warn_if_unfinished(run_dir)
     tta, options = _prediction_options(model, tta)
+    views = len(list(tta_views(torch.zeros(1, *model.input_shape), options["tta_augment"],
+                               options["tta_shift"]))) if tta else 1
+    if views == 1:  # also when the run trained without flips or crops: there is only the image itself
+        tta, options = False, {}
     deployable = DeployableNet(model.net.float().to(memory_format=torch.contiguous_format).cpu().eval(),
                                model.mean, model.std, options.get("tta_augment"), options.get("tta_shift"))
     generator = torch.Generator().manual_seed(0)
@@ -122,6 +133,8 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
         "architecture": json.dumps(arch),
         "dataset": str(model.info.get("dataset", "")),
         "tta": json.dumps(tta),
+        "tta_views": json.dumps(views),
+        "run_precision": str(model.info.get("precision", "fp32")),  # the graph itself computes in float32
     })
     data = proto.SerializeToString()
 
@@ -134,5 +147,9 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     if got.shape != expected.shape or difference > MAX_RELATIVE_DIFFERENCE * max(1.0, float(np.abs(expected).max())):
         raise ImgclfError(f"the exported graph's logits differ from PyTorch's by {difference:.3g}, so {out} was not "
                           "written; please report it with the run's model.json")
-    atomic_write(out, data)
-    return ExportResult(path=out, tta=tta, max_difference=difference, num_bytes=len(data))
+    try:
+        atomic_write(out, data)
+    except OSError as e:
+        raise ImgclfError(f"cannot write {out} ({e.strerror or e}); choose another --out") from None
+    return ExportResult(path=out, tta=tta, views=views, max_difference=difference,
+                        num_bytes=len(data), run_precision=str(model.info.get("precision", "fp32")))

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,3 +171,10 @@ def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
     net.to(device).eval()
     return TrainedModel(net=net, class_names=class_names, mean=mean, std=std, input_shape=input_shape,
                         info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")})
+
+
+def warn_if_unfinished(run_dir: str | Path) -> None:
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists():
+        warnings.warn(f"{run_dir} has not finished training: this is the model of its last finished epoch "
+                      f"(continue with `imgclf train --resume --out {run_dir}`)", stacklevel=2)

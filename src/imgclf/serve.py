@@ -9,19 +9,22 @@ loaded once; predictions use the run's own settings (TTA, precision), as `imgclf
 """
 
 import io
-import os
 import socket
 import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from imgclf import __version__
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import predict, predictions_json, read_images
-from imgclf.runs import load_model
+from imgclf.runs import load_model, warn_if_unfinished
 
 MAX_IMAGE_BYTES = 20 * 2**20  # a larger upload is refused before it is decoded
 MAX_IMAGES = 256  # per request: bounds the memory one request can take
+MAX_PIXELS = 40_000_000  # per image once decoded (JPEGs first at a reduced scale): a 450 KB PNG of 12,000 x
+# 12,000 pixels would otherwise be decoded in full, 432 MB of RGB
 
 
 def _import_fastapi():
@@ -40,17 +43,36 @@ def create_app(run_dir: str | Path):
     """The FastAPI application serving the trained model in `run_dir`."""
     fastapi, _ = _import_fastapi()
     from fastapi import File, HTTPException, Query, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     model = load_model(run_dir)
+    warn_if_unfinished(run_dir)
     arch = model.info.get("architecture", {})
     about = {"run": str(run_dir), "model": arch.get("name"), "dataset": model.info.get("dataset"),
              "classes": model.class_names, "input_shape": list(model.input_shape),
-             "tta": bool(model.info.get("tta", False)), "imgclf_version": __version__}
-    one_at_a_time = threading.Lock()  # a prediction already uses every core; concurrent ones would only thrash
+             "tta": bool(model.info.get("tta", False)), "precision": model.info.get("precision", "fp32"),
+             "imgclf_version": __version__}
+    # One request decodes and predicts at a time: a prediction already uses every core, and decoding the
+    # uploads of many requests at once would only multiply the memory they take.
+    one_at_a_time = threading.Lock()
     app = fastapi.FastAPI(title="imgclf prediction server", version=__version__,
                           description=f"{about['model']} trained on {about['dataset']}, from {run_dir}")
 
-    @app.get("/health")
+    @app.exception_handler(RequestValidationError)
+    def one_line_validation_error(request, error: RequestValidationError):
+        """FastAPI's own 422 answer is a list of error objects that echoes the input; say what to send instead."""
+        problems = []
+        for item in error.errors():
+            where = item.get("loc") or ("?",)
+            if "files" in where:  # missing, or a part sent as text instead of a file
+                problems.append("send one or more image files in the multipart file field `files` "
+                                "(curl -F files=@image.png URL/predict)")
+            else:
+                problems.append(f"{where[-1]}: {item.get('msg', 'invalid')}")
+        return JSONResponse(status_code=422, content={"detail": "; ".join(dict.fromkeys(problems))})
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -60,40 +82,49 @@ def create_app(run_dir: str | Path):
 
     @app.post("/predict")
     def predict_files(files: list[UploadFile] = File(..., description="one or more image files"),  # noqa: B008
-                      top_k: int = Query(5, ge=1, description="how many labels per image")) -> list[dict[str, Any]]:
+                      top_k: int = Query(3, ge=1, description="how many labels per image")) -> list[dict[str, Any]]:
         if len(files) > MAX_IMAGES:
             raise HTTPException(413, f"{len(files)} images in one request; send at most {MAX_IMAGES} at a time")
-        sources, names = [], []
-        for i, upload in enumerate(files):
-            data = upload.file.read(MAX_IMAGE_BYTES + 1)
-            name = upload.filename or f"image {i + 1}"
-            if len(data) > MAX_IMAGE_BYTES:
-                raise HTTPException(413, f"{name} is larger than {MAX_IMAGE_BYTES // 2**20} MB; shrink it first")
-            sources.append(io.BytesIO(data))
-            names.append(name)
-        try:
-            images = read_images(sources, model.input_shape, names)
-        except ImgclfError as e:
-            raise HTTPException(400, str(e)) from None
+        names = [upload.filename or f"image {i + 1}" for i, upload in enumerate(files)]
         with one_at_a_time:
-            results = predict(model, images, top_k=top_k)
+            decoded = []
+            for upload, name in zip(files, names, strict=True):  # one upload in memory at a time
+                data = upload.file.read(MAX_IMAGE_BYTES + 1)
+                if not data:
+                    raise HTTPException(400, f"{name} is empty; send the image file's bytes")
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise HTTPException(413, f"{name} is larger than {MAX_IMAGE_BYTES // 2**20} MB; shrink it first")
+                try:
+                    decoded.append(read_images([io.BytesIO(data)], model.input_shape, [name], MAX_PIXELS))
+                except ImgclfError as e:
+                    raise HTTPException(400, str(e)) from None
+            results = predict(model, torch.cat(decoded), top_k=top_k)
         return predictions_json(names, results)
 
     return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here rather than by uvicorn so that problems are one line and port 0 works."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family)
+    except OverflowError:
+        raise ImgclfError(f"port {port} is not a port number; use 0 to 65535 (0: any free one)") from None
+    except OSError as e:
+        reason = (e.strerror or str(e)).split(" (while attempting to bind")[0]  # create_server's addition
+        raise ImgclfError(f"cannot listen on {host} port {port} ({reason}); pass another --port or --host") from None
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the run until interrupted; port 0 picks a free port (printed)."""
     _, uvicorn = _import_fastapi()
     app = create_app(run_dir)
-    try:
-        # Bound here rather than by uvicorn, so a busy port is a one-line error and port 0 can be printed.
-        sock = socket.create_server((host, port))
-    except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        raise ImgclfError(f"cannot listen on {host}:{port} ({reason}); pass another --port or --host") from None
+    sock = _listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
-    print(f"serving {run_dir} on http://{bound_host}:{bound_port} (POST images to /predict, API docs at /docs); "
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    anywhere = " (every network interface)" if host in ("0.0.0.0", "::") else ""
+    print(f"serving {run_dir} on http://{shown}:{bound_port}{anywhere} (POST images to /predict, API docs at /docs); "
           "Ctrl-C stops", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
