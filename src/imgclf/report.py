@@ -28,7 +28,14 @@ from matplotlib.colors import Normalize, PowerNorm  # noqa: E402
 from imgclf.data import Dataset  # noqa: E402
 from imgclf.errors import ImgclfError  # noqa: E402
 from imgclf.evaluate import evaluate_with_logits, load_run_dataset  # noqa: E402
-from imgclf.runs import TrainedModel, atomic_write, load_model, read_json, read_metrics  # noqa: E402
+from imgclf.runs import (  # noqa: E402
+    TrainedModel,
+    atomic_write,
+    load_model,
+    read_json,
+    read_metrics,
+    unfinished,
+)
 
 GREEN, RED = "#1a7f37", "#cf222e"
 TRAIN_COLOR, VAL_COLOR = "#0969da", "#e36209"
@@ -194,7 +201,7 @@ def _finished_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ImgclfError(f"{run_dir} is not a run folder; give the --out folder of a finished `imgclf train` run")
-    if (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists():
+    if unfinished(run_dir):
         raise ImgclfError(f"{run_dir} holds a run that has not finished; continue it with "
                           f"`imgclf train --resume --out {run_dir}`")
     missing = [f for f in ("config.yaml", "summary.json", "model.json") if not (run_dir / f).exists()]

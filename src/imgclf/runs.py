@@ -173,8 +173,12 @@ def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
                         info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")})
 
 
+def unfinished(run_dir: str | Path) -> bool:
+    """A run that started (it has its config.yaml) and has not written summary.json: still training, or stopped."""
+    return (Path(run_dir) / "config.yaml").exists() and not (Path(run_dir) / "summary.json").exists()
+
+
 def warn_if_unfinished(run_dir: str | Path) -> None:
-    run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists():
+    if unfinished(run_dir):
         warnings.warn(f"{run_dir} has not finished training: this is the model of its last finished epoch "
                       f"(continue with `imgclf train --resume --out {run_dir}`)", stacklevel=2)
