@@ -474,7 +474,11 @@ def read_image(path: str | Path | BinaryIO, mode: str, size: tuple[int, int],
 
     With `max_pixels`, an image that would decode to more pixels raises TooManyPixels before it is decoded.
     """
-    with Image.open(path) as im:
+    with warnings.catch_warnings():
+        if max_pixels is not None:  # the caller's own limit decides, below: PIL's warning would only add noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
         im.draft(mode, size)  # JPEG: decode big photos at 1/2..1/8 scale, ~5x faster, ~same pixels
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise TooManyPixels(f"{im.width}x{im.height}")

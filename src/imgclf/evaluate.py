@@ -244,7 +244,7 @@ def predictions_json(names: list[str], results: list[list[tuple[str, float]]]) -
 
 
 def predict(run_or_model: str | Path | TrainedModel, images: list[str | Path] | torch.Tensor, *,
-            top_k: int = 5, tta: bool | None = None) -> list[list[tuple[str, float]]]:
+            top_k: int = 3, tta: bool | None = None) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image file (or uint8 image tensor)."""
     if top_k < 1:
         raise ImgclfError(f"top-k {top_k}: ask for 1 or more labels per image")
