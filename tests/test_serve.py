@@ -13,7 +13,7 @@ from PIL import Image
 from test_export import saved_run
 
 from imgclf import serve as serve_module
-from imgclf.evaluate import predict, predictions_json
+from imgclf.evaluate import predict, predictions_json, read_images
 from imgclf.serve import create_app
 
 
@@ -56,6 +56,22 @@ def test_predict_answers_what_predict_answers(client, run, tmp_path):
         assert [t["label"] for t in g["top"]] == [t["label"] for t in e["top"]]
         np.testing.assert_allclose([t["probability"] for t in g["top"]], [t["probability"] for t in e["top"]],
                                    rtol=1e-5)
+
+
+def test_tta_can_be_switched_per_request(tmp_path):
+    run = saved_run(tmp_path / "run", "lenet", 1, 28, tta=True, augment=["crop", "flip"])
+    client = TestClient(create_app(run))
+    assert client.get("/info").json()["tta"] is True
+    files = [("files", ("a.png", png(0), "image/png"))]
+    image = read_images([io.BytesIO(png(0))], (1, 28, 28))
+    expected = {tta: [p for _, p in predict(run, image, top_k=4, tta=tta)[0]] for tta in (True, False)}
+    assert expected[True] != expected[False]
+    for query, tta in ((None, True), ("true", True), ("false", False)):
+        params = {"top_k": 4} | ({"tta": query} if query else {})
+        got = client.post("/predict", params=params, files=files).json()[0]["top"]
+        np.testing.assert_allclose([t["probability"] for t in got], expected[tta], rtol=1e-5)
+    response = client.post("/predict", params={"tta": "maybe"}, files=files)
+    assert response.status_code == 422 and response.json()["detail"].startswith("tta: ")
 
 
 def test_bad_uploads_get_a_clear_4xx(client, monkeypatch):

@@ -190,6 +190,22 @@ def test_resume_adds_exactly_the_missing_trials_and_writes_a_recipe_that_trains(
     assert "base.train.epochs" in capsys.readouterr().err and len(load(out, "digits-cnn-small").trials) == 3
 
 
+def test_best_recipe_of_an_image_folder_trains_from_any_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for i in range(40):
+        (tmp_path / "shapes" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 10 * i if i % 2 else 255 - 5 * i).save(tmp_path / "shapes" / "ab"[i % 2] / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}},
+                        base={"model": {"name": "mlp"}, "train": {"epochs": 1, "batch_size": 8}})
+    tune("shapes", space, trials=1, out="study", data_dir="cache", val_split=0.25, quiet=True)
+    best = yaml.safe_load((tmp_path / "study" / "best.yaml").read_text())
+    assert best["data"]["dataset"] == str(tmp_path / "shapes") and best["data"]["data_dir"] == str(tmp_path / "cache")
+    monkeypatch.chdir(tmp_path / "study")  # elsewhere, "shapes" and "cache" mean nothing
+    assert main(["train", "--recipe", "best.yaml", "--out", str(tmp_path / "best")]) == 0
+
+
 def test_executions_per_trial_average_seeds(tmp_path):
     space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.01]}})
     result = tune("digits", space, sampler="grid", pruner="none", executions=2, out=tmp_path / "out", quiet=True)

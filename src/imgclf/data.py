@@ -227,6 +227,11 @@ def canonical_dataset(name: str) -> str:
     return str(Path(name).expanduser().resolve())
 
 
+def canonical_data_dir(data_dir: str | Path | None) -> str | None:
+    """A data folder's absolute path; None (the default cache) stays None."""
+    return data_dir and str(Path(data_dir).expanduser().resolve())
+
+
 def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
     root = data_root(data_dir)
     return [{"name": name, "classes": len(d["classes"]), "shape": d["shape"], "train": d["train_size"],

@@ -144,7 +144,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
     }
 
 
-def _as_model(run_or_model: str | Path | TrainedModel) -> tuple[TrainedModel, Path | None]:
+def as_model(run_or_model: str | Path | TrainedModel) -> tuple[TrainedModel, Path | None]:
+    """(model, its run folder) for a run folder, or (model, None) for a model already loaded."""
     if isinstance(run_or_model, TrainedModel):
         return run_or_model, None
     return load_model(run_or_model), Path(run_or_model)
@@ -179,7 +180,7 @@ def _align_labels(split_labels: torch.Tensor, data_classes: list[str], model_cla
     return mapping[split_labels]
 
 
-def _prediction_options(model: TrainedModel, tta: bool | None) -> tuple[bool, dict[str, Any]]:
+def prediction_options(model: TrainedModel, tta: bool | None) -> tuple[bool, dict[str, Any]]:
     """(tta, predict_logits keywords) for a run: `tta=None` uses its recipe's setting."""
     tta = bool(model.info.get("tta", False)) if tta is None else tta
     options = {"precision": model.info.get("precision", "fp32")}
@@ -195,7 +196,7 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
     if tuple(chosen.images.shape[1:]) != tuple(model.input_shape):
         raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
                           f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
-    tta, options = _prediction_options(model, tta)
+    tta, options = prediction_options(model, tta)
     logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size, **options)
     labels = _align_labels(chosen.labels, data.class_names, model.class_names)
     metrics = classification_metrics(logits, labels, model.class_names)
@@ -210,7 +211,7 @@ def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | N
     By default the run's own dataset (with its own validation split and seed) and its test split.
     `tta=None` uses the run's recipe setting.
     """
-    model, run_dir = _as_model(run_or_model)
+    model, run_dir = as_model(run_or_model)
     data = dataset if isinstance(dataset, Dataset) else load_run_dataset(model, run_dir, dataset, data_dir)
     return evaluate_with_logits(model, data, split, tta, batch_size)[0]
 
@@ -248,10 +249,10 @@ def predict(run_or_model: str | Path | TrainedModel, images: list[str | Path] | 
     """Top-k (class name, probability) for each image file (or uint8 image tensor)."""
     if top_k < 1:
         raise ImgclfError(f"top-k {top_k}: ask for 1 or more labels per image")
-    model, _ = _as_model(run_or_model)
+    model, _ = as_model(run_or_model)
     if not isinstance(images, torch.Tensor):
         images = read_images(list(images), model.input_shape)
-    logits = predict_logits(model.net, images, model.mean, model.std, **_prediction_options(model, tta)[1])
+    logits = predict_logits(model.net, images, model.mean, model.std, **prediction_options(model, tta)[1])
     probabilities = logits.softmax(1)
     k = max(1, min(top_k, model.num_classes))
     top = probabilities.topk(k, dim=1)

@@ -21,7 +21,7 @@ from torch import nn
 
 from imgclf import __version__
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import _as_model, _prediction_options, tta_views
+from imgclf.evaluate import as_model, prediction_options, tta_views
 from imgclf.loader import normalize
 from imgclf.runs import atomic_write, warn_if_unfinished
 
@@ -92,7 +92,7 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     `tta=None` uses the run's recipe setting, as `imgclf evaluate` and `imgclf predict` do.
     """
     onnx, onnxruntime = _import_onnx()
-    model, run_dir = _as_model(run_or_model)
+    model, run_dir = as_model(run_or_model)
     if out is None:
         if run_dir is None:
             raise ImgclfError("give `out`: where to write the .onnx file of a model that was not loaded from a run")
@@ -104,7 +104,7 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
         raise ImgclfError(f"{out} exists and is not an .onnx file; choose another --out (nothing was written)")
     if run_dir is not None:
         warn_if_unfinished(run_dir)
-    tta, options = _prediction_options(model, tta)
+    tta, options = prediction_options(model, tta)
     views = len(list(tta_views(torch.zeros(1, *model.input_shape), options["tta_augment"],
                                options["tta_shift"]))) if tta else 1
     if views == 1:  # also when the run trained without flips or crops: there is only the image itself

@@ -5,7 +5,8 @@
 
 Endpoints: GET /health, GET /info (classes, input shape, TTA), POST /predict (multipart field `files`, one or
 more images; the answer is the JSON of `imgclf predict --json`), and the OpenAPI docs at /docs. The model is
-loaded once; predictions use the run's own settings (TTA, precision), as `imgclf predict` does.
+loaded once; predictions use the run's own settings (TTA, precision), as `imgclf predict` does; `?tta=false`
+(or `true`) overrides the run's TTA setting for one request.
 """
 
 import io
@@ -82,7 +83,10 @@ def create_app(run_dir: str | Path):
 
     @app.post("/predict")
     def predict_files(files: list[UploadFile] = File(..., description="one or more image files"),  # noqa: B008
-                      top_k: int = Query(3, ge=1, description="how many labels per image")) -> list[dict[str, Any]]:
+                      top_k: int = Query(3, ge=1, description="how many labels per image"),
+                      tta: bool | None = Query(None, description="average the test-time augmentation views "
+                                               "(default: the run's recipe setting, in /info)"),
+                      ) -> list[dict[str, Any]]:
         if len(files) > MAX_IMAGES:
             raise HTTPException(413, f"{len(files)} images in one request; send at most {MAX_IMAGES} at a time")
         names = [upload.filename or f"image {i + 1}" for i, upload in enumerate(files)]
@@ -98,7 +102,7 @@ def create_app(run_dir: str | Path):
                     decoded.append(read_images([io.BytesIO(data)], model.input_shape, [name], MAX_PIXELS))
                 except ImgclfError as e:
                     raise HTTPException(400, str(e)) from None
-            results = predict(model, torch.cat(decoded), top_k=top_k)
+            results = predict(model, torch.cat(decoded), top_k=top_k, tta=tta)
         return predictions_json(names, results)
 
     return app

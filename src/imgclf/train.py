@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
 from imgclf.config import RunConfig, make_config
-from imgclf.data import Dataset, canonical_dataset, load_dataset
+from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
@@ -193,9 +193,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
            tensorboard: bool, on_epoch, ctx: distributed.Context, rank_device: torch.device | None) -> TrainResult:
     # An image folder and a data folder are recorded by their absolute paths, so that `imgclf evaluate RUN`
     # finds them from any folder.
-    data_dir = config.data.data_dir and str(Path(config.data.data_dir).expanduser().resolve())
     config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, dataset=canonical_dataset(config.data.dataset), data_dir=data_dir))
+        config.data, dataset=canonical_dataset(config.data.dataset), data_dir=canonical_data_dir(config.data.data_dir)))
     config, run_dir, mode = _open_run(config, out, resume, ctx)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imgclf.config import RunConfig
-from imgclf.data import Dataset, load_dataset
+from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.runs import atomic_write
 from imgclf.spaces import Space, grid_points, load_space, suggest, trial_config
@@ -467,6 +467,9 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
     if best is not None:
         config = RunConfig.from_dict(best.user_attrs["config"], source=f"trial {best.number}")
         config.train.threads = None
+        # Absolute, as a run's config.yaml has them: best.yaml is meant to be trained from any folder.
+        config.data.dataset = canonical_dataset(config.data.dataset)
+        config.data.data_dir = canonical_data_dir(config.data.data_dir)
         config.description = (f"tuned by imgclf tune: study {study.study_name}, trial {best.number}, "
                               f"val acc {best.value:.4f}")
         best_recipe = out / "best.yaml"
