@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import imgclf
 from imgclf.cli import main
 from imgclf.data import load_dataset
 
@@ -53,6 +54,23 @@ def test_predict_names_the_digit(digits_run, tmp_path, capsys):
     truth = [str(int(label)) for label in test.labels[:5]]
     assert sum(p == t for p, t in zip(predicted, truth, strict=True)) >= 4
     assert all(len(r["top"]) == 2 for r in results)
+
+
+def test_predict_a_folder_predicts_each_image_below_it(digits_run, tmp_path, capsys):
+    test = load_dataset("digits").test
+    (tmp_path / "imgs" / "more").mkdir(parents=True)
+    for i, name in enumerate(["b.png", "a.JPG", "more/c.bmp"]):
+        Image.fromarray(test.images[i, 0].numpy()).convert("RGB").save(tmp_path / "imgs" / name)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    one = tmp_path / "one.png"
+    Image.fromarray(test.images[3, 0].numpy()).save(one)
+    assert main(["predict", str(digits_run), str(tmp_path / "imgs"), str(one), "--json"]) == 0
+    names = [r["image"] for r in json.loads(capsys.readouterr().out)]
+    assert names == [str(tmp_path / "imgs" / n) for n in ("a.JPG", "b.png", "more/c.bmp")] + [str(one)]
+    assert len(imgclf.predict(digits_run, tmp_path / "imgs")) == 3 and len(imgclf.predict(digits_run, str(one))) == 1
+    assert main(["predict", str(digits_run), str(tmp_path / "empty")]) == 1
+    assert "holds no image files" in capsys.readouterr().err
 
 
 def test_summary_json_of_a_reference_recipe(capsys):

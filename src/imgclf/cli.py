@@ -79,13 +79,14 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from imgclf.evaluate import predict, predictions_json
+    from imgclf.evaluate import image_files, predict, predictions_json
 
-    results = predict(args.run, args.images, top_k=args.top_k, tta=args.tta)
+    files = image_files(args.images)
+    results = predict(args.run, files, top_k=args.top_k, tta=args.tta)
     if args.json:
-        print(json.dumps(predictions_json(args.images, results)))
+        print(json.dumps(predictions_json(files, results)))
         return
-    for path, top in zip(args.images, results, strict=True):
+    for path, top in zip(files, results, strict=True):
         console.print(f"{path}: " + ", ".join(f"[bold]{c}[/] {p:.1%}" if i == 0 else f"{c} {p:.1%}"
                                                for i, (c, p) in enumerate(top)))
 
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels for image files")
     p.add_argument("run", help="run folder")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average the test-time augmentation views (default: the run's recipe setting)")

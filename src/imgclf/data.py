@@ -438,7 +438,7 @@ _LOADERS = {"idx": _load_idx, "cifar10": _load_cifar10, "cifar100": _load_cifar1
 
 # ---- image folders ----
 
-def _files_under(folder: Path) -> list[str]:
+def files_under(folder: Path) -> list[str]:
     """Every file below folder in a stable order, leaving out hidden ones (.DS_Store, .ipynb_checkpoints/)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -454,7 +454,7 @@ def _scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, str]]
     for split, d in split_dirs.items():
         class_dirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
         classes.update(p.name for p in class_dirs)
-        files[split] = [(f, c.name) for c in class_dirs for f in _files_under(c)]
+        files[split] = [(f, c.name) for c in class_dirs for f in files_under(c)]
     if not classes:
         raise ImgclfError(f"{root} has no class sub-folders; put images in {root}/<class>/ "
                           f"or {root}/train/<class>/")

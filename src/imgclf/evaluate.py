@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from imgclf.config import load_recipe
-from imgclf.data import Dataset, TooManyPixels, load_dataset, read_image
+from imgclf.data import Dataset, TooManyPixels, files_under, load_dataset, read_image
 from imgclf.errors import ImgclfError
 from imgclf.loader import normalize
 from imgclf.runs import TrainedModel, load_model
@@ -238,20 +238,40 @@ def read_images(sources: list[str | Path | BinaryIO], input_shape: tuple[int, in
     return torch.from_numpy(np.stack(arrays))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # picked out of a folder
+
+
+def image_files(sources: list[str | Path]) -> list[str]:
+    """The files to predict: each file as given, and for each folder the image files below it, sorted."""
+    out = []
+    for source in map(str, sources):
+        if not Path(source).is_dir():
+            out.append(source)
+            continue
+        found = [f for f in files_under(Path(source)) if f.lower().endswith(IMAGE_SUFFIXES)]
+        if not found:
+            raise ImgclfError(f"folder {source} holds no image files ({', '.join(IMAGE_SUFFIXES)}); "
+                              "give image files or a folder of them")
+        out += found
+    return out
+
+
 def predictions_json(names: list[str], results: list[list[tuple[str, float]]]) -> list[dict[str, Any]]:
     """The JSON of `imgclf predict --json` and of the prediction server: per image, its top labels."""
     return [{"image": str(name), "top": [{"label": c, "probability": p} for c, p in top]}
             for name, top in zip(names, results, strict=True)]
 
 
-def predict(run_or_model: str | Path | TrainedModel, images: list[str | Path] | torch.Tensor, *,
+def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[str | Path] | torch.Tensor, *,
             top_k: int = 3, tta: bool | None = None) -> list[list[tuple[str, float]]]:
-    """Top-k (class name, probability) for each image file (or uint8 image tensor)."""
+    """Top-k (class name, probability) for each image file (a folder: each image below it, as image_files
+    lists them) or for each image of a uint8 (N, C, H, W) tensor."""
     if top_k < 1:
         raise ImgclfError(f"top-k {top_k}: ask for 1 or more labels per image")
     model, _ = as_model(run_or_model)
     if not isinstance(images, torch.Tensor):
-        images = read_images(list(images), model.input_shape)
+        one = isinstance(images, str | Path)  # one file or folder, not a sequence of one-letter names
+        images = read_images(image_files([images] if one else list(images)), model.input_shape)
     logits = predict_logits(model.net, images, model.mean, model.std, **prediction_options(model, tta)[1])
     probabilities = logits.softmax(1)
     k = max(1, min(top_k, model.num_classes))
