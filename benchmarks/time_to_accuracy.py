@@ -27,8 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -111,16 +109,11 @@ def child(args: argparse.Namespace) -> None:
 
 def time_to_accuracy(args: argparse.Namespace) -> None:
     import imgclf
-    from imgclf.config import make_config
+    from imgclf.config import make_config, parse_settings
 
     overrides = {k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
                                    "val_split": args.val_split}.items() if v is not None}
-    for setting in args.set:  # e.g. lr=0.5, model.widths=[32,64,128]: try a change on the validation split
-        key, _, value = setting.partition("=")
-        if key.startswith("model."):
-            overrides.setdefault("model_options", {})[key.removeprefix("model.")] = yaml.safe_load(value)
-        else:
-            overrides[key.removeprefix("train.").removeprefix("data.")] = yaml.safe_load(value)
+    overrides |= parse_settings(args.set)  # e.g. lr=0.5, model.widths=[32,64,128]: try a change on val
     config = make_config(recipe=args.recipe, model=args.model, **overrides)
     # Download and decode once before timing: the timed runs measure training, not the network.
     data = imgclf.load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,

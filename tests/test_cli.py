@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 import imgclf
@@ -71,6 +72,22 @@ def test_predict_a_folder_predicts_each_image_below_it(digits_run, tmp_path, cap
     assert len(imgclf.predict(digits_run, tmp_path / "imgs")) == 3 and len(imgclf.predict(digits_run, str(one))) == 1
     assert main(["predict", str(digits_run), str(tmp_path / "empty")]) == 1
     assert "holds no image files" in capsys.readouterr().err
+
+
+def test_set_reaches_any_setting_and_model_option(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--model", "cnn", "--epochs", "1", "--optimizer", "sgd",
+                 "--set", "momentum=0.8", "--set", "model.filters=[8, 16]", "--set", "train.crop_padding=1",
+                 "--out", str(out)]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["filters"] == [8, 16] and config["train"]["momentum"] == 0.8
+    assert config["train"]["crop_padding"] == 1
+    for args, message in ((["--set", "lr"], "is not KEY=VALUE"), (["--set", "lr=[1"], "not valid YAML"),
+                          (["--set", "lrr=1"], "(did you mean 'lr'?)"), (["--lr", "1", "--set", "lr=2"], "both"),
+                          (["--model", "cnn", "--set", "model.filtrs=[8]"], "(did you mean 'filters'?)")):
+        assert main(["train", "--dataset", "digits", "--out", str(tmp_path / "no"), *args]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
 
 
 def test_summary_json_of_a_reference_recipe(capsys):

@@ -115,7 +115,8 @@ def test_registered_builder_options_are_validated_from_its_signature(monkeypatch
     ("name", "options", "message"),
     [
         ("foo", {}, "unknown model 'foo'; choose one of: cnn, fastnet, lenet, mlp, resnet18, vgg"),
-        ("cnn", {"filterz": [8]}, "unknown option 'filterz' for model cnn; valid options: filters, kernel"),
+        ("cnn", {"filterz": [8]},
+         r"unknown option 'filterz' for model cnn \(did you mean 'filters'\?\); valid options: filters, kernel"),
         ("cnn", {"filters": [8, 16], "kernel_size": [3, 3, 3]}, "kernel_size has 3 values but filters has 2"),
         ("cnn", {"filters": [8, 16], "dropout": [0.1]}, "dropout has 1 values but filters has 2"),
         ("cnn", {"padding": "full"}, "padding must be one of same, valid"),

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, load_recipe
+from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, load_recipe, parse_settings
 from imgclf.errors import ImgclfError, PeerLost
 
 console = Console(highlight=False, soft_wrap=True)
@@ -37,11 +37,12 @@ def _train(args: argparse.Namespace) -> None:
         "precision", "device", "seed", "threads")}
     overrides["grayscale"] = True if args.grayscale else None
     overrides["tta"] = args.tta
+    settings = parse_settings(args.set)
     if args.resume:
         if not args.out:
             raise ImgclfError("--resume needs --out RUN_DIR: the run folder to continue")
-        given = [k for k, v in {**overrides, "recipe": args.recipe, "model": args.model}.items()
-                 if v is not None and k not in ("device", "threads")]
+        flags = {**overrides, "recipe": args.recipe, "model": args.model, "set": args.set or None}
+        given = [k for k, v in flags.items() if v is not None and k not in ("device", "threads")]
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise ImgclfError(f"--resume continues the run with its own settings, so {flags} would be ignored; "
@@ -51,8 +52,12 @@ def _train(args: argparse.Namespace) -> None:
         return
     if not args.dataset and not args.recipe:
         raise ImgclfError("no dataset given; add --dataset NAME (see `imgclf datasets`) or --recipe NAME")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    conflicts = sorted(set(overrides) & set(settings))
+    if conflicts:
+        raise ImgclfError(f"{', '.join(conflicts)} given both as a flag and in --set; give each setting once")
     train(recipe=args.recipe, model=args.model, out=args.out, report=args.report, tensorboard=args.tensorboard,
-          **overrides)
+          **overrides, **settings)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -253,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores, split between processes)")
     p.add_argument("--nproc", type=int, metavar="N", help="train in N processes on this machine (torchrun + DDP); "
                    "--batch-size stays the global batch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any recipe setting or model option, repeatable: --set momentum=0.9 --set model.widths=[32,64]")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<model>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--report", action="store_true", help="write RUN/report.html when training ends")

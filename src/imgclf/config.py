@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, did_you_mean
 
 OPTIMIZERS = ("sgd", "nesterov", "muon", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
@@ -172,7 +172,9 @@ def _build(cls: type, values: dict[str, Any], source: str) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(names)
     if unknown:
-        raise ImgclfError(f"{source}: unknown option(s) {sorted(unknown)}; valid options: {', '.join(names)}")
+        hints = "".join(did_you_mean(u, names) for u in sorted(unknown, key=str))
+        raise ImgclfError(f"{source}: unknown option(s) {sorted(unknown, key=str)}{hints}; "
+                          f"valid options: {', '.join(names)}")
     return cls(**{name: _typed(name, names[name].type, value, source) for name, value in values.items()})
 
 
@@ -236,8 +238,9 @@ def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> t
     if not path.suffix and not path.exists():
         path = folder / f"{name_or_path}.yaml"
         if not path.exists():
-            names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-            raise ImgclfError(f"unknown {kind} '{name_or_path}'; choose one of: {names} (or give a YAML path)")
+            names = sorted(p.stem for p in folder.glob("*.yaml"))
+            raise ImgclfError(f"unknown {kind} '{name_or_path}'{did_you_mean(name_or_path, names)}; choose one of: "
+                              f"{', '.join(names)} (or give a YAML path)")
     if path.is_dir() and (path / "config.yaml").exists():
         path = path / "config.yaml"
     try:
@@ -290,6 +293,28 @@ def load_recipe(name_or_path: str | Path) -> RunConfig:
     return config
 
 
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """make_config() overrides from KEY=VALUE strings, values in YAML: `lr=0.5`, `train.lr=0.5`,
+    `augment=[crop,flip]`, `model.widths=[32,64,128]` (a model option)."""
+    overrides: dict[str, Any] = {}
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        if not equals or not key.strip():
+            raise ImgclfError(f"setting '{setting}' is not KEY=VALUE; write e.g. --set lr=0.1 or "
+                              "--set model.widths=[32,64]")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ImgclfError(f"setting '{setting}': its value is not valid YAML; quote it, e.g. "
+                              "--set 'KEY=[1, 2]'") from None
+        key = key.strip()
+        if key.startswith("model."):
+            overrides.setdefault("model_options", {})[key.removeprefix("model.")] = parsed
+        else:
+            overrides[key.removeprefix("train.").removeprefix("data.")] = parsed
+    return overrides
+
+
 def make_config(recipe: str | Path | None = None, model: str | None = None, **overrides: Any) -> RunConfig:
     """Build a RunConfig from an optional recipe, then apply flat overrides.
 
@@ -311,7 +336,8 @@ def make_config(recipe: str | Path | None = None, model: str | None = None, **ov
         elif key in train_fields:
             section, kind = config.train, train_fields[key].type
         else:
-            raise ImgclfError(f"unknown option '{key}'; valid options: {', '.join(sorted(data_fields | train_fields))}")
+            valid = sorted(data_fields | train_fields)
+            raise ImgclfError(f"unknown option '{key}'{did_you_mean(key, valid)}; valid options: {', '.join(valid)}")
         setattr(section, key, _typed(key, kind, value, "settings"))
     config.validate()
     return config

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, did_you_mean
 
 SPLITS = ("train", "val", "test")
 _FIXED_TEST_SEED = 0  # test splits we carve never depend on the run seed, so test scores stay comparable
@@ -204,8 +204,8 @@ def data_root(data_dir: str | Path | None = None) -> Path:
 
 
 def _unknown(name: str) -> ImgclfError:
-    return ImgclfError(f"unknown dataset {name!r}: not a known name and not an existing folder; "
-                       f"use one of {', '.join(DATASETS)}, or the path of an image folder")
+    return ImgclfError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}: not a known name and not an "
+                       f"existing folder; use one of {', '.join(DATASETS)}, or the path of an image folder")
 
 
 def dataset_info(name: str) -> DatasetInfo:

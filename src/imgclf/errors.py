@@ -1,4 +1,7 @@
-"""The one exception type that reaches users as a one-line message."""
+"""The one exception type that reaches users as a one-line message, and a spelling hint for its messages."""
+
+import difflib
+from collections.abc import Iterable
 
 
 class ImgclfError(Exception):
@@ -6,6 +9,12 @@ class ImgclfError(Exception):
 
     The CLI prints it as a single line and exits with status 1; it never shows a traceback.
     """
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """' (did you mean 'lr'?)' for a misspelt name close to one of the choices, else ''."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class PeerLost(ImgclfError):

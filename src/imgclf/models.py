@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, did_you_mean
 
 Builder = Callable[..., nn.Module]
 
@@ -63,14 +63,16 @@ def create_model(
 ) -> nn.Module:
     if name not in MODELS:
         raise ImgclfError(
-            f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))} (see `imgclf models`)"
+            f"unknown model {name!r}{did_you_mean(name, MODELS)}; choose one of: {', '.join(sorted(MODELS))} "
+            "(see `imgclf models`)"
         )
     builder = MODELS[name].builder
     defaults = _option_defaults(builder)
     for key in options:
         if key not in defaults:
             raise ImgclfError(
-                f"unknown option {key!r} for model {name}; valid options: {', '.join(defaults)}"
+                f"unknown option {key!r} for model {name}{did_you_mean(key, defaults)}; "
+                f"valid options: {', '.join(defaults)}"
             )
     for arg, value in zip(_SHAPE_ARGS, (num_classes, in_channels, image_size), strict=True):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
