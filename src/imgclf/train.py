@@ -476,9 +476,6 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if cfg.l1:
             loss = loss + cfg.l1 * sum(p.abs().sum() for p in net.parameters() if p.ndim > 1 and p.requires_grad)
-        if not torch.isfinite(loss):
-            raise ImgclfError(f"training diverged (loss is {loss.item()}) at step {step + 1}; the checkpoint of "
-                              "the last finished epoch is kept: lower --lr or use --precision fp32")
         optimizer.zero_grad(set_to_none=True)
         learner.scaler.scale(loss).backward()
         if drop_bias_grad:
@@ -492,7 +489,11 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        if step % 10 == 0 or step + 1 == steps_per_epoch:
+        if step % 10 == 0 or step + 1 == steps_per_epoch:  # reading a value waits for a GPU: not every step
+            if not torch.isfinite(loss_sum):
+                raise ImgclfError(f"training diverged (loss is {loss_sum.item() / seen}) by step {step + 1} of epoch {epoch}; "
+                                  "the checkpoint of the last finished epoch is kept: lower --lr or use "
+                                  "--precision fp32")
             rate = seen / (time.perf_counter() - started)
             on_progress(completed=step + 1,
                         stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} {rate:,.0f} img/s")
