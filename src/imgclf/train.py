@@ -491,9 +491,9 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         seen += len(y)
         if step % 10 == 0 or step + 1 == steps_per_epoch:  # reading a value waits for a GPU: not every step
             if not torch.isfinite(loss_sum):
-                raise ImgclfError(f"training diverged (loss is {loss_sum.item() / seen}) by step {step + 1} of epoch {epoch}; "
-                                  "the checkpoint of the last finished epoch is kept: lower --lr or use "
-                                  "--precision fp32")
+                raise ImgclfError(f"training diverged (loss is {loss_sum.item() / seen}) by step {step + 1} of "
+                                  f"epoch {epoch}; the checkpoint of the last finished epoch is kept: lower --lr "
+                                  "or use --precision fp32")
             rate = seen / (time.perf_counter() - started)
             on_progress(completed=step + 1,
                         stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} {rate:,.0f} img/s")
