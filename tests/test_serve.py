@@ -1,5 +1,6 @@
 """The prediction server: the answers of `imgclf predict`, over HTTP, and clear 4xx errors for bad uploads."""
 
+import importlib
 import io
 import json
 import subprocess
@@ -8,12 +9,13 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from test_export import saved_run
 
 from imgclf import serve as serve_module
-from imgclf.evaluate import predict, predictions_json, read_images
+from imgclf.evaluate import predict, prediction_precision, predictions_json, read_images
 from imgclf.serve import create_app
 
 
@@ -72,6 +74,16 @@ def test_tta_can_be_switched_per_request(tmp_path):
         np.testing.assert_allclose([t["probability"] for t in got], expected[tta], rtol=1e-5)
     response = client.post("/predict", params={"tta": "maybe"}, files=files)
     assert response.status_code == 422 and response.json()["detail"].startswith("tta: ")
+
+
+def test_a_reduced_precision_run_predicts_in_what_this_cpu_does_fast(tmp_path, monkeypatch):
+    run = saved_run(tmp_path / "run", "lenet", 1, 28, precision="bf16")
+    cpu, evaluate_module = torch.device("cpu"), importlib.import_module("imgclf.evaluate")
+    for fast_bf16, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(evaluate_module, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
+        assert prediction_precision("bf16", cpu) == prediction_precision("fp16", cpu) == expected
+        assert prediction_precision("fp32", cpu) == "fp32"
+        assert TestClient(create_app(run)).get("/info").json()["precision"] == expected
 
 
 def test_bad_uploads_get_a_clear_4xx(client, monkeypatch):

@@ -180,10 +180,25 @@ def _align_labels(split_labels: torch.Tensor, data_classes: list[str], model_cla
     return mapping[split_labels]
 
 
+def prediction_precision(run_precision: str, device: torch.device) -> str:
+    """The run's precision, unless this device lacks it: a run trained in bf16 on a CPU with AMX, or in fp16 on a
+    GPU, is predicted in fp32 on a CPU without fast bf16, where bf16 runs many times slower (fastnet trained at
+    8 against 101 img/s on an AVX2 EPYC, benchmarks/RESULTS.md), and fp16 is never used on a CPU."""
+    if run_precision == "fp32":
+        return "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if run_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return run_precision
+
+
 def prediction_options(model: TrainedModel, tta: bool | None) -> tuple[bool, dict[str, Any]]:
-    """(tta, predict_logits keywords) for a run: `tta=None` uses its recipe's setting."""
+    """(tta, predict_logits keywords) for a run: `tta=None` uses its recipe's setting; its precision, where
+    the device has it (prediction_precision)."""
     tta = bool(model.info.get("tta", False)) if tta is None else tta
-    options = {"precision": model.info.get("precision", "fp32")}
+    device = next(model.net.parameters()).device
+    options = {"precision": prediction_precision(model.info.get("precision", "fp32"), device)}
     if tta:
         options.update(tta_augment=model.info.get("augment", []), tta_shift=model.info.get("tta_shift"))
     return tta, options

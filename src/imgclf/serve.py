@@ -19,7 +19,7 @@ import torch
 
 from imgclf import __version__
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import predict, predictions_json, read_images
+from imgclf.evaluate import predict, prediction_options, predictions_json, read_images
 from imgclf.runs import load_model, warn_if_unfinished
 
 MAX_IMAGE_BYTES = 20 * 2**20  # a larger upload is refused before it is decoded
@@ -52,7 +52,7 @@ def create_app(run_dir: str | Path):
     arch = model.info.get("architecture", {})
     about = {"run": str(run_dir), "model": arch.get("name"), "dataset": model.info.get("dataset"),
              "classes": model.class_names, "input_shape": list(model.input_shape),
-             "tta": bool(model.info.get("tta", False)), "precision": model.info.get("precision", "fp32"),
+             "tta": bool(model.info.get("tta", False)), "precision": prediction_options(model, None)[1]["precision"],
              "imgclf_version": __version__}
     # One request decodes and predicts at a time: a prediction already uses every core, and decoding the
     # uploads of many requests at once would only multiply the memory they take.
