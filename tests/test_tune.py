@@ -128,6 +128,18 @@ def test_the_readme_space_example_runs(tmp_path):
     assert result.counts["COMPLETE"] == 3 and result.counts["FAIL"] == 0
 
 
+def test_set_fixes_a_setting_of_every_trial_and_of_the_best_recipe(tmp_path, capsys):
+    space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.001, "high": 0.01}})
+    out = tmp_path / "t"
+    assert main(["tune", "--dataset", "digits", "--space", space, "--sampler", "random", "--trials", "1",
+                 "--set", "label_smoothing=0.1", "--set", "model.dense=[8]", "--out", str(out)]) == 0
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["train"]["label_smoothing"] == 0.1 and best["model"]["dense"] == [8]
+    capsys.readouterr()
+    assert main(["tune", "--dataset", "digits", "--space", space, "--trials", "1", "--out", str(out)]) == 1
+    assert "was run with another base.model.dense, base.train.label_smoothing" in capsys.readouterr().err
+
+
 def test_grid_covers_each_point_exactly_once_with_two_workers(tmp_path):
     space = write_space(tmp_path, {"model.filters": [{"type": "categorical", "choices": [4, 8]}],
                                    "train.lr": {"type": "categorical", "choices": [0.001, 0.003, 0.01]}})
@@ -249,6 +261,10 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--storage", "redis://localhost/0"], "storage 'redis://localhost/0' is not supported"),
     (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], "cannot open storage 'postgresql://me:***@127.0.0.1:1/db'"),
     (["--trials", "0"], "trials must be positive"),
+    (["--set", "train.lr=0.1"], "train.lr is searched by space cnn-small"),
+    (["--set", "epochs=3"], "pass --epochs instead"),
+    (["--set", "model.filtrs=[8]"], "(did you mean 'filters'?)"),
+    (["--set", "model.name=mlp"], "not --set model.name"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("params: [unclosed")

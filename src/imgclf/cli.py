@@ -216,7 +216,7 @@ def _tune(args: argparse.Namespace) -> None:
     tune(args.dataset, args.space, sampler=args.sampler, pruner=args.pruner, trials=args.trials,
          timeout=args.timeout, epochs=args.epochs, executions=args.executions_per_trial, subset=args.subset,
          workers=args.workers, storage=args.storage, study=args.study, out=args.out, data_dir=args.data_dir,
-         val_split=args.val_split)
+         val_split=args.val_split, settings=parse_settings(args.set))
 
 
 def _port(text: str) -> int:
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (they split the cores)")
     p.add_argument("--storage", help="study storage: postgresql://USER:PASSWORD@HOST/DB to share it between "
                    "machines (default: a journal file OUT/study.log)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a recipe setting or "
+                   "model option the space does not search, repeatable: --set augment=[crop,flip]")
     p.add_argument("--study", help="study name (default: <dataset>-<space>)")
     p.add_argument("--out", default="tune", help="output folder: trials.csv, best.yaml, report (default: tune/)")
     p.add_argument("--data-dir")

@@ -308,6 +308,9 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
             raise ImgclfError(f"setting '{setting}': its value is not valid YAML; quote it, e.g. "
                               "--set 'KEY=[1, 2]'") from None
         key = key.strip()
+        if key == "model.name":  # options belong to one model, so a new model starts from its own defaults
+            raise ImgclfError("a model is chosen with --model NAME (train) or the search space's base (tune), "
+                              "not --set model.name")
         if key.startswith("model."):
             overrides.setdefault("model_options", {})[key.removeprefix("model.")] = parsed
         else:
@@ -325,19 +328,26 @@ def make_config(recipe: str | Path | None = None, model: str | None = None, **ov
     config = load_recipe(recipe) if recipe else RunConfig()
     if model:
         config.model = ModelConfig(name=model)
+    return apply_overrides(config, **overrides)
+
+
+def override_path(key: str) -> str:
+    """The config path (data.subset, train.lr) of a flat override name; unknown names are refused."""
+    for section, kind in (("data", DataConfig), ("train", TrainConfig)):
+        if key in {f.name for f in dataclasses.fields(kind)}:
+            return f"{section}.{key}"
+    valid = sorted(f.name for kind in (DataConfig, TrainConfig) for f in dataclasses.fields(kind))
+    raise ImgclfError(f"unknown option '{key}'{did_you_mean(key, valid)}; valid options: {', '.join(valid)}")
+
+
+def apply_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
+    """`config` with flat overrides (see make_config) written in, checked and typed; changes it in place."""
     config.model.options.update(overrides.pop("model_options", None) or {})
-    data_fields = {f.name: f for f in dataclasses.fields(DataConfig)}
-    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in data_fields:
-            section, kind = config.data, data_fields[key].type
-        elif key in train_fields:
-            section, kind = config.train, train_fields[key].type
-        else:
-            valid = sorted(data_fields | train_fields)
-            raise ImgclfError(f"unknown option '{key}'{did_you_mean(key, valid)}; valid options: {', '.join(valid)}")
+        section = getattr(config, override_path(key).split(".")[0])
+        kind = {f.name: f.type for f in dataclasses.fields(section)}[key]
         setattr(section, key, _typed(key, kind, value, "settings"))
     config.validate()
     return config

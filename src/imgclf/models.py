@@ -58,22 +58,28 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def create_model(
-    name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **options: Any
-) -> nn.Module:
+def check_model_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The model's option defaults, once `name` and every key of `options` are known to exist."""
     if name not in MODELS:
         raise ImgclfError(
             f"unknown model {name!r}{did_you_mean(name, MODELS)}; choose one of: {', '.join(sorted(MODELS))} "
             "(see `imgclf models`)"
         )
-    builder = MODELS[name].builder
-    defaults = _option_defaults(builder)
+    defaults = _option_defaults(MODELS[name].builder)
     for key in options:
         if key not in defaults:
             raise ImgclfError(
                 f"unknown option {key!r} for model {name}{did_you_mean(key, defaults)}; "
                 f"valid options: {', '.join(defaults)}"
             )
+    return defaults
+
+
+def create_model(
+    name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **options: Any
+) -> nn.Module:
+    defaults = check_model_options(name, options)
+    builder = MODELS[name].builder
     for arg, value in zip(_SHAPE_ARGS, (num_classes, in_channels, image_size), strict=True):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ImgclfError(f"{arg} must be a positive integer, got {value!r}")

@@ -105,11 +105,7 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
                                   "(for a list-valued option, use a list of specs or per_layer)")
         else:
             raise ImgclfError(f"{where}: type {kind!r}; use int, float or categorical (or value: V for a fixed one)")
-    if isinstance(spec, dict) and "set" in spec:
-        paths = spec["set"] if isinstance(spec["set"], list) else [spec["set"]]
-    else:
-        paths = [name] if "." in name else []
-    for path in paths:
+    for path in param_paths(name, spec):
         section, _, key = str(path).partition(".")
         valid = {"data": {f.name for f in dataclasses.fields(DataConfig)},
                  "train": {f.name for f in dataclasses.fields(TrainConfig)}}.get(section)
@@ -177,13 +173,21 @@ def grid_points(space: Space) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
+def param_paths(name: str, spec: Any) -> list[str]:
+    """The config paths a parameter writes: its `set:` list, its own dotted name, or none (a helper)."""
+    paths = spec["set"] if isinstance(spec, dict) and "set" in spec else [name] if "." in name else []
+    return paths if isinstance(paths, list) else [paths]
+
+
+def searched_paths(space: Space) -> set[str]:
+    return {path for name, spec in space.params.items() for path in param_paths(name, spec)}
+
+
 def trial_config(base: RunConfig, space: Space, values: dict[str, Any]) -> RunConfig:
     """The base run with the sampled values written into their config paths."""
     config = copy.deepcopy(base)
     for name, value in values.items():
-        spec = space.params[name]
-        paths = spec["set"] if isinstance(spec, dict) and "set" in spec else [name] if "." in name else []
-        for path in paths if isinstance(paths, list) else [paths]:
+        for path in param_paths(name, space.params[name]):
             section, key = path.split(".", 1)
             if section == "model" and key == "name":
                 config.model.name = value

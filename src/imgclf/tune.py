@@ -33,11 +33,12 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from imgclf.config import RunConfig
+from imgclf.config import RunConfig, apply_overrides, override_path
 from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
+from imgclf.models import check_model_options
 from imgclf.runs import atomic_write
-from imgclf.spaces import Space, grid_points, load_space, suggest, trial_config
+from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
 
 SAMPLERS = ("random", "grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -294,11 +295,12 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
          trials: int | None = None, timeout: float | None = None, epochs: int | None = None, executions: int = 1,
          subset: int | None = None, workers: int = 1, storage: str | None = None, study: str | None = None,
          out: str | Path = "tune", data_dir: str | None = None, val_split: float | None = None,
-         quiet: bool = False) -> TuneResult:
+         settings: dict[str, Any] | None = None, quiet: bool = False) -> TuneResult:
     """Run (or resume, or join) a study until it holds `trials` completed or pruned trials; write its report.
 
     `trials` is the total: a re-run adds only the missing ones (failed trials do not count, so a re-run retries
-    them). `workers` processes run here, each with cores // workers torch threads.
+    them). `workers` processes run here, each with cores // workers torch threads. `settings` fixes recipe
+    settings the space does not search, as make_config overrides: {"augment": ["crop"], "model_options": {...}}.
     """
     if sampler not in SAMPLERS:
         raise ImgclfError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
@@ -317,6 +319,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     if val_split is not None and not 0 < val_split < 1:
         raise ImgclfError(f"val split {val_split} must be a fraction between 0 and 1, e.g. 0.1")
     base.data.val_split = val_split or base.data.val_split
+    apply_overrides(base, **_fixed_settings(settings or {}, space_obj))
+    if "model.name" not in searched_paths(space_obj):  # else each trial's model checks its options
+        check_model_options(base.model.name, base.model.options)
     if base.data.val_split <= 0:
         raise ImgclfError("tuning scores trials on the validation split; pass --val-split 0.1 or give the space's "
                           "base a data.val_split > 0")
@@ -360,6 +365,23 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"worker(s) {failed_workers} stopped early (killed, or the error above); finished trials "
                           "are kept: fix the problem and re-run the same command to add the missing trials")
     return result
+
+
+def _fixed_settings(settings: dict[str, Any], space: Space) -> dict[str, Any]:
+    """Settings that fix what neither tune's own options nor the space's parameters decide."""
+    own = {"dataset": "--dataset", "data_dir": "--data-dir", "subset": "--subset", "val_split": "--val-split",
+           "epochs": "--epochs"}
+    for key in settings:
+        if key in own:
+            raise ImgclfError(f"{key} is an option of tune itself: pass {own[key]} instead of --set {key}=...")
+    paths = {override_path(key) for key in settings if key != "model_options"}
+    paths |= {f"model.{key}" for key in settings.get("model_options") or {}}
+    searched = sorted(paths & searched_paths(space))
+    if searched:
+        verb = "is" if len(searched) == 1 else "are"
+        raise ImgclfError(f"{', '.join(searched)} {verb} searched by space {space.name}, so a fixed value would be "
+                          "overwritten; drop the --set, or copy the space's YAML and fix it there")
+    return dict(settings)
 
 
 def plan_trials(study: optuna.Study, target: int, grid: list[dict[str, Any]] | None) -> int:
