@@ -12,7 +12,7 @@ from PIL import Image
 import imgclf
 from imgclf.cli import main
 from imgclf.errors import ImgclfError
-from imgclf.report import compare_runs, most_confused_pairs, plot_examples, write_report
+from imgclf.report import compare_runs, config_differences, most_confused_pairs, plot_examples, write_report
 
 FIGURES = ["curves", "confusion", "correct", "wrong", "top_losses", "per_class"]
 
@@ -76,6 +76,17 @@ def test_compare_runs(runs, tmp_path):
     assert_png(tmp_path / "out" / "accuracy_vs_time.png")
     text = (tmp_path / "out" / "compare.html").read_text()
     assert "accuracy.png" in text and "accuracy_vs_time.png" in text
+
+
+def test_compare_names_the_settings_in_which_runs_differ(runs, tmp_path):
+    assert [r["differs"] for r in compare_runs(list(runs), tmp_path / "out")] == ["", ""]  # options of two models
+    cnn = {"data": {"dataset": "digits", "data_dir": "/a"}, "model": {"name": "cnn", "filters": [8]},
+           "train": {"lr": 0.1, "seed": 0, "threads": 2}}
+    wider = {"data": {"dataset": "digits", "data_dir": "/b"}, "model": {"name": "cnn", "filters": [16]},
+             "train": {"lr": 0.1, "seed": 1, "threads": 1}}
+    mlp = {"data": {"dataset": "mnist"}, "model": {"name": "mlp", "hidden": [64]}, "train": {"lr": 0.1, "seed": 1}}
+    assert config_differences([cnn, wider, mlp]) == [{"model.filters": [8], "seed": 0},
+                                                     {"model.filters": [16], "seed": 1}, {"seed": 1}]
 
 
 def test_not_a_run_is_refused(runs, tmp_path):

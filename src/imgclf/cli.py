@@ -201,11 +201,14 @@ def _compare(args: argparse.Namespace) -> None:
     rows = compare_runs(args.runs, args.out)
     table = Table("dataset", "model", "params", "epochs", "accuracy", "top-5", "minutes")
     table.add_column("run", overflow="fold")  # wrap a long folder name rather than cut it
+    differs = any(r["differs"] for r in rows)
+    if differs:
+        table.add_column("differs", overflow="fold")
     for r in rows:
         top5 = "-" if r["top5"] is None else f"{r['top5']:.2%}"
         table.add_row(r["dataset"], r["model"], f"{r['params']:,}", str(r["epochs"]),
                       f"{r['accuracy']:.2%}" + (" (val)" if r["split"] == "val" else ""), top5, f"{r['minutes']:.2f}",
-                      r["run"])
+                      r["run"], *([r["differs"]] if differs else []))
     console.print(table)
     console.print(f"wrote {Path(args.out) / 'compare.html'}, compare.csv, accuracy.png, accuracy_vs_time.png")
 

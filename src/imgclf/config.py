@@ -318,6 +318,17 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def describe_settings(values: dict[str, Any]) -> str:
+    """`lr=0.00316 model.filters=[8,16]`: settings in one short line."""
+    def short(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, list):
+            return "[" + ",".join(short(x) for x in v) + "]"
+        return str(v)
+    return " ".join(f"{k}={short(v)}" for k, v in values.items())
+
+
 def make_config(recipe: str | Path | None = None, model: str | None = None, **overrides: Any) -> RunConfig:
     """Build a RunConfig from an optional recipe, then apply flat overrides.
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.colors import Normalize, PowerNorm  # noqa: E402
 
+from imgclf.config import describe_settings  # noqa: E402
 from imgclf.data import Dataset  # noqa: E402
 from imgclf.errors import ImgclfError  # noqa: E402
 from imgclf.evaluate import evaluate_with_logits, load_run_dataset  # noqa: E402
@@ -373,17 +374,20 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
 
 # ---- comparing runs ----
 
-COMPARE_COLUMNS = ["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top5", "minutes"]
+COMPARE_COLUMNS = ["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top5", "minutes", "differs"]
+# Where a run was made, not what it is; dataset and model have their own columns.
+NOT_A_DIFFERENCE = {"data.dataset", "data.data_dir", "model.name", "train.device", "train.threads"}
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
     """Evaluate finished runs (test split, or val without one); write compare.csv/.html and two charts."""
     if not run_dirs:
         raise ImgclfError("no runs to compare; give one or more run folders")
-    rows = []
+    rows, configs = [], []
     for run_dir in map(_finished_run, run_dirs):
         summary, config, model_json = read_json(run_dir / "summary.json"), _run_config(run_dir), read_json(
             run_dir / "model.json")
+        configs.append(config)
         model = load_model(run_dir)
         metrics = _evaluate_default_split(model, load_run_dataset(model, run_dir), None, None)[0]
         rows.append({
@@ -397,6 +401,8 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
             "top5": None if metrics["top5_accuracy"] is None else round(metrics["top5_accuracy"], 5),
             "minutes": round(summary.get("seconds", 0) / 60, 3),
         })
+    for row, differs in zip(rows, config_differences(configs), strict=True):
+        row["differs"] = describe_settings(differs)
     out_dir = Path(out_dir)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COMPARE_COLUMNS)
@@ -406,15 +412,32 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[s
     plot_accuracy_bars(rows, out_dir / "accuracy.png")
     plot_accuracy_vs_time(rows, out_dir / "accuracy_vs_time.png")
     table = [[r["run"], r["dataset"], r["model"], r["params"], r["epochs"], r["split"], _pct(r["accuracy"]),
-              _pct(r["top5"]), r["minutes"]] for r in rows]
+              _pct(r["top5"]), r["minutes"], r["differs"]] for r in rows]
     body = (f"<h1>Comparison of {len(rows)} runs</h1>"
-            + html_table(["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top-5", "minutes"],
-                         table)
+            + html_table(["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top-5", "minutes",
+                          "differs (from the other runs)"], table)
             + "<h2>Accuracy</h2>" + embedded_png(out_dir / "accuracy.png", "accuracy per run")
             + "<h2>Accuracy vs training time</h2>" + embedded_png(out_dir / "accuracy_vs_time.png",
                                                                    "accuracy vs minutes"))
     atomic_write(out_dir / "compare.html", html_page("imgclf comparison", body))
     return rows
+
+
+def config_differences(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run, the settings (data.X, train.X, model.X) in which the runs differ. A model option is compared
+    only between runs of that model: an MLP has no filters to differ in."""
+    flat = [{f"{section}.{key}": value for section in ("data", "model", "train")
+             for key, value in (config.get(section) or {}).items()} for config in configs]
+    models = [f.get("model.name") for f in flat]
+    differences: list[dict[str, Any]] = [{} for _ in flat]
+    for key in dict.fromkeys(k for f in flat for k in f):
+        if key in NOT_A_DIFFERENCE:
+            continue
+        for i, f in enumerate(flat):
+            peers = [g for g, m in zip(flat, models, strict=True) if not key.startswith("model.") or m == models[i]]
+            if key in f and any(g.get(key) != f[key] for g in peers):
+                differences[i][key.split(".", 1)[1] if key.startswith(("data.", "train.")) else key] = f[key]
+    return differences
 
 
 def _dataset_colors(rows: list[dict[str, Any]]) -> dict[str, Any]:

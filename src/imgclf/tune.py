@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from imgclf.config import RunConfig, apply_overrides, override_path
+from imgclf.config import RunConfig, apply_overrides, describe_settings, override_path
 from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.models import check_model_options
@@ -200,7 +200,7 @@ def run_worker(job: Job, n_trials: int, seed: int, dataset: Dataset | None = Non
         seconds = trial.duration.total_seconds() if trial.duration else 0
         if trial.state == TrialState.COMPLETE:
             console.print(f"{tag}trial {trial.number}: val acc [bold]{trial.value:.2%}[/] in {seconds:.0f}s  "
-                          f"{_describe(trial.user_attrs.get('values', trial.params))}")
+                          f"{describe_settings(trial.user_attrs.get('values', trial.params))}")
         elif trial.state == TrialState.PRUNED:
             step = trial.last_step
             console.print(f"{tag}trial {trial.number}: pruned after epoch {step} "
@@ -459,18 +459,6 @@ def _shown(storage: str) -> str:
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", storage)
 
 
-def _describe(values: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_short(v)}" for k, v in values.items())
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, list):
-        return "[" + ",".join(_short(x) for x in v) + "]"
-    return str(v)
-
-
 def _fail_reason(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state != TrialState.FAIL:
         return ""
@@ -507,7 +495,7 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
         table.columns[-1].overflow = "fold"
         for t in ranked[:10]:
             table.add_row(str(t.number), f"{t.value:.2%}", f"{t.duration.total_seconds():.0f}",
-                          _describe(t.user_attrs.get("values", t.params)))
+                          describe_settings(t.user_attrs.get("values", t.params)))
         console.print(table)
         console.print(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
                       + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
@@ -586,7 +574,7 @@ def _report_html(study: optuna.Study, storage: str, counts: dict[str, int], rank
              ["executions per trial", setup.get("executions")],
              ["trials", ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n)]]
     best = [[t.number, f"{t.value:.2%}", round(t.duration.total_seconds(), 1),
-             _describe(t.user_attrs.get("values", t.params))] for t in ranked]
+             describe_settings(t.user_attrs.get("values", t.params))] for t in ranked]
     failed = [[t.number, _fail_reason(t)] for t in trials if t.state == TrialState.FAIL]
     images = "".join(f"<h2>{e(title)}</h2>" + embedded_png(figure_dir / f"{name}.png", title)
                      for name, title in figures.items())
