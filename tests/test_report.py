@@ -89,6 +89,24 @@ def test_compare_names_the_settings_in_which_runs_differ(runs, tmp_path):
                                                      {"model.filters": [16], "seed": 1}, {"seed": 1}]
 
 
+def test_compare_takes_a_folder_of_runs_and_prints_brackets(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per run
+    imgclf.train(dataset="digits", model="mlp", epochs=1, augment=["crop"], out=tmp_path / "runs" / "b" / "crop",
+                 quiet=True)
+    shutil.copytree(runs[0], tmp_path / "runs" / "a [copy]")
+    (tmp_path / "runs" / "stopped").mkdir()
+    shutil.copy(runs[0] / "config.yaml", tmp_path / "runs" / "stopped")
+    with pytest.warns(UserWarning, match="skipped 1 unfinished run"):
+        rows = compare_runs([tmp_path / "runs", tmp_path / "runs" / "a [copy]"], tmp_path / "out")
+    assert [r["run"] for r in rows] == ["a [copy]", "b/crop"]
+    assert main(["compare", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "a [copy]" in out and "augment=[crop]" in out  # user text, not rich markup
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ImgclfError, match="holds no finished runs"):
+        compare_runs([tmp_path / "none"], tmp_path / "out")
+
+
 def test_not_a_run_is_refused(runs, tmp_path):
     with pytest.raises(ImgclfError, match="not a finished run"):
         write_report(tmp_path)

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, load_recipe, parse_settings
@@ -69,12 +70,12 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(metrics))
         return
     top5 = metrics["top5_accuracy"]
-    console.print(f"{metrics['dataset']} {metrics['split']} split, {metrics['num_images']:,} images"
+    console.print(f"{escape(metrics['dataset'])} {metrics['split']} split, {metrics['num_images']:,} images"
                   f"{' with TTA' if metrics['tta'] else ''}: accuracy [bold]{metrics['accuracy']:.2%}[/]"
                   f"{f', top-5 {top5:.2%}' if top5 is not None else ''}, loss {metrics['loss']:.4f}")
     table = Table("class", "precision", "recall", "F1", "support")
     for name, m in metrics["per_class"].items():
-        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        table.add_row(escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     console.print(table)
     if len(metrics["confusion_matrix"]) <= 20:
         matrix = Table("true \\ predicted", *[str(i) for i in range(len(metrics["confusion_matrix"]))])
@@ -92,8 +93,8 @@ def _predict(args: argparse.Namespace) -> None:
         print(json.dumps(predictions_json(files, results)))
         return
     for path, top in zip(files, results, strict=True):
-        console.print(f"{path}: " + ", ".join(f"[bold]{c}[/] {p:.1%}" if i == 0 else f"{c} {p:.1%}"
-                                               for i, (c, p) in enumerate(top)))
+        labels = [f"[bold]{escape(c)}[/] {p:.1%}" if i == 0 else f"{escape(c)} {p:.1%}" for i, (c, p) in enumerate(top)]
+        console.print(f"{escape(str(path))}: " + ", ".join(labels))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -105,8 +106,9 @@ def _export(args: argparse.Namespace) -> None:
     views = f", {result.views}-view TTA inside" if result.tta else ""
     bf16 = (f"; the run predicts in {result.run_precision}, the graph in float32, so probabilities differ slightly"
             if result.run_precision != "fp32" else "")
-    console.print(f"wrote {result.path} ({result.num_bytes / 1e6:.1f} MB{views}): uint8 images (N, C, H, W) in, "
-                  f"logits out; onnxruntime matches PyTorch float32 to {result.max_difference:.1e}{bf16}")
+    console.print(f"wrote {escape(str(result.path))} ({result.num_bytes / 1e6:.1f} MB{views}): uint8 images "
+                  f"(N, C, H, W) in, logits out; "
+                  f"onnxruntime matches PyTorch float32 to {result.max_difference:.1e}{bf16}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -167,14 +169,14 @@ def _datasets(args: argparse.Namespace) -> None:
         from imgclf.report import show_dataset
 
         data = load_dataset(args.show_name, args.data_dir, val_split=args.val_split)
-        console.print(data.summary())
+        console.print(escape(data.summary()))
         for path in show_dataset(data, args.out or f"dataset-{Path(args.show_name).name}"):
-            console.print(f"wrote {path}")
+            console.print(f"wrote {escape(str(path))}")
         return
     if args.show_name or args.out:
         raise ImgclfError(f"a second name and --out only go with `show`; to draw it: imgclf datasets show {args.name}")
     if args.name:
-        console.print(load_dataset(args.name, args.data_dir, val_split=args.val_split).summary())
+        console.print(escape(load_dataset(args.name, args.data_dir, val_split=args.val_split).summary()))
         return
     table = Table("dataset", "classes", "image", "train", "test", "present")
     for d in list_datasets(args.data_dir):
@@ -206,11 +208,12 @@ def _compare(args: argparse.Namespace) -> None:
         table.add_column("differs", overflow="fold")
     for r in rows:
         top5 = "-" if r["top5"] is None else f"{r['top5']:.2%}"
-        table.add_row(r["dataset"], r["model"], f"{r['params']:,}", str(r["epochs"]),
+        table.add_row(escape(r["dataset"]), r["model"], f"{r['params']:,}", str(r["epochs"]),
                       f"{r['accuracy']:.2%}" + (" (val)" if r["split"] == "val" else ""), top5, f"{r['minutes']:.2f}",
-                      r["run"], *([r["differs"]] if differs else []))
+                      escape(r["run"]), *([escape(r["differs"])] if differs else []))
     console.print(table)
-    console.print(f"wrote {Path(args.out) / 'compare.html'}, compare.csv, accuracy.png, accuracy_vs_time.png")
+    console.print(f"wrote {escape(str(Path(args.out) / 'compare.html'))}, compare.csv, accuracy.png, "
+                  "accuracy_vs_time.png")
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -319,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report)
 
     p = sub.add_parser("compare", help="compare finished runs: table, CSV, charts and an HTML page")
-    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("runs", nargs="+", help="run folders, or folders of runs (runs/, a study's trials/)")
     p.add_argument("--out", default="compare", help="output folder (default: compare/)")
     p.set_defaults(func=_compare)
 

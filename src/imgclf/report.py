@@ -11,6 +11,7 @@ import csv
 import html
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from imgclf.runs import (  # noqa: E402
     load_model,
     read_json,
     read_metrics,
+    runs_below,
     unfinished,
 )
 
@@ -380,18 +382,34 @@ NOT_A_DIFFERENCE = {"data.dataset", "data.data_dir", "model.name", "train.device
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
-    """Evaluate finished runs (test split, or val without one); write compare.csv/.html and two charts."""
+    """Evaluate finished runs (test split, or val without one); write compare.csv/.html and two charts.
+
+    A folder that is not a run stands for the finished runs anywhere below it (runs/, a study's trials/)."""
     if not run_dirs:
         raise ImgclfError("no runs to compare; give one or more run folders")
+    named: dict[Path, str] = {}  # run folder -> its name in the table
+    for given in map(Path, run_dirs):
+        if not given.is_dir() or (given / "config.yaml").exists():
+            named.setdefault(_finished_run(given), given.name)
+            continue
+        finished, stopped = runs_below(given)
+        if stopped:
+            warnings.warn(f"skipped {len(stopped)} unfinished run(s) below {given}: "
+                          f"{', '.join(str(p) for p in stopped[:3])}{' ...' if len(stopped) > 3 else ''}", stacklevel=2)
+        if not finished:
+            raise ImgclfError(f"{given} is not a run folder and holds no finished runs; give the --out folder of a "
+                              "finished `imgclf train` run, or a folder of them")
+        for run_dir in finished:
+            named.setdefault(_finished_run(run_dir), str(run_dir.relative_to(given)))
     rows, configs = [], []
-    for run_dir in map(_finished_run, run_dirs):
+    for run_dir, name in named.items():
         summary, config, model_json = read_json(run_dir / "summary.json"), _run_config(run_dir), read_json(
             run_dir / "model.json")
         configs.append(config)
         model = load_model(run_dir)
         metrics = _evaluate_default_split(model, load_run_dataset(model, run_dir), None, None)[0]
         rows.append({
-            "run": run_dir.name,
+            "run": name,
             "dataset": summary.get("dataset") or (config.get("data") or {}).get("dataset"),
             "model": summary.get("model") or model_json.get("architecture", {}).get("name"),
             "params": summary.get("trainable_params"),

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -171,6 +172,17 @@ def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
     net.to(device).eval()
     return TrainedModel(net=net, class_names=class_names, mean=mean, std=std, input_shape=input_shape,
                         info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")})
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that puts run-10 after run-2 (and model.filters[10] after model.filters[2])."""
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def runs_below(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """The finished and the unfinished run folders anywhere below `folder`, each in natural order."""
+    found = sorted({p.parent for p in Path(folder).rglob("config.yaml")}, key=lambda p: natural_key(str(p)))
+    return [p for p in found if not unfinished(p)], [p for p in found if unfinished(p)]
 
 
 def unfinished(run_dir: str | Path) -> bool:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -198,8 +199,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     config, run_dir, mode = _open_run(config, out, resume, ctx)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
-        say(f"{run_dir} already holds a finished run of this configuration: reusing its model, not retraining "
-            "(delete the folder or choose another --out to train again)")
+        say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
+            "retraining (delete the folder or choose another --out to train again)")
         return TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"),
                            read_json(run_dir / "summary.json"), reused=True)
 
@@ -262,7 +263,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         torch.set_rng_state(state["torch_rng"])
         history, best = state["history"], state["best"]
         start_epoch = state["epoch"] + 1
-        say(f"resuming {run_dir} after epoch {state['epoch']} of {cfg.epochs}")
+        say(f"resuming {escape(str(run_dir))} after epoch {state['epoch']} of {cfg.epochs}")
     else:
         if ctx.is_main:
             atomic_write(run_dir / "config.yaml", config.to_yaml())
@@ -278,10 +279,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
 
     trainable, total = count_params(net)
     ranks = f"{ctx.world_size} processes ({ctx.backend}) x " if ctx.enabled else ""
-    say(f"[bold]{config.model.name}[/] on {data.name}: {len(train_images):,} train / "
+    say(f"[bold]{config.model.name}[/] on {escape(data.name)}: {len(train_images):,} train / "
         f"{len(data.val) if data.val is not None else 0:,} val images {tuple(data.train.images.shape[1:])}, "
         f"{data.num_classes} classes, {trainable:,} trainable params, {precision} on {device.type} "
-        f"({ranks}{torch.get_num_threads()} threads) -> {run_dir}")
+        f"({ranks}{torch.get_num_threads()} threads) -> {escape(str(run_dir))}")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
         # Measured on an AMD EPYC with AVX2 only: a fastnet step 12x slower in bf16 than in fp32.
         say("[yellow]warning:[/] this CPU has no AMX or AVX512-BF16, so bf16 runs several times slower than "
@@ -354,7 +355,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     except KeyboardInterrupt:
         if (run_dir / "checkpoint.pt").exists():
             say(f"\ninterrupted in epoch {epoch}: the checkpoint after epoch {epoch - 1} is saved in "
-                f"{run_dir}; continue with `imgclf train --resume --out {run_dir}`")
+                f"{escape(str(run_dir))}; continue with `imgclf train --resume --out {escape(str(run_dir))}`")
         else:
             say("\ninterrupted in epoch 1, before the first checkpoint: nothing to resume; the same command "
                 "starts the run again")
@@ -384,13 +385,13 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if quiet and history:
         draw_curves()
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
-    say(f"done in {seconds:.1f}s: model saved to {run_dir}")
+    say(f"done in {seconds:.1f}s: model saved to {escape(str(run_dir))}")
     if cfg.tta and any("val_acc" in r for r in history):  # one view per epoch keeps the epochs cheap
-        say(f"the epochs' val accuracy is of the plain images; `imgclf evaluate {run_dir}` adds the run's "
-            "test-time augmentation")
+        say(f"the epochs' val accuracy is of the plain images; `imgclf evaluate {escape(str(run_dir))}` adds the "
+            "run's test-time augmentation")
     if report:
         from imgclf.report import write_report
-        say(f"report: {write_report(run_dir)}")
+        say(f"report: {escape(str(write_report(run_dir)))}")
     return TrainResult(run_dir, history, summary, model=evaluation_net())
 
 

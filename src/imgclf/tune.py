@@ -31,13 +31,14 @@ import sqlalchemy
 import torch
 from optuna.trial import TrialState
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from imgclf.config import RunConfig, apply_overrides, describe_settings, override_path
 from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.models import check_model_options
-from imgclf.runs import atomic_write
+from imgclf.runs import atomic_write, natural_key
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
 
 SAMPLERS = ("random", "grid", "tpe")
@@ -200,13 +201,13 @@ def run_worker(job: Job, n_trials: int, seed: int, dataset: Dataset | None = Non
         seconds = trial.duration.total_seconds() if trial.duration else 0
         if trial.state == TrialState.COMPLETE:
             console.print(f"{tag}trial {trial.number}: val acc [bold]{trial.value:.2%}[/] in {seconds:.0f}s  "
-                          f"{describe_settings(trial.user_attrs.get('values', trial.params))}")
+                          f"{escape(describe_settings(trial.user_attrs.get('values', trial.params)))}")
         elif trial.state == TrialState.PRUNED:
             step = trial.last_step
             console.print(f"{tag}trial {trial.number}: pruned after epoch {step} "
                           f"(val acc {trial.intermediate_values.get(step, float('nan')):.2%})")
         elif not trial.user_attrs.get("fail_reason", "").startswith("not run"):
-            console.print(f"{tag}trial {trial.number}: [red]failed[/]: {_fail_reason(trial)}")
+            console.print(f"{tag}trial {trial.number}: [red]failed[/]: {escape(_fail_reason(trial))}")
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -343,8 +344,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     target = trials or (len(grid) if grid is not None else DEFAULT_TRIALS)
     n_trials = plan_trials(study_obj, target, grid)
     counts = _counts(study_obj)
-    say(f"study [bold]{study_name}[/] ({_shown(storage)}): {counts['COMPLETE'] + counts['PRUNED']} of {target} "
-        f"trials done, {counts['RUNNING']} running elsewhere; running {n_trials} more on {data.name} "
+    say(f"study [bold]{escape(study_name)}[/] ({escape(_shown(storage))}): "
+        f"{counts['COMPLETE'] + counts['PRUNED']} of {target} trials done, {counts['RUNNING']} running elsewhere; "
+        f"running {n_trials} more on {escape(data.name)} "
         f"({len(data.train):,} train / {len(data.val):,} val images), space {space_obj.name}, sampler {sampler}, "
         f"pruner {pruner}")
 
@@ -495,7 +497,7 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
         table.columns[-1].overflow = "fold"
         for t in ranked[:10]:
             table.add_row(str(t.number), f"{t.value:.2%}", f"{t.duration.total_seconds():.0f}",
-                          describe_settings(t.user_attrs.get("values", t.params)))
+                          escape(describe_settings(t.user_attrs.get("values", t.params))))
         console.print(table)
         console.print(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
                       + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
@@ -507,7 +509,7 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
 
 def trials_csv(trials: list[optuna.trial.FrozenTrial]) -> str:
     """One row per trial: number, state, value, duration, every parameter, the worker and why it failed."""
-    names = sorted({name for t in trials for name in t.params}, key=_natural)
+    names = sorted({name for t in trials for name in t.params}, key=natural_key)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["number", "state", "value", "duration_s", "datetime_start", *names, "worker", "fail_reason"])
@@ -517,10 +519,6 @@ def trials_csv(trials: list[optuna.trial.FrozenTrial]) -> str:
                          t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
                          *[t.params.get(n, "") for n in names], t.user_attrs.get("worker", ""), _fail_reason(t)])
     return buffer.getvalue()
-
-
-def _natural(name: str) -> list[Any]:  # model.filters[10] after model.filters[2]
-    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
 
 
 PLOTS = {
