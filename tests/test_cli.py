@@ -1,8 +1,10 @@
 """The command line, as a user runs it: exit codes, one-line errors, JSON outputs."""
 
+import importlib
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -229,3 +231,12 @@ def test_tta_can_be_turned_on_and_off(digits_run, capsys):
     for flag, expected in (("--tta", True), ("--no-tta", False)):
         assert main(["evaluate", str(digits_run), flag, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["tta"] is expected
+
+
+def test_every_api_name_is_a_function_even_after_its_module_is_imported():
+    importlib.import_module("imgclf.tune")
+    importlib.import_module("imgclf.report")
+    for name in imgclf.__all__:
+        if name != "__version__":
+            assert callable(getattr(imgclf, name)) and not isinstance(getattr(imgclf, name), types.ModuleType), name
+    assert imgclf.tune.__module__ == "imgclf.tune" and imgclf.compare_runs.__module__ == "imgclf.report"

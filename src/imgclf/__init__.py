@@ -8,6 +8,9 @@ The Python API:
     predict(run_dir, image_paths)    -> top-k (class name, probability) per image
     load_model(run_dir)              -> TrainedModel (net, class names, normalization)
     export_onnx(run_dir)             -> ExportResult (RUN/model.onnx, checked against onnxruntime)
+    write_report(run_dir)            -> Path of RUN/report.html (figures inside)
+    compare_runs(run_dirs, out_dir)  -> one row of metrics per run; writes a table, charts and an HTML page
+    tune(dataset, space, ...)        -> TuneResult (an Optuna study, trials.csv, best.yaml)
 """
 
 import importlib
@@ -19,7 +22,8 @@ __version__ = "0.1.0"
 # Imported on first use (PEP 562), so `imgclf --help` and one-line errors need not load torch and scikit-learn.
 _API = {"load_dataset": "imgclf.data", "create_model": "imgclf.models", "train": "imgclf.train",
         "evaluate": "imgclf.evaluate", "predict": "imgclf.evaluate", "load_model": "imgclf.runs",
-        "export_onnx": "imgclf.export"}
+        "export_onnx": "imgclf.export", "write_report": "imgclf.report", "compare_runs": "imgclf.report",
+        "tune": "imgclf.tune"}
 
 __all__ = [*_API, "__version__"]
 

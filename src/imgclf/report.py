@@ -381,7 +381,7 @@ COMPARE_COLUMNS = ["run", "dataset", "model", "params", "epochs", "split", "accu
 NOT_A_DIFFERENCE = {"data.dataset", "data.data_dir", "model.name", "train.device", "train.threads"}
 
 
-def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path = "compare") -> list[dict[str, Any]]:
     """Evaluate finished runs (test split, or val without one); write compare.csv/.html and two charts.
 
     A folder that is not a run stands for the finished runs anywhere below it (runs/, a study's trials/)."""
