@@ -216,6 +216,19 @@ def test_best_recipe_of_an_image_folder_trains_from_any_folder(tmp_path, monkeyp
     assert best["data"]["dataset"] == str(tmp_path / "shapes") and best["data"]["data_dir"] == str(tmp_path / "cache")
     monkeypatch.chdir(tmp_path / "study")  # elsewhere, "shapes" and "cache" mean nothing
     assert main(["train", "--recipe", "best.yaml", "--out", str(tmp_path / "best")]) == 0
+    monkeypatch.chdir(tmp_path)
+    result = tune("./shapes/", space, trials=2, out="study", data_dir="cache", val_split=0.25, quiet=True)
+    assert result.counts["COMPLETE"] == 2  # the same folder, typed another way, resumes the study
+
+
+def test_an_out_folder_holds_one_study(tmp_path, capsys):
+    space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}})
+    tune("digits", space, trials=1, out=tmp_path / "out", quiet=True)
+    for args in (["--study", "other"], ["--storage", f"sqlite:///{tmp_path / 'db.sqlite'}"]):
+        assert main(["tune", "--dataset", "digits", "--space", space, "--trials", "1", "--out", str(tmp_path / "out"),
+                     *args]) == 1
+        assert "holds study 'digits-space'" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out" / "trials").iterdir()) == ["0-0"]
 
 
 def test_executions_per_trial_average_seeds(tmp_path):

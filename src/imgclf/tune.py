@@ -314,6 +314,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     say = (lambda *a: None) if quiet else console.print
     space_obj = load_space(space)
     base = RunConfig.from_dict(space_obj.base, source=f"search space {space_obj.name}: base")
+    # A folder by its absolute path, so `odd`, `./odd/` and /abs/odd are one study and a relative path typed
+    # in another folder is not.
+    dataset = canonical_dataset(dataset)
     base.data.dataset, base.data.data_dir = dataset, data_dir or base.data.data_dir
     base.data.subset = subset or base.data.subset
     base.train.epochs = epochs or base.train.epochs
@@ -333,6 +336,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     data = load_dataset(dataset, base.data.data_dir, val_split=base.data.val_split, subset=base.data.subset,
                         grayscale=base.data.grayscale, seed=base.train.seed, image_size=base.data.image_size)
 
+    _claim_out(out, study_name, storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_obj = optuna.create_study(study_name=study_name, storage=open_storage(storage), direction="maximize",
                                     load_if_exists=True)
@@ -423,6 +427,25 @@ def _run_processes(job: Job, n_trials: int, processes: int, seed: int) -> list[i
     return [i + 1 for i, w in enumerate(workers) if w.exitcode != 0]
 
 
+def _claim_out(out: Path, study: str, storage: str) -> None:
+    """One study per output folder: its trial runs (trials/N-K), trials.csv, report and best.yaml are that
+    study's, so a second study there would overwrite them and fail on the first one's trial folders."""
+    marker, claim = out / "study.json", {"study": study, "storage": _shown(storage)}
+    try:
+        held = json.loads(marker.read_text())
+    except FileNotFoundError:
+        held = None
+    except (OSError, ValueError):
+        raise ImgclfError(f"{marker} is damaged (not the JSON imgclf writes); restore it, or delete it if {out} "
+                          f"holds study '{study}'") from None
+    if held is None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, json.dumps(claim))
+    elif held != claim:
+        raise ImgclfError(f"{out} holds study '{held.get('study')}' in {held.get('storage')}; give study '{study}' "
+                          f"({claim['storage']}) its own --out")
+
+
 def _check_same_setup(study: optuna.Study, setup: dict[str, Any], storage: str) -> None:
     """A study's trials compare only under one dataset, space and training setup: refuse to mix them."""
     setup = json.loads(json.dumps(setup))  # as the storage gives it back (lists, not tuples)
@@ -434,7 +457,7 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], storage: str) 
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise ImgclfError(f"study '{study.study_name}' in {_shown(storage)} was run with another {', '.join(changed)} "
                           "(dataset, space, epochs, subset, executions and base recipe must match); use another "
-                          "--study or --out, or the original settings")
+                          "--study and --out, or the original settings")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
