@@ -405,7 +405,7 @@ def test_folder_with_splits(tmp_path):
 def test_folder_all_gray_gives_one_channel_and_union_of_classes(tmp_path):
     make_image(tmp_path / "f" / "train" / "a" / "1.png", mode="L")
     make_image(tmp_path / "f" / "val" / "b" / "1.png", mode="L")
-    with pytest.raises(ImgclfError, match="class folder b in .* holds no readable training images"):
+    with pytest.raises(ImgclfError, match=r"class folder b is in .*val but not in .*train"):
         load_dataset(str(tmp_path / "f"), tmp_path / "cache")  # a class seen in val only would never be learnt
     make_image(tmp_path / "f" / "train" / "b" / "2.png", mode="L")
     d = load_dataset(str(tmp_path / "f"), tmp_path / "cache")
@@ -457,6 +457,11 @@ def test_an_empty_class_folder_is_refused_not_trained_as_a_class_without_images(
         make_image(tmp_path / "f" / "train" / "ab"[i % 2] / f"{i}.png")
     (tmp_path / "f" / "train" / "c").mkdir()
     with pytest.raises(ImgclfError, match=r"class folder c in .*train holds no readable training images"):
+        load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    (tmp_path / "f" / "train" / "c").rmdir()  # the same files under another class list: decoded anew
+    assert load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0).class_names == ["a", "b"]
+    (tmp_path / "f" / "train" / "0").mkdir()
+    with pytest.raises(ImgclfError, match=r"class folder 0 in .*train holds"):
         load_dataset(str(tmp_path / "f"), tmp_path / "cache")
 
 

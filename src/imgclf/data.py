@@ -573,7 +573,9 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
     class_names, files = _scan_folder(root.resolve())
     stats = [(p, st.st_size, st.st_mtime_ns) for entries in files.values() for p, _ in entries
              for st in [os.stat(p)]]
-    key = json.dumps(["v2", channels, image_size, stats])  # absolute paths: a moved folder decodes again
+    # Absolute paths: a moved folder decodes again. The class list: cached labels index it, and an empty class
+    # folder added or removed changes it without changing any file.
+    key = json.dumps(["v3", channels, image_size, class_names, stats])
     cache = cache_root / "folder-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
     needed = {"skipped"} | {f"{s}_{part}" for s in files for part in ("images", "labels", "files")}
     try:
@@ -597,6 +599,10 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
         splits["train"] = images[:0], np.zeros(0, np.int64)
     elif empty := [c for i, c in enumerate(class_names) if not (splits["train"][1] == i).any()]:
         where = root / "train" if (root / "train").is_dir() else root
+        if missing := [c for c in empty if not (where / c).is_dir()]:  # a class only the val or test split has
+            others = [s for s in SPLITS if (root / s / missing[0]).is_dir()]
+            raise ImgclfError(f"class folder {missing[0]} is in {root / others[0]} but not in {where}; add it with "
+                              f"training images, or remove it from {root / others[0]}")
         several = len(empty) > 1
         raise ImgclfError(f"class folder{'s' if several else ''} {', '.join(empty[:5])} in {where} "
                           f"hold{'' if several else 's'} no readable training images; add images or remove "
