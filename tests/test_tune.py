@@ -177,6 +177,15 @@ def test_failing_trials_are_recorded_with_their_reason_and_the_study_goes_on(tmp
     assert reasons[(0.01, 2)] == "" and [r["state"] for r in rows].count("COMPLETE") == 1
 
 
+def test_a_study_whose_trials_all_fail_is_an_error_with_the_reason(tmp_path, capsys):
+    space = write_space(tmp_path, {"model.pool": {"type": "categorical", "choices": [16]}})
+    assert main(["tune", "--dataset", "digits", "--space", space, "--sampler", "grid", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imgclf: error: no trial of study 'digits-space' finished (1 failed, e.g. ")
+    assert "max-pool 16" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "trials.csv").exists() and not (tmp_path / "best.yaml").exists()
+
+
 def test_resume_adds_exactly_the_missing_trials_and_writes_a_recipe_that_trains(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["tune", "--dataset", "digits", "--space", "cnn-small", "--sampler", "random", "--epochs", "1",

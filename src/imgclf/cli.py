@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, load_recipe, parse_settings
-from imgclf.errors import ImgclfError, PeerLost
+from imgclf.errors import ImgclfError, PeerLost, UsageError
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -41,22 +41,22 @@ def _train(args: argparse.Namespace) -> None:
     settings = parse_settings(args.set)
     if args.resume:
         if not args.out:
-            raise ImgclfError("--resume needs --out RUN_DIR: the run folder to continue")
+            raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
         flags = {**overrides, "recipe": args.recipe, "model": args.model, "set": args.set or None}
         given = [k for k, v in flags.items() if v is not None and k not in ("device", "threads")]
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise ImgclfError(f"--resume continues the run with its own settings, so {flags} would be ignored; "
+            raise UsageError(f"--resume continues the run with its own settings, so {flags} would be ignored; "
                               "drop them, or train with them into a new --out")
         train(out=args.out, resume=True, device=args.device, threads=args.threads, report=args.report,
               tensorboard=args.tensorboard)
         return
     if not args.dataset and not args.recipe:
-        raise ImgclfError("no dataset given; add --dataset NAME (see `imgclf datasets`) or --recipe NAME")
+        raise UsageError("no dataset given; add --dataset NAME (see `imgclf datasets`) or --recipe NAME")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     conflicts = sorted(set(overrides) & set(settings))
     if conflicts:
-        raise ImgclfError(f"{', '.join(conflicts)} given both as a flag and in --set; give each setting once")
+        raise UsageError(f"{', '.join(conflicts)} given both as a flag and in --set; give each setting once")
     train(recipe=args.recipe, model=args.model, out=args.out, report=args.report, tensorboard=args.tensorboard,
           **overrides, **settings)
 
@@ -128,7 +128,7 @@ def _summary(args: argparse.Namespace) -> None:
     elif args.model:
         name, options, dataset, grayscale = args.model, {}, args.dataset or "cifar10", False
     else:
-        raise ImgclfError("give --model NAME or --recipe NAME_OR_YAML")
+        raise UsageError("give --model NAME or --recipe NAME_OR_YAML")
     info = dataset_info(dataset)
     if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
         data = load_dataset(dataset, val_split=0, grayscale=grayscale)
@@ -165,7 +165,7 @@ def _datasets(args: argparse.Namespace) -> None:
 
     if args.name == "show":  # `imgclf datasets show NAME`: pictures of the dataset (a folder named show: ./show)
         if not args.show_name:
-            raise ImgclfError("`imgclf datasets show` needs a dataset: imgclf datasets show NAME [--out DIR]")
+            raise UsageError("`imgclf datasets show` needs a dataset: imgclf datasets show NAME [--out DIR]")
         from imgclf.report import show_dataset
 
         data = load_dataset(args.show_name, args.data_dir, val_split=args.val_split)
@@ -174,7 +174,7 @@ def _datasets(args: argparse.Namespace) -> None:
             console.print(f"wrote {escape(str(path))}")
         return
     if args.show_name or args.out:
-        raise ImgclfError(f"a second name and --out only go with `show`; to draw it: imgclf datasets show {args.name}")
+        raise UsageError(f"a second name and --out only go with `show`; to draw it: imgclf datasets show {args.name}")
     if args.name:
         console.print(escape(load_dataset(args.name, args.data_dir, val_split=args.val_split).summary()))
         return
@@ -384,13 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     except ImgclfError as e:
         if os.environ.get("RANK", "0") == "0" or isinstance(e, PeerLost):  # ranks share rank 0's errors
             print(f"imgclf: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: keep it to one line unless asked
         if os.environ.get("IMGCLF_DEBUG"):
             raise
+        if isinstance(e, OSError) and e.filename is not None:  # a path the system refused: bad input after all
+            print(f"imgclf: error: {e.filename}: {e.strerror or e}; check the path (--out?) and its permissions",
+                  file=sys.stderr)
+            return 1
         print(f"imgclf: internal error: {type(e).__name__}: {e} (rerun with IMGCLF_DEBUG=1 for the traceback "
               "and please report it)", file=sys.stderr)
         return 1

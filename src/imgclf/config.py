@@ -109,6 +109,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ImgclfError(f"{source} must be a YAML mapping with data, model and train sections, not "
+                              f"{type(raw).__name__} {str(raw)[:40]!r}")
         unknown = set(raw) - {"description", "recipe", "data", "model", "train"}
         if unknown:
             raise ImgclfError(f"{source}: unknown section(s) {sorted(unknown)}; use data, model, train")
@@ -243,11 +246,15 @@ def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> t
                               f"{', '.join(names)} (or give a YAML path)")
     if path.is_dir() and (path / "config.yaml").exists():
         path = path / "config.yaml"
+    elif path.is_dir():
+        best = " (a study's is its best.yaml)" if (path / "best.yaml").exists() else ""
+        run = ", or a run folder (its config.yaml)" if kind == "recipe" else ""
+        raise ImgclfError(f"{kind} {path} is a folder, not a YAML file{best}; give the file{run}")
     try:
         return path, yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ImgclfError(f"{kind} file {path} does not exist; check the path") from None
-    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ImgclfError(f"{kind} {path} is not valid YAML ({type(e).__name__}); fix or replace the file") from None
 
 

@@ -679,8 +679,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         raise ImgclfError(f"channels must be 1 or 3, got {channels}; pass channels=1 or channels=3")
     if grayscale and channels == 3:
         raise ImgclfError("grayscale means 1 channel but channels=3; drop grayscale or channels")
-    if image_size is not None and image_size < 1 or subset is not None and subset < 1:
-        raise ImgclfError(f"image_size and subset must be positive, got {image_size} and {subset}; fix them")
+    for label, value in (("image size", image_size), ("subset", subset)):
+        if value is not None and value < 1:
+            raise ImgclfError(f"{label} must be a positive number of {'pixels' if label != 'subset' else 'images'}, "
+                              f"got {value}")
     channels = 1 if grayscale else channels
     root = data_root(data_dir)
     if name in DATASETS:

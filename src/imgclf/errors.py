@@ -1,4 +1,4 @@
-"""The one exception type that reaches users as a one-line message, and a spelling hint for its messages."""
+"""The exception types that reach users as a one-line message, and a spelling hint for its messages."""
 
 import difflib
 from collections.abc import Iterable
@@ -19,3 +19,7 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
 
 class PeerLost(ImgclfError):
     """In distributed training, another rank died or stopped answering; every rank reports it, not only rank 0."""
+
+
+class UsageError(ImgclfError):
+    """A command line whose options do not go together (argparse cannot tell); exit status 2, as argparse's."""

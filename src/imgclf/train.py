@@ -118,7 +118,14 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Run
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ImgclfError(f"{run_dir} exists and is not an imgclf run folder; choose another --out")
         return config, "new"
-    stored = RunConfig.from_dict(yaml.safe_load(config_path.read_text()), source=str(config_path))
+    try:
+        raw = yaml.safe_load(config_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raw = None
+    if not isinstance(raw, dict) or not {"data", "model", "train"} & raw.keys():
+        raise ImgclfError(f"{run_dir} exists and is not an imgclf run folder (its config.yaml is not a run's); "
+                          "choose another --out")
+    stored = RunConfig.from_dict(raw, source=str(config_path))
     finished = (run_dir / "summary.json").exists()
     # Stopped before its first checkpoint: nothing to continue from, nothing to lose by starting over.
     started = finished or (run_dir / "checkpoint.pt").exists()

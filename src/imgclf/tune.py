@@ -367,6 +367,12 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
             failed_workers = _run_processes(job, n_trials, processes, seed)
             fail_lost_trials(study_obj)  # a worker that died left its trial running
     result = write_outputs(study_obj, out, storage, quiet)
+    if n_trials > 0 and not result.counts["COMPLETE"] + result.counts["PRUNED"]:
+        reasons = [t.user_attrs.get("fail_reason") for t in study_obj.get_trials(deepcopy=False, states=(
+            TrialState.FAIL,)) if t.user_attrs.get("fail_reason")]
+        raise ImgclfError(f"no trial of study '{study_name}' finished ({result.counts['FAIL']} failed"
+                          f"{', e.g. ' + reasons[-1] if reasons else ''}); see {out / 'trials.csv'}, fix the "
+                          "problem and re-run")
     if failed_workers:
         raise ImgclfError(f"worker(s) {failed_workers} stopped early (killed, or the error above); finished trials "
                           "are kept: fix the problem and re-run the same command to add the missing trials")
