@@ -65,15 +65,20 @@ def test_predict_a_folder_predicts_each_image_below_it(digits_run, tmp_path, cap
     for i, name in enumerate(["b.png", "a.JPG", "more/c.bmp"]):
         Image.fromarray(test.images[i, 0].numpy()).convert("RGB").save(tmp_path / "imgs" / name)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    (tmp_path / "imgs" / "corrupt.png").write_bytes(b"\x89PNG not really")  # skipped, as training skips it
     (tmp_path / "empty").mkdir()
     one = tmp_path / "one.png"
     Image.fromarray(test.images[3, 0].numpy()).save(one)
     assert main(["predict", str(digits_run), str(tmp_path / "imgs"), str(one), "--json"]) == 0
-    names = [r["image"] for r in json.loads(capsys.readouterr().out)]
+    out, err = capsys.readouterr()
+    assert "skipped 1 unreadable image file(s), e.g. " in err and "corrupt.png" in err
+    names = [r["image"] for r in json.loads(out)]
     assert names == [str(tmp_path / "imgs" / n) for n in ("a.JPG", "b.png", "more/c.bmp")] + [str(one)]
-    assert len(imgclf.predict(digits_run, tmp_path / "imgs")) == 3 and len(imgclf.predict(digits_run, str(one))) == 1
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        assert len(imgclf.predict(digits_run, tmp_path / "imgs")) == 3
+    assert len(imgclf.predict(digits_run, str(one))) == 1
     assert main(["predict", str(digits_run), str(tmp_path / "empty")]) == 1
-    assert "holds no image files" in capsys.readouterr().err
+    assert "holds no readable image files" in capsys.readouterr().err
 
 
 def test_set_reaches_any_setting_and_model_option(tmp_path, capsys):
@@ -227,6 +232,18 @@ def test_a_damaged_run_file_is_a_one_line_error(digits_run, tmp_path, capsys, na
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_evaluate_and_predict_warn_of_an_unfinished_run(digits_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    (run / "summary.json").unlink()  # as a run stopped after an epoch leaves it
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8)).save(image)
+    for args in (["evaluate", str(run)], ["predict", str(run), str(image)]):
+        assert main(args) == 0
+        assert "has not finished training: this is the model of its last finished epoch" in capsys.readouterr().err
 
 
 def test_tta_can_be_turned_on_and_off(digits_run, capsys):

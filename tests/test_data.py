@@ -505,7 +505,7 @@ def test_folder_cache_hit_skips_decoding(tmp_path, monkeypatch):
         raise AssertionError("decoded although cached")
 
     monkeypatch.setattr(data, "_decode_image", fail)
-    monkeypatch.setattr(data, "_read_header", fail)
+    monkeypatch.setattr(data, "read_header", fail)
     with pytest.warns(UserWarning, match="skipped 2"):  # the cache remembers what was skipped
         again = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0)
     assert torch.equal(first.train.images, again.train.images)

@@ -461,7 +461,7 @@ def _scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, str]]
     return sorted(classes), files
 
 
-def _read_header(path: str) -> tuple[int, int, bool] | None:
+def read_header(path: str) -> tuple[int, int, bool] | None:
     try:
         with Image.open(path) as im:  # reads the header only
             return im.width, im.height, im.mode in _GRAY_MODES
@@ -514,7 +514,7 @@ def _map(fn, items: list) -> list:
 def _decode_folder(root: Path, files: dict, class_names: list[str], channels: int | None,
                    image_size: int | None) -> dict[str, np.ndarray]:
     paths = [p for entries in files.values() for p, _ in entries]
-    headers = dict(zip(paths, _map(_read_header, paths), strict=True))
+    headers = dict(zip(paths, _map(read_header, paths), strict=True))
     if not (readable := [h for h in headers.values() if h is not None]):
         raise ImgclfError(f"{root} has no readable images among {len(paths)} files; put PNG/JPEG/BMP/WebP/"
                           f"GIF images in {root}/<class>/ or {root}/<split>/<class>/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -15,10 +16,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from imgclf.config import load_recipe
-from imgclf.data import Dataset, TooManyPixels, files_under, load_dataset, read_image
+from imgclf.data import Dataset, TooManyPixels, files_under, load_dataset, read_header, read_image
 from imgclf.errors import ImgclfError
 from imgclf.loader import normalize
-from imgclf.runs import TrainedModel, load_model
+from imgclf.runs import TrainedModel, load_model, warn_if_unfinished
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -148,7 +149,9 @@ def as_model(run_or_model: str | Path | TrainedModel) -> tuple[TrainedModel, Pat
     """(model, its run folder) for a run folder, or (model, None) for a model already loaded."""
     if isinstance(run_or_model, TrainedModel):
         return run_or_model, None
-    return load_model(run_or_model), Path(run_or_model)
+    model = load_model(run_or_model)
+    warn_if_unfinished(run_or_model)  # a stopped run's last epoch: usable, but not the model it would become
+    return model, Path(run_or_model)
 
 
 def load_run_dataset(model: TrainedModel, run_dir: Path | None, dataset: str | None = None,
@@ -263,9 +266,14 @@ def image_files(sources: list[str | Path]) -> list[str]:
         if not Path(source).is_dir():
             out.append(source)
             continue
-        found = [f for f in files_under(Path(source)) if f.lower().endswith(IMAGE_SUFFIXES)]
+        named = [f for f in files_under(Path(source)) if f.lower().endswith(IMAGE_SUFFIXES)]
+        found = [f for f in named if read_header(f) is not None]  # as training skips them; a named file is an error
+        if len(found) < len(named):
+            bad = sorted(set(named) - set(found))
+            warnings.warn(f"{source}: skipped {len(bad)} unreadable image file(s), e.g. {', '.join(bad[:3])}",
+                          stacklevel=2)
         if not found:
-            raise ImgclfError(f"folder {source} holds no image files ({', '.join(IMAGE_SUFFIXES)}); "
+            raise ImgclfError(f"folder {source} holds no readable image files ({', '.join(IMAGE_SUFFIXES)}); "
                               "give image files or a folder of them")
         out += found
     return out

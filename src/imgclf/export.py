@@ -23,7 +23,7 @@ from imgclf import __version__
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import as_model, prediction_options, tta_views
 from imgclf.loader import normalize
-from imgclf.runs import atomic_write, warn_if_unfinished
+from imgclf.runs import atomic_write
 
 # The export is checked on a batch of random images against PyTorch, and refused beyond this difference of
 # logits, relative to their largest magnitude (float32 kernels differ by about 1e-7 in practice).
@@ -102,8 +102,6 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     out = Path(out)
     if out.exists() and out.suffix != ".onnx":
         raise ImgclfError(f"{out} exists and is not an .onnx file; choose another --out (nothing was written)")
-    if run_dir is not None:
-        warn_if_unfinished(run_dir)
     tta, options = prediction_options(model, tta)
     views = len(list(tta_views(torch.zeros(1, *model.input_shape), options["tta_augment"],
                                options["tta_shift"]))) if tta else 1
