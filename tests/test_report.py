@@ -99,6 +99,10 @@ def test_compare_takes_a_folder_of_runs_and_prints_brackets(runs, tmp_path, caps
     with pytest.warns(UserWarning, match="skipped 1 unfinished run"):
         rows = compare_runs([tmp_path / "runs", tmp_path / "runs" / "a [copy]"], tmp_path / "out")
     assert [r["run"] for r in rows] == ["a [copy]", "b/crop"]
+    (tmp_path / "other").mkdir()
+    shutil.copytree(runs[0], tmp_path / "other" / "crop")
+    rows = compare_runs([tmp_path / "runs" / "b" / "crop", tmp_path / "other" / "crop", runs[0]], tmp_path / "out")
+    assert [r["run"] for r in rows] == [str(tmp_path / "runs" / "b" / "crop"), str(tmp_path / "other" / "crop"), "mlp"]
     assert main(["compare", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "a [copy]" in out and "augment=[crop]" in out  # user text, not rich markup

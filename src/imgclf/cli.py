@@ -74,8 +74,9 @@ def _evaluate(args: argparse.Namespace) -> None:
                   f"{' with TTA' if metrics['tta'] else ''}: accuracy [bold]{metrics['accuracy']:.2%}[/]"
                   f"{f', top-5 {top5:.2%}' if top5 is not None else ''}, loss {metrics['loss']:.4f}")
     table = Table("class", "precision", "recall", "F1", "support")
-    for name, m in metrics["per_class"].items():
-        table.add_row(escape(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    for i, (name, m) in enumerate(metrics["per_class"].items()):
+        label = escape(name) if name == str(i) else f"{i} {escape(name)}"  # i: its row in the confusion matrix
+        table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     console.print(table)
     if len(metrics["confusion_matrix"]) <= 20:
         matrix = Table("true \\ predicted", *[str(i) for i in range(len(metrics["confusion_matrix"]))])

@@ -387,10 +387,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path = "compare") ->
     A folder that is not a run stands for the finished runs anywhere below it (runs/, a study's trials/)."""
     if not run_dirs:
         raise ImgclfError("no runs to compare; give one or more run folders")
-    named: dict[Path, str] = {}  # run folder -> its name in the table
+    named: dict[Path, tuple[Path, str]] = {}  # resolved run folder (a run given twice is one) -> (folder, name)
     for given in map(Path, run_dirs):
         if not given.is_dir() or (given / "config.yaml").exists():
-            named.setdefault(_finished_run(given), given.name)
+            named.setdefault(_finished_run(given).resolve(), (given, given.name))
             continue
         finished, stopped = runs_below(given)
         if stopped:
@@ -400,9 +400,11 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path = "compare") ->
             raise ImgclfError(f"{given} is not a run folder and holds no finished runs; give the --out folder of a "
                               "finished `imgclf train` run, or a folder of them")
         for run_dir in finished:
-            named.setdefault(_finished_run(run_dir), str(run_dir.relative_to(given)))
+            named.setdefault(_finished_run(run_dir).resolve(), (run_dir, str(run_dir.relative_to(given))))
+    names = [name for _, name in named.values()]
     rows, configs = [], []
-    for run_dir, name in named.items():
+    for run_dir, name in named.values():
+        name = name if names.count(name) == 1 else str(run_dir)  # runs/m1 and other/m1, not m1 twice
         summary, config, model_json = read_json(run_dir / "summary.json"), _run_config(run_dir), read_json(
             run_dir / "model.json")
         configs.append(config)

@@ -346,6 +346,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     if lost:
         say(f"{lost} trial(s) of a stopped worker marked failed; they will be run again")
     target = trials or (len(grid) if grid is not None else DEFAULT_TRIALS)
+    if grid is not None and target > len(grid):
+        say(f"the grid has {len(grid)} points, so the study holds at most {len(grid)} trials, not {target}")
+        target = len(grid)
     n_trials = plan_trials(study_obj, target, grid)
     counts = _counts(study_obj)
     say(f"study [bold]{escape(study_name)}[/] ({escape(_shown(storage))}): "
