@@ -146,7 +146,7 @@ def test_cli(runs, tmp_path, capsys, monkeypatch):
     assert_png(tmp_path / "dataset-digits" / "samples.png")
     assert_png(tmp_path / "dataset-digits" / "distribution.png")
     assert main(["datasets", "digits"]) == 0  # the plain summary still works
-    assert main(["datasets", "show"]) == 1
+    assert main(["datasets", "show"]) == 2  # a usage error
     assert main(["report", str(tmp_path)]) == 1
     assert "not a finished run" in capsys.readouterr().err
 
