@@ -4,6 +4,7 @@ These datasets fit in RAM, and batches sliced from one (N, C, H, W) tensor are f
 per-image DataLoader pipeline, so every source is decoded once into that form.
 """
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -254,6 +255,7 @@ def _verify(name: str, path: Path, md5: str) -> None:
 
 def _download(urls: list[str], dest: Path, md5: str) -> None:
     """Fetch dest from the first url that answers; raise OSError naming every url's failure if none does."""
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     for url in urls:
@@ -274,6 +276,9 @@ def _download(urls: list[str], dest: Path, md5: str) -> None:
             failures.append(f"{url}: {e}")
         finally:
             Path(tmp).unlink(missing_ok=True)
+    for folder in made:  # a failed download leaves no empty folders behind (rmdir refuses non-empty ones)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     raise OSError(", ".join(failures))
 
 
