@@ -230,7 +230,7 @@ def test_best_recipe_of_an_image_folder_trains_from_any_folder(tmp_path, monkeyp
     assert result.counts["COMPLETE"] == 2  # the same folder, typed another way, resumes the study
 
 
-def test_an_out_folder_holds_one_study(tmp_path, capsys):
+def test_an_out_folder_holds_one_study(tmp_path, capsys, monkeypatch):
     space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}})
     tune("digits", space, trials=1, out=tmp_path / "out", quiet=True)
     for args in (["--study", "other"], ["--storage", f"sqlite:///{tmp_path / 'db.sqlite'}"]):
@@ -238,6 +238,8 @@ def test_an_out_folder_holds_one_study(tmp_path, capsys):
                      *args]) == 1
         assert "holds study 'digits-space'" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out" / "trials").iterdir()) == ["0-0"]
+    monkeypatch.chdir(tmp_path / "out")  # the same folder, reached from inside it
+    assert tune("digits", space, trials=2, out=".", quiet=True).counts["COMPLETE"] == 2
 
 
 def test_executions_per_trial_average_seeds(tmp_path):

@@ -336,7 +336,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     data = load_dataset(dataset, base.data.data_dir, val_split=base.data.val_split, subset=base.data.subset,
                         grayscale=base.data.grayscale, seed=base.train.seed, image_size=base.data.image_size)
 
-    _claim_out(out, study_name, storage)
+    _claim_out(out, study_name, storage if storage != str(out / "study.log") else "study.log")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_obj = optuna.create_study(study_name=study_name, storage=open_storage(storage), direction="maximize",
                                     load_if_exists=True)
@@ -438,7 +438,8 @@ def _run_processes(job: Job, n_trials: int, processes: int, seed: int) -> list[i
 
 def _claim_out(out: Path, study: str, storage: str) -> None:
     """One study per output folder: its trial runs (trials/N-K), trials.csv, report and best.yaml are that
-    study's, so a second study there would overwrite them and fail on the first one's trial folders."""
+    study's, so a second study there would overwrite them and fail on the first one's trial folders.
+    `storage` is "study.log" for the journal inside `out`, wherever `out` is reached from."""
     marker, claim = out / "study.json", {"study": study, "storage": _shown(storage)}
     try:
         held = json.loads(marker.read_text())
