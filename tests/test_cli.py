@@ -91,7 +91,13 @@ def test_set_reaches_any_setting_and_model_option(tmp_path, capsys):
     assert config["train"]["crop_padding"] == 1
     for args, message in ((["--set", "lr"], "is not KEY=VALUE"), (["--set", "lr=[1"], "not valid YAML"),
                           (["--set", "lrr=1"], "(did you mean 'lr'?)"), (["--lr", "1", "--set", "lr=2"], "both"),
-                          (["--model", "cnn", "--set", "model.filtrs=[8]"], "(did you mean 'filters'?)")):
+                          (["--model", "cnn", "--set", "model.filtrs=[8]"], "(did you mean 'filters'?)"),
+                          (["--set", "out=elsewhere"], "unknown option 'out'"),
+                          (["--set", "quiet=true"], "unknown option 'quiet'"),
+                          (["--set", "model_options=1"], "unknown option 'model_options'"),
+                          (["--set", "step_gamma=-1"], "invalid step_gamma -1.0"),
+                          (["--image-size", "100000"], "use 1 to 1024 pixels"),
+                          (["--augment", "crop", "--set", "crop_padding=8"], "crop_padding 8 is not smaller than")):
         assert main(["train", "--dataset", "digits", "--out", str(tmp_path / "no"), *args]) == 1 + (message == "both")
         assert message in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
@@ -246,9 +252,24 @@ def test_evaluate_and_predict_warn_of_an_unfinished_run(digits_run, tmp_path, ca
         assert "has not finished training: this is the model of its last finished epoch" in capsys.readouterr().err
 
 
-def test_tta_can_be_turned_on_and_off(digits_run, capsys):
+def test_tta_of_a_run_without_crops_or_flips_is_not_claimed(tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--tta"]) == 0
+    printed = capsys.readouterr().out
+    assert "TTA has no views to average" in printed and "with TTA" not in printed
+    assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--out", str(out), "--report"]) == 0
+    assert "reusing its model" in capsys.readouterr().out and (out / "report.html").exists()
+
+
+def test_tta_can_be_turned_on_and_off(tmp_path, capsys):
+    run = tmp_path / "flipped"
+    assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--augment", "flip",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
     for flag, expected in (("--tta", True), ("--no-tta", False)):
-        assert main(["evaluate", str(digits_run), flag, "--json"]) == 0
+        assert main(["evaluate", str(run), flag, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["tta"] is expected
 
 

@@ -43,13 +43,14 @@ def _train(args: argparse.Namespace) -> None:
         if not args.out:
             raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
         flags = {**overrides, "recipe": args.recipe, "model": args.model, "set": args.set or None}
-        given = [k for k, v in flags.items() if v is not None and k not in ("device", "threads")]
+        # Where and how to run may change on resume (a moved data folder, another machine); what to run may not.
+        given = [k for k, v in flags.items() if v is not None and k not in ("device", "threads", "data_dir")]
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise UsageError(f"--resume continues the run with its own settings, so {flags} would be ignored; "
                               "drop them, or train with them into a new --out")
-        train(out=args.out, resume=True, device=args.device, threads=args.threads, report=args.report,
-              tensorboard=args.tensorboard)
+        train(out=args.out, resume=True, device=args.device, threads=args.threads, data_dir=args.data_dir,
+              report=args.report, tensorboard=args.tensorboard)
         return
     if not args.dataset and not args.recipe:
         raise UsageError("no dataset given; add --dataset NAME (see `imgclf datasets`) or --recipe NAME")
@@ -69,6 +70,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(metrics))
         return
+    if args.tta and not metrics["tta"]:
+        console.print("note: this run trained without crops or flips, so TTA has no views to average")
     top5 = metrics["top5_accuracy"]
     console.print(f"{escape(metrics['dataset'])} {metrics['split']} split, {metrics['num_images']:,} images"
                   f"{' with TTA' if metrics['tta'] else ''}: accuracy [bold]{metrics['accuracy']:.2%}[/]"

@@ -23,6 +23,7 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
 AUGMENTATIONS = ("crop", "flip", "altflip", "cutout")  # altflip: each image flipped every other epoch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_IMAGE_SIZE = 1024  # pixels a side: datasets are held in memory, and 60,000 images at 1024 px are 190 GB
 
 
 @dataclass
@@ -150,6 +151,9 @@ class RunConfig:
             (t.warmup_epochs >= 0, f"warm-up epochs {t.warmup_epochs}; use 0 or more"),
             (t.momentum is None or 0 <= t.momentum < 1, f"momentum {t.momentum}; use a value in [0, 1)"),
             (t.step_size >= 1, f"step_size {t.step_size}; use 1 or more epochs"),
+            (0 < t.step_gamma <= 1, f"step_gamma {t.step_gamma}; use a factor in (0, 1], e.g. 0.1"),
+            (0 <= t.final_lr_fraction <= 1, f"final_lr_fraction {t.final_lr_fraction}; use a fraction in [0, 1]"),
+            (t.bias_lr_scale > 0, f"bias_lr_scale {t.bias_lr_scale}; use a positive factor"),
             (t.early_stopping is None or t.early_stopping >= 1,
              f"early stopping patience {t.early_stopping}; use 1 or more epochs"),
             (t.crop_padding is None or t.crop_padding >= 0, f"crop_padding {t.crop_padding}; use 0 or more pixels"),
@@ -163,6 +167,8 @@ class RunConfig:
             (t.ema is None or 0 < t.ema < 1, f"ema decay {t.ema}; use a value in (0, 1), e.g. 0.999"),
             (0 <= d.val_split < 1, f"val split {d.val_split}; use a fraction in [0, 1)"),
             (d.subset is None or d.subset > 0, f"subset {d.subset}; use a positive number of images"),
+            (d.image_size is None or 1 <= d.image_size <= MAX_IMAGE_SIZE,
+             f"image size {d.image_size}; use 1 to {MAX_IMAGE_SIZE} pixels (small-image classifiers)"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -321,7 +327,9 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
         if key.startswith("model."):
             overrides.setdefault("model_options", {})[key.removeprefix("model.")] = parsed
         else:
-            overrides[key.removeprefix("train.").removeprefix("data.")] = parsed
+            key = key.removeprefix("train.").removeprefix("data.")
+            override_path(key)  # only recipe settings: never train()'s own arguments (out, quiet, resume)
+            overrides[key] = parsed
     return overrides
 
 

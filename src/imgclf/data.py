@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from imgclf.config import MAX_IMAGE_SIZE
 from imgclf.errors import ImgclfError, did_you_mean
 
 SPLITS = ("train", "val", "test")
@@ -167,7 +168,8 @@ class Dataset:
             have = " or ".join(f"--split {s}" for s in self.splits())
             carve = name == "val" and len(self.train) > 0
             raise ImgclfError(f"{self.name} has no {name} split; use {have}"
-                              + ("; or set --val-split above 0 to carve one from train" if carve else ""))
+                              + ("; a val split is carved from train when training with --val-split above 0 "
+                                 "(e.g. 0.1)" if carve else ""))
         return getattr(self, name)
 
     def class_counts(self) -> dict[str, list[int]]:
@@ -684,6 +686,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         raise ImgclfError(f"channels must be 1 or 3, got {channels}; pass channels=1 or channels=3")
     if grayscale and channels == 3:
         raise ImgclfError("grayscale means 1 channel but channels=3; drop grayscale or channels")
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        raise ImgclfError(f"image size {image_size} is too large; use at most {MAX_IMAGE_SIZE} pixels (images are "
+                          "held in memory: small-image classifiers)")
     for label, value in (("image size", image_size), ("subset", subset)):
         if value is not None and value < 1:
             raise ImgclfError(f"{label} must be a positive number of {'pixels' if label != 'subset' else 'images'}, "

@@ -203,7 +203,10 @@ def prediction_options(model: TrainedModel, tta: bool | None) -> tuple[bool, dic
     device = next(model.net.parameters()).device
     options = {"precision": prediction_precision(model.info.get("precision", "fp32"), device)}
     if tta:
-        options.update(tta_augment=model.info.get("augment", []), tta_shift=model.info.get("tta_shift"))
+        views = {"tta_augment": model.info.get("augment", []), "tta_shift": model.info.get("tta_shift")}
+        # A run trained without flips or crops has only the image itself: say so rather than claim TTA.
+        tta = len(list(tta_views(torch.zeros(1, *model.input_shape), views["tta_augment"], views["tta_shift"]))) > 1
+        options.update(views if tta else {})
     return tta, options
 
 

@@ -208,6 +208,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if mode == "reuse":
         say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
             "retraining (delete the folder or choose another --out to train again)")
+        if report and ctx.is_main:
+            from imgclf.report import write_report
+            say(f"report: {escape(str(write_report(run_dir)))}")
         return TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"),
                            read_json(run_dir / "summary.json"), reused=True)
 
@@ -241,6 +244,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                           f"{config.model.name} has none: remove it from the recipe")
     if cfg.progressive_size:
         _check_progressive(net, config.model.name, cfg.progressive_size, (c, h, w), device)
+    for name, pixels, used in (("crop_padding", cfg.crop_padding, "crop" in cfg.augment),
+                               ("tta_shift", cfg.tta_shift, cfg.tta)):
+        if used and pixels is not None and pixels >= min(h, w):
+            raise ImgclfError(f"{name} {pixels} is not smaller than the {h}x{w} images; use fewer pixels")
     precision = resolve_precision(cfg.precision, device, net)
     layout = memory_format(net, precision)
     net = net.to(memory_format=layout)
