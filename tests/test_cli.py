@@ -103,6 +103,15 @@ def test_set_reaches_any_setting_and_model_option(tmp_path, capsys):
     assert not (tmp_path / "no").exists()
 
 
+def test_summary_model_replaces_the_recipe_model_and_uses_its_image_size(tmp_path, capsys):
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text("data: {dataset: mnist, image_size: 14}\nmodel: {name: cnn, filters: [8]}\n")
+    assert main(["summary", "--recipe", str(recipe), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 14, 14]
+    assert main(["summary", "--recipe", "mnist-fast", "--model", "mlp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "mlp"
+
+
 def test_summary_json_of_a_reference_recipe(capsys):
     assert main(["summary", "--recipe", "ref-mnist-cnn", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

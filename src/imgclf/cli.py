@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, load_recipe, parse_settings
+from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, make_config, parse_settings
 from imgclf.errors import ImgclfError, PeerLost, UsageError
 
 console = Console(highlight=False, soft_wrap=True)
@@ -125,20 +125,21 @@ def _summary(args: argparse.Namespace) -> None:
     from imgclf.data import dataset_info, load_dataset
     from imgclf.models import create_model, summarize
 
-    if args.recipe:
-        config = load_recipe(args.recipe)
-        name, options, dataset = config.model.name, config.model.options, args.dataset or config.data.dataset
-        grayscale = config.data.grayscale
-    elif args.model:
-        name, options, dataset, grayscale = args.model, {}, args.dataset or "cifar10", False
-    else:
+    if not args.recipe and not args.model:
         raise UsageError("give --model NAME or --recipe NAME_OR_YAML")
+    config = make_config(recipe=args.recipe, model=args.model)  # --model replaces the recipe's, as in train
+    name, options, grayscale = config.model.name, config.model.options, config.data.grayscale
+    dataset = args.dataset or (config.data.dataset if args.recipe else "cifar10")
     info = dataset_info(dataset)
     if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
-        data = load_dataset(dataset, val_split=0, grayscale=grayscale)
+        data = load_dataset(dataset, val_split=0, grayscale=grayscale, image_size=config.data.image_size)
         channels, size, classes = data.in_channels, data.image_size, data.num_classes
     else:
-        channels, size, classes = 1 if grayscale else info.channels, info.image_size, info.num_classes
+        channels, classes = 1 if grayscale else info.channels, info.num_classes
+        size = config.data.image_size or info.image_size
+    if not args.json:
+        console.print(f"{escape(name)} for {escape(dataset)}: {channels}x{size}x{size} images, {classes} classes"
+                      f"{' (--dataset NAME for another)' if not args.dataset else ''}")
     net = create_model(name, num_classes=classes, in_channels=channels, image_size=size, **options)
     summary = summarize(net, (channels, size, size))
     if args.json:
