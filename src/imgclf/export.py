@@ -103,10 +103,9 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     if out.exists() and out.suffix != ".onnx":
         raise ImgclfError(f"{out} exists and is not an .onnx file; choose another --out (nothing was written)")
     tta, options = prediction_options(model, tta)
+    # prediction_options turns TTA off for a run trained without flips or crops: only the image itself.
     views = len(list(tta_views(torch.zeros(1, *model.input_shape), options["tta_augment"],
                                options["tta_shift"]))) if tta else 1
-    if views == 1:  # also when the run trained without flips or crops: there is only the image itself
-        tta, options = False, {}
     deployable = DeployableNet(model.net.float().to(memory_format=torch.contiguous_format).cpu().eval(),
                                model.mean, model.std, options.get("tta_augment"), options.get("tta_shift"))
     generator = torch.Generator().manual_seed(0)
