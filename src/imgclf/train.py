@@ -317,20 +317,23 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         plot_curves(history, run_dir / "figures" / "curves.png")
 
     def save_all(epoch: int) -> None:
+        nonlocal checkpointed
         if not ctx.is_main:
             return
         save_weights()
         write_metrics(run_dir / "metrics.csv", history)
-        if history and not quiet:  # a live loss plot for a user watching (0.4 s a redraw: not for tuning)
-            draw_curves()
         save_checkpoint(run_dir / "checkpoint.pt", {
             "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),  # dropout draws from it
             "lookahead": lookahead.slow if lookahead is not None else None,
             "history": history, "best": best})
+        checkpointed = epoch
+        if history and not quiet:  # a live loss plot for a user watching (0.4 s a redraw: not for tuning)
+            draw_curves()
 
     epoch = start_epoch - 1
+    checkpointed = start_epoch - 1  # the epoch the checkpoint on disk holds, for the message on Ctrl-C
     try:
         with _progress(disable=quiet) as progress:
             for epoch in range(start_epoch, cfg.epochs + 1):
@@ -368,8 +371,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                     break
     except KeyboardInterrupt:
         if (run_dir / "checkpoint.pt").exists():
-            say(f"\ninterrupted in epoch {epoch}: the checkpoint after epoch {epoch - 1} is saved in "
-                f"{escape(str(run_dir))}; continue with `imgclf train --resume --out {escape(str(run_dir))}`")
+            say(f"\ninterrupted in epoch {checkpointed + 1}: the checkpoint after epoch {checkpointed} is saved "
+                f"in {escape(str(run_dir))}; continue with `imgclf train --resume --out {escape(str(run_dir))}`")
         else:
             say("\ninterrupted in epoch 1, before the first checkpoint: nothing to resume; the same command "
                 "starts the run again")
