@@ -178,7 +178,8 @@ def test_val_split_is_stratified_and_seeded(mnist):
 def test_subset_is_stratified(mnist):
     d = load_dataset("mnist", val_split=0, subset=20, seed=3)
     assert d.class_counts()["train"] == [2] * 10
-    assert len(load_dataset("mnist", val_split=0, subset=10_000).train) == 50
+    with pytest.warns(UserWarning, match="training on all of them"):
+        assert len(load_dataset("mnist", val_split=0, subset=10_000).train) == 50
     with pytest.raises(ImgclfError, match="fewer than the 10 classes"):
         load_dataset("mnist", subset=5)
 
@@ -544,3 +545,8 @@ def test_real_mnist():
     d = load_dataset("mnist", REAL_DATA, val_split=0)
     assert (len(d.train), len(d.test)) == (60000, 10000)
     assert d.mean[0] == pytest.approx(0.1307, abs=1e-4) and d.std[0] == pytest.approx(0.3081, abs=1e-4)
+
+
+def test_a_subset_larger_than_the_training_set_is_said():
+    with pytest.warns(UserWarning, match="subset 100,000 is more than the 1,293 training images of digits"):
+        assert len(load_dataset("digits", subset=100_000).train) == 1293

@@ -718,6 +718,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         if subset < len(labels):
             keep, _ = _split_indices(labels.numpy(), seed, train_size=subset)
             images, labels = images[keep], labels[keep]
+        elif subset > len(labels):
+            warnings.warn(f"subset {subset:,} is more than the {len(labels):,} training images of {name}: "
+                          "training on all of them", stacklevel=2)
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
     return Dataset(name, class_names, Split(images, labels), val, test, mean, std)
