@@ -686,13 +686,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         raise ImgclfError(f"channels must be 1 or 3, got {channels}; pass channels=1 or channels=3")
     if grayscale and channels == 3:
         raise ImgclfError("grayscale means 1 channel but channels=3; drop grayscale or channels")
-    if image_size is not None and image_size > MAX_IMAGE_SIZE:
-        raise ImgclfError(f"image size {image_size} is too large; use at most {MAX_IMAGE_SIZE} pixels (images are "
-                          "held in memory: small-image classifiers)")
-    for label, value in (("image size", image_size), ("subset", subset)):
-        if value is not None and value < 1:
-            raise ImgclfError(f"{label} must be a positive number of {'pixels' if label != 'subset' else 'images'}, "
-                              f"got {value}")
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:  # as RunConfig.validate says it
+        raise ImgclfError(f"invalid image size {image_size}; use 1 to {MAX_IMAGE_SIZE} pixels (small-image "
+                          "classifiers)")
+    if subset is not None and subset < 1:
+        raise ImgclfError(f"invalid subset {subset}; use a positive number of images")
     channels = 1 if grayscale else channels
     root = data_root(data_dir)
     if name in DATASETS:
