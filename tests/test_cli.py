@@ -170,6 +170,42 @@ def test_usage_errors_exit_2(tmp_path):
     assert run_cli("nosuchcommand", cwd=tmp_path).returncode == 2
 
 
+@pytest.mark.parametrize("args, message", [
+    (["models", "cnn"], "imgclf models: error: unrecognized arguments: cnn"),  # the command's usage, not imgclf's
+    (["train", "--dataset", "digits", "--out", ""], "imgclf train: error: argument --out: empty; give a path"),
+    (["compare", "run", "--out", " "], "argument --out: empty"),
+])
+def test_stray_and_empty_arguments_are_usage_errors_of_their_command(args, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_goes_on_quietly_when_its_output_pipe_closes(tmp_path):
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "imgclf", "train", "--dataset", "digits", "--model", "mlp",
+                            "--epochs", "3", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           cwd=tmp_path)
+    job.stdout.readline()  # as `| head -1` does: read one line, then stop reading
+    job.stdout.close()
+    assert job.wait(timeout=300) == 0, job.stderr.read()
+    assert (out / "summary.json").exists() and not job.stderr.read()
+
+
+def test_flags_that_change_nothing_are_said(tmp_path, capsys):
+    for split in ("train", "val"):
+        for label in "ab":
+            (tmp_path / "f" / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (8, 8), 60 * i + (100 if label == "b" else 0)).save(tmp_path / "f" / split / label
+                                                                                   / f"{i}.png")
+    assert main(["train", "--dataset", str(tmp_path / "f"), "--model", "mlp", "--epochs", "1", "--val-split", "0.3",
+                 "--threads", "999", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "cache")]) == 0
+    err = capsys.readouterr().err
+    assert "has its own val/ folder, which is the validation split: --val-split is ignored" in err
+    assert "--threads 999 is more than this machine's" in err
+
+
 def test_image_folder_end_to_end(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for split, n in (("train", 30), ("test", 10)):

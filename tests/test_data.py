@@ -194,7 +194,7 @@ def test_bad_arguments(mnist):
 def test_split_access_and_summary(mnist):
     d = load_dataset("mnist", val_split=0)
     assert d.split("test") is d.test
-    with pytest.raises(ImgclfError, match="mnist has no val split; use --split train or --split test"):
+    with pytest.raises(ImgclfError, match="mnist has no val split; use --split test;"):
         d.split("val")
     with pytest.raises(ImgclfError, match="unknown split"):
         d.split("dev")

@@ -39,6 +39,7 @@ def _train(args: argparse.Namespace) -> None:
     overrides["grayscale"] = True if args.grayscale else None
     overrides["tta"] = args.tta
     settings = parse_settings(args.set)
+    _note_own_val_folder(args.dataset, args.val_split)
     if args.resume:
         if not args.out:
             raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
@@ -60,6 +61,14 @@ def _train(args: argparse.Namespace) -> None:
         raise UsageError(f"{', '.join(conflicts)} given both as a flag and in --set; give each setting once")
     train(recipe=args.recipe, model=args.model, out=args.out, report=args.report, tensorboard=args.tensorboard,
           **overrides, **settings)
+
+
+def _note_own_val_folder(dataset: str | None, val_split: float | None) -> None:
+    from imgclf.data import DATASETS
+
+    if val_split is not None and dataset and dataset not in DATASETS and (Path(dataset).expanduser() / "val").is_dir():
+        warnings.warn(f"{dataset} has its own val/ folder, which is the validation split: --val-split is ignored",
+                      stacklevel=3)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -224,10 +233,17 @@ def _compare(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from imgclf.tune import tune
 
+    _note_own_val_folder(args.dataset, args.val_split)
     tune(args.dataset, args.space, sampler=args.sampler, pruner=args.pruner, trials=args.trials,
          timeout=args.timeout, epochs=args.epochs, executions=args.executions_per_trial, subset=args.subset,
          workers=args.workers, storage=args.storage, study=args.study, out=args.out, data_dir=args.data_dir,
          val_split=args.val_split, settings=parse_settings(args.set))
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a path, or leave the flag out for its default")
+    return text
 
 
 def _port(text: str) -> int:
@@ -245,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset name (see `imgclf datasets`) or image-folder path")
     p.add_argument("--model", help="model name (see `imgclf models`); replaces the recipe's model")
     p.add_argument("--recipe", help="recipe name (see `imgclf recipes`) or YAML file; flags override it")
-    p.add_argument("--data-dir", help="dataset folder (default: $IMGCLF_DATA or ~/.cache/imgclf)")
+    p.add_argument("--data-dir", type=_path, help="dataset folder (default: $IMGCLF_DATA or ~/.cache/imgclf)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -260,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", type=float, help="fraction held out for validation (default 0.1)")
     p.add_argument("--subset", type=int, help="train on a stratified sample of N images")
     p.add_argument("--grayscale", action="store_true")
-    p.add_argument("--image-size", type=int, help="image folders: resize to this size")
+    p.add_argument("--image-size", type=int, help="resize the images to this size in pixels (any dataset)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="whether evaluate and predict use test-time augmentation by default (default: the recipe's)")
     p.add_argument("--seed", type=int)
@@ -271,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--batch-size stays the global batch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any recipe setting or model option, repeatable: --set momentum=0.9 --set model.widths=[32,64]")
-    p.add_argument("--out", help="run folder (default: runs/<dataset>-<model>-<time>)")
+    p.add_argument("--out", type=_path, help="run folder (default: runs/<dataset>-<model>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--report", action="store_true", help="write RUN/report.html when training ends")
     p.add_argument("--tensorboard", action="store_true", help="also log metrics for TensorBoard (optional extra)")
@@ -280,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a trained run on a split")
     p.add_argument("run", help="run folder")
     p.add_argument("--dataset", help="another dataset or folder with the same class names")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", type=_path)
     p.add_argument("--split", default="test", choices=("test", "val", "train"))
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average the test-time augmentation views (default: the run's recipe setting)")
@@ -298,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the trained model as one ONNX file (normalization included)")
     p.add_argument("run", help="run folder")
-    p.add_argument("--out", help="the .onnx file to write (default: RUN/model.onnx)")
+    p.add_argument("--out", type=_path, help="the .onnx file to write (default: RUN/model.onnx)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average the test-time augmentation views inside the graph (default: the run's setting)")
     p.set_defaults(func=_export)
@@ -328,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare finished runs: table, CSV, charts and an HTML page")
     p.add_argument("runs", nargs="+", help="run folders, or folders of runs (runs/, a study's trials/)")
-    p.add_argument("--out", default="compare", help="output folder (default: compare/)")
+    p.add_argument("--out", type=_path, default="compare", help="output folder (default: compare/)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("tune", help="search hyper-parameters (Optuna); resumable, parallel, shareable studies")
@@ -351,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a recipe setting or "
                    "model option the space does not search, repeatable: --set augment=[crop,flip]")
     p.add_argument("--study", help="study name (default: <dataset>-<space>)")
-    p.add_argument("--out", default="tune", help="output folder: trials.csv, best.yaml, report (default: tune/)")
-    p.add_argument("--data-dir")
+    p.add_argument("--out", type=_path, default="tune",
+                   help="output folder: trials.csv, best.yaml, report (default: tune/)")
+    p.add_argument("--data-dir", type=_path)
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("datasets", help="list datasets, describe one, or `show NAME` to draw it",
@@ -360,10 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a dataset name or folder: show its classes and class distribution; "
                    "or `show`, then NAME: write samples.png and distribution.png")
     p.add_argument("show_name", nargs="?", metavar="NAME", help="after `show`: the dataset to draw")
-    p.add_argument("--out", help="with show: output folder (default: ./dataset-<name>)")
-    p.add_argument("--data-dir")
+    p.add_argument("--out", type=_path, help="with show: output folder (default: ./dataset-<name>)")
+    p.add_argument("--data-dir", type=_path)
     p.add_argument("--val-split", type=float, default=0.1)
     p.set_defaults(func=_datasets)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)  # so a stray argument is reported with its command's usage
     return parser
 
 
@@ -373,14 +392,47 @@ def _version() -> str:
     return __version__
 
 
+class _QuietWhenPipeCloses:
+    """stdout for long jobs: when the reader of a pipe goes away (`imgclf train ... | head`), the job goes on
+    without output instead of dying on the next progress line."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _quiet(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # the exit-time flush would fail again
+        self._stream = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._quiet()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._quiet()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"imgclf: warning: {message}", file=sys.stderr)  # not Python's two lines naming our source file
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, stray = parser.parse_known_args(argv)
+    if stray:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     warnings.showwarning = _one_line_warning
+    if args.command in ("train", "tune"):
+        sys.stdout = _QuietWhenPipeCloses(sys.stdout)
     try:
         args.func(args)
     except BrokenPipeError:  # `imgclf evaluate RUN | head` stopped reading: nothing more to say

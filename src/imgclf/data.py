@@ -165,7 +165,8 @@ class Dataset:
         if name not in SPLITS:
             raise ImgclfError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         if name not in self.splits():
-            have = " or ".join(f"--split {s}" for s in self.splits())
+            # Scoring on the training images is rarely what is meant: name train only when it is all there is.
+            have = " or ".join(f"--split {s}" for s in self.splits() if s != "train") or "--split train"
             carve = name == "val" and len(self.train) > 0
             raise ImgclfError(f"{self.name} has no {name} split; use {have}"
                               + ("; a val split is carved from train when training with --val-split above 0 "

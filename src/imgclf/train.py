@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -136,8 +137,9 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Run
     if not started:
         return config, "new"
     if stored.what() != config.what():
-        raise ImgclfError(f"{run_dir} already holds a different run; choose another --out "
-                          "(or --resume to continue that run); nothing was changed")
+        kind, hint = ("finished run", "") if finished else ("run", " (or --resume to continue that run)")
+        raise ImgclfError(f"{run_dir} already holds a different {kind}; choose another --out{hint}; "
+                          "nothing was changed")
     if finished:
         return stored, "reuse"
     raise ImgclfError(f"{run_dir} holds an unfinished run of this configuration; "
@@ -218,6 +220,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     cfg = config.train
     started = time.perf_counter()
     keep_freed_memory()
+    if cfg.threads and cfg.threads > (os.cpu_count() or 1):
+        warnings.warn(f"--threads {cfg.threads} is more than this machine's {os.cpu_count()} CPUs, which slows "
+                      "training down; use at most that many", stacklevel=3)
     if cfg.threads or ctx.enabled:
         torch.set_num_threads(cfg.threads or distributed.threads_per_rank(ctx))
     if cfg.batch_size % ctx.world_size:
