@@ -43,6 +43,13 @@ def test_health_and_info(client):
     assert info["precision"] == "fp32" and info["tta"] is False
 
 
+def test_the_home_page_uploads_to_predict_without_scripts(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'action="/predict"' in page.text and 'name="files"' in page.text and "a, b, c, d" in page.text
+    assert "<script" not in page.text  # nothing fetched from the internet
+
+
 def test_predict_answers_what_predict_answers(client, run, tmp_path):
     paths = []
     for i in range(2):

@@ -3,12 +3,14 @@
     imgclf serve runs/mnist-fast --port 8000
     curl -F files=@three.png -F files=@seven.png 'http://127.0.0.1:8000/predict?top_k=3'
 
-Endpoints: GET /health, GET /info (classes, input shape, TTA), POST /predict (multipart field `files`, one or
-more images; the answer is the JSON of `imgclf predict --json`), and the OpenAPI docs at /docs. The model is
+Endpoints: GET / (a page with an upload form, no internet needed), GET /health, GET /info (classes, input
+shape, TTA), POST /predict (multipart field `files`, one or more images; the answer is the JSON of
+`imgclf predict --json`), and the OpenAPI docs at /docs (Swagger UI, whose scripts come from a CDN). The model is
 loaded once; predictions use the run's own settings (TTA, precision), as `imgclf predict` does; `?tta=false`
 (or `true`) overrides the run's TTA setting for one request.
 """
 
+import html
 import io
 import socket
 import threading
@@ -45,7 +47,7 @@ def create_app(run_dir: str | Path):
     fastapi, _ = _import_fastapi()
     from fastapi import File, HTTPException, Query, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     model = load_model(run_dir)
     warn_if_unfinished(run_dir)
@@ -72,6 +74,13 @@ def create_app(run_dir: str | Path):
             else:
                 problems.append(f"{where[-1]}: {item.get('msg', 'invalid')}")
         return JSONResponse(status_code=422, content={"detail": "; ".join(dict.fromkeys(problems))})
+
+    @app.get("/", response_class=HTMLResponse)
+    def home() -> str:
+        """A plain page (no scripts, so it works offline) that says what is served and uploads images."""
+        classes = ", ".join(map(str, about["classes"][:20])) + (", ..." if len(about["classes"]) > 20 else "")
+        return _HOME.format(title=html.escape(app.description), classes=html.escape(classes),
+                            shape="x".join(map(str, about["input_shape"])), max_images=MAX_IMAGES)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict[str, str]:
@@ -108,6 +117,17 @@ def create_app(run_dir: str | Path):
     return app
 
 
+_HOME = """<!doctype html><html><head><meta charset="utf-8"><title>imgclf prediction server</title></head>
+<body style="font-family: sans-serif; max-width: 44em; margin: 2em auto">
+<h1>imgclf prediction server</h1><p>{title}</p><p>Classes: {classes}. Images are resized to {shape}.</p>
+<form action="/predict" method="post" enctype="multipart/form-data">
+<p><input type="file" name="files" accept="image/*" multiple required> <button>Predict</button>
+(up to {max_images} images; the answer is JSON)</p></form>
+<p>POST /predict?top_k=3 (multipart field <code>files</code>), GET /info, GET /health, the OpenAPI schema at
+<a href="/openapi.json">/openapi.json</a>, and the interactive <a href="/docs">/docs</a> (needs internet).</p>
+</body></html>"""
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound here rather than by uvicorn so that problems are one line and port 0 works."""
     try:
@@ -128,8 +148,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> Non
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     anywhere = " (every network interface)" if host in ("0.0.0.0", "::") else ""
-    print(f"serving {run_dir} on http://{shown}:{bound_port}{anywhere} (POST images to /predict, API docs at /docs); "
-          "Ctrl-C stops", flush=True)
+    print(f"serving {run_dir} on http://{shown}:{bound_port}{anywhere} (open it for an upload page, or POST "
+          "images to /predict); Ctrl-C stops", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])
