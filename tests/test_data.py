@@ -422,6 +422,18 @@ def test_16_bit_gray_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     assert data.read_image(path, "RGB", (2, 2))[2].tolist() == [[0, 100], [200, 255]]
 
 
+def test_transparent_pixels_are_read_on_white_as_viewers_show_them(tmp_path):
+    rgba = np.zeros((1, 2, 4), np.uint8)  # a transparent black pixel, then an opaque black one
+    rgba[0, 1, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert data.read_image(tmp_path / "rgba.png", "L", (2, 1))[0].tolist() == [[255, 0]]
+    palette = Image.new("P", (2, 1))  # a GIF-style palette image whose colour 0 is transparent
+    palette.putpalette([0, 0, 0, 200, 30, 10])
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "p.png", transparency=0)
+    assert data.read_image(tmp_path / "p.png", "RGB", (2, 1))[:, 0].tolist() == [[255, 200], [255, 30], [255, 10]]
+
+
 def test_a_constant_channel_is_left_unscaled_not_divided_by_zero(tmp_path):
     for i in range(4):  # red varies, green and blue are 0 everywhere
         make_image(tmp_path / "f" / "train" / "ab"[i % 2] / f"{i}.png", color=(50 * i, 0, 0))

@@ -498,6 +498,10 @@ def read_image(path: str | Path | BinaryIO, mode: str, size: tuple[int, int],
         im = ImageOps.exif_transpose(im)  # phone photos: apply the rotation tag
         if im.mode.startswith("I"):  # 16-bit gray (I;16, or I as PNG opens it): PIL's convert clips to 255
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+            # On white, as image viewers show transparency: dropping alpha would keep whatever colour the
+            # transparent pixels happen to store (often black).
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
         converted = im.convert(mode)
     if converted.size != size:
         converted = converted.resize(size, Image.Resampling.BILINEAR)
@@ -583,7 +587,7 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
              for st in [os.stat(p)]]
     # Absolute paths: a moved folder decodes again. The class list: cached labels index it, and an empty class
     # folder added or removed changes it without changing any file.
-    key = json.dumps(["v3", channels, image_size, class_names, stats])
+    key = json.dumps(["v4", channels, image_size, class_names, stats])
     cache = cache_root / "folder-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
     needed = {"skipped"} | {f"{s}_{part}" for s in files for part in ("images", "labels", "files")}
     try:
