@@ -268,3 +268,13 @@ def test_fastnet_pool_gradient_equals_max_pools():
         fn(x_in).backward(grad_out)
         grads.append(x_in.grad)
     assert torch.equal(*grads)
+
+
+def test_fastnet_block_convs_adds_identity_initialised_convs_that_train():
+    two, three = (create_model("fastnet", widths=[8, 16, 16], block_convs=n) for n in (2, 3))
+    assert set(two.state_dict()) < set(three.state_dict())  # a two-conv run's weights keep their names
+    block = three.blocks[1]
+    x = torch.randn(2, 16, 5, 5)
+    assert torch.equal(F.conv2d(x, block.conv3.weight, padding=1), x)  # Dirac init: it starts as the identity
+    F.cross_entropy(three(images(4)), torch.arange(4)).backward()
+    assert_finite_grads(three)

@@ -622,31 +622,35 @@ class MaxPool2x2(nn.MaxPool2d):
 
 
 class _FastBlock(nn.Module):
-    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
+    """conv3x3 -> max-pool 2 -> BN -> GELU, then (convs - 1) times conv3x3 -> BN -> GELU."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool: bool, bn_momentum: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int, pool: bool, bn_momentum: float, convs: int) -> None:
         super().__init__()
         self.conv1 = Conv3x3(in_channels, out_channels)
         self.pool = MaxPool2x2() if pool else nn.Identity()
         self.bn1 = ShiftOnlyBatchNorm(out_channels, bn_momentum)
-        self.conv2 = Conv3x3(out_channels, out_channels)
-        self.bn2 = ShiftOnlyBatchNorm(out_channels, bn_momentum)
+        for i in range(2, convs + 1):  # conv2, bn2, conv3, ...: the names of the two-conv block's weights stay
+            setattr(self, f"conv{i}", Conv3x3(out_channels, out_channels))
+            setattr(self, f"bn{i}", ShiftOnlyBatchNorm(out_channels, bn_momentum))
+        self.convs = convs
         self.act = nn.GELU()
-        for conv in (self.conv1, self.conv2):
+        for i in range(1, convs + 1):
             # Identity (Dirac) init of the first filters: the block starts close to passing its input on.
-            n = min(conv.in_channels, conv.out_channels)
-            nn.init.dirac_(conv.weight.data[:n])
+            conv = getattr(self, f"conv{i}")
+            nn.init.dirac_(conv.weight.data[:min(conv.in_channels, conv.out_channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
-        return self.act(self.bn2(self.conv2(x)))
+        for i in range(2, self.convs + 1):
+            x = self.act(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+        return x
 
 
 class FastNet(nn.Module):
     """Frozen patch-whitening conv, three conv blocks, max-pool, linear head with a fixed 1/9 scale."""
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: list[int],
-                 whiten_kernel: int, logit_scale: float, bn_momentum: float) -> None:
+                 whiten_kernel: int, logit_scale: float, bn_momentum: float, block_convs: int) -> None:
         super().__init__()
         k = whiten_kernel
         self.whiten = nn.Conv2d(in_channels, 2 * in_channels * k * k, k, padding=0, bias=True)
@@ -654,7 +658,7 @@ class FastNet(nn.Module):
         self.act = nn.GELU()
         channels, size, blocks = self.whiten.out_channels, image_size - k + 1, []
         for width in widths:
-            blocks.append(_FastBlock(channels, width, pool=size >= 2, bn_momentum=bn_momentum))
+            blocks.append(_FastBlock(channels, width, pool=size >= 2, bn_momentum=bn_momentum, convs=block_convs))
             channels, size = width, size // 2 if size >= 2 else size
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -692,6 +696,7 @@ def fastnet(
     whiten_kernel: int = 2,
     logit_scale: float = 1 / 9,
     bn_momentum: float = 0.6,
+    block_convs: int = 2,
 ) -> nn.Module:
     widths = _check_ints("widths", widths)
     whiten_kernel = _check_int("whiten_kernel", whiten_kernel)
@@ -700,4 +705,4 @@ def fastnet(
     if not 0 < bn_momentum <= 1:
         raise ImgclfError(f"option bn_momentum must be in (0, 1], the weight of each new batch; got {bn_momentum}")
     return FastNet(num_classes, in_channels, image_size, widths, whiten_kernel, float(logit_scale),
-                   float(bn_momentum))
+                   float(bn_momentum), _check_int("block_convs", block_convs))
