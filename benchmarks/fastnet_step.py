@@ -2,12 +2,14 @@
 each CPU speed-up, so their effect can be checked on any machine.
 
     python benchmarks/fastnet_step.py [--batch-size 512] [--shape 32x32x3] [--widths 64,256,256]
-        [--torch-layers] [--no-keep-freed-memory] [--frozen-whiten-bias] [--precision auto|bf16|fp32]
+        [--torch-layers] [--no-keep-freed-memory] [--frozen-whiten-bias] [--precision auto|bf16|fp32] [--compile]
 
 --torch-layers swaps fastnet's Conv3x3 and MaxPool2x2 for torch's nn.Conv2d and nn.MaxPool2d;
 --no-keep-freed-memory leaves glibc's default (a fresh mmap for every large tensor);
---frozen-whiten-bias times a step after whiten_bias_epochs. The precision and layout are training's: auto is
-bf16 autocast with channels_last where the CPU has AMX or AVX512-BF16, else fp32. Nothing is saved.
+--frozen-whiten-bias times a step after whiten_bias_epochs; --compile runs the net through torch.compile
+(inductor; best with --torch-layers, so that no custom autograd function breaks the graph). The precision
+and layout are training's: auto is bf16 autocast with channels_last where the CPU has AMX or AVX512-BF16,
+else fp32. Nothing is saved.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--frozen-whiten-bias", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     if not args.no_keep_freed_memory:
         keep_freed_memory()
@@ -63,21 +66,23 @@ def main() -> None:
                                 nesterov=True)
     x = torch.randn(args.batch_size, channels, size, size).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch_size,))
+    forward = torch.compile(net) if args.compile else net
 
     def step() -> None:
         with autocast(torch.device("cpu"), precision):
-            loss = F.cross_entropy(net(x).float(), y, label_smoothing=0.2)
+            loss = F.cross_entropy(forward(x).float(), y, label_smoothing=0.2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    for _ in range(3):  # oneDNN picks its kernels on the first calls
+    for _ in range(3):  # oneDNN picks its kernels on the first calls (and torch.compile compiles)
         step()
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
     seconds = (time.perf_counter() - started) / args.steps
-    print(f"fastnet {args.widths} at {args.shape}, batch {args.batch_size}, {precision}, "
+    print(f"fastnet {args.widths} at {args.shape}, batch {args.batch_size}, {precision}"
+          f"{', torch.compile' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads: "
           f"{seconds * 1000:.1f} ms a step, {args.batch_size / seconds:,.0f} img/s")
 
