@@ -2,12 +2,14 @@
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import types
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -203,7 +205,8 @@ def test_flags_that_change_nothing_are_said(tmp_path, capsys):
                  "--threads", "999", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "cache")]) == 0
     err = capsys.readouterr().err
     assert "has its own val/ folder, which is the validation split: --val-split is ignored" in err
-    assert "--threads 999 is more than this machine's" in err
+    assert "--threads 999 is more than this machine's" in err and "; using " in err
+    assert torch.get_num_threads() <= os.cpu_count()  # not 999 for the rest of this process
 
 
 def test_image_folder_end_to_end(tmp_path, capsys):
