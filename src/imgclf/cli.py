@@ -392,6 +392,10 @@ def _version() -> str:
     return __version__
 
 
+def _silence_stdout() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # the exit-time flush would fail again
+
+
 class _QuietWhenPipeCloses:
     """stdout for long jobs: when the reader of a pipe goes away (`imgclf train ... | head`), the job goes on
     without output instead of dying on the next progress line."""
@@ -400,7 +404,7 @@ class _QuietWhenPipeCloses:
         self._stream = stream
 
     def _quiet(self) -> None:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # the exit-time flush would fail again
+        _silence_stdout()
         self._stream = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
 
     def write(self, text: str) -> int:
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except BrokenPipeError:  # `imgclf evaluate RUN | head` stopped reading: nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush would fail again
+        _silence_stdout()
         return 1
     except ImgclfError as e:
         if os.environ.get("RANK", "0") == "0" or isinstance(e, PeerLost):  # ranks share rank 0's errors
