@@ -75,12 +75,14 @@ def create_app(run_dir: str | Path):
                 problems.append(f"{where[-1]}: {item.get('msg', 'invalid')}")
         return JSONResponse(status_code=422, content={"detail": "; ".join(dict.fromkeys(problems))})
 
+    classes = ", ".join(map(str, about["classes"][:20])) + (", ..." if len(about["classes"]) > 20 else "")
+    home_page = _HOME.format(title=html.escape(app.description), classes=html.escape(classes),
+                             shape="x".join(map(str, about["input_shape"])), max_images=MAX_IMAGES)
+
     @app.get("/", response_class=HTMLResponse)
     def home() -> str:
         """A plain page (no scripts, so it works offline) that says what is served and uploads images."""
-        classes = ", ".join(map(str, about["classes"][:20])) + (", ..." if len(about["classes"]) > 20 else "")
-        return _HOME.format(title=html.escape(app.description), classes=html.escape(classes),
-                            shape="x".join(map(str, about["input_shape"])), max_images=MAX_IMAGES)
+        return home_page
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict[str, str]:
