@@ -31,6 +31,16 @@ def test_training_learns_digits(tmp_path):
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["num_images"] == 360
 
 
+def test_train_leaves_the_callers_thread_count_as_it_was(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(epochs=1, threads=2, out=tmp_path / "run", **FAST)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_identical_rerun_reuses_the_model(tmp_path):
     first = train(epochs=1, out=tmp_path / "run", **FAST)
     before = (first.run_dir / "model.safetensors").stat().st_mtime_ns

@@ -173,12 +173,14 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         name = dataset_obj.name if dataset_obj else dataset
         config = make_config(recipe=recipe, model=model, dataset=name, **overrides)
     ctx, rank_device = distributed.setup(config.train.device)
+    threads = torch.get_num_threads()
     try:
         return _train(config, out, resume, dataset_obj, quiet or not ctx.is_main, report, tensorboard, on_epoch,
                       ctx, rank_device)
     except RuntimeError as e:
         raise distributed.peer_failure(ctx, e) or e from None
     finally:
+        torch.set_num_threads(threads)  # the caller's (a notebook's) setting outlives the run's --threads
         distributed.cleanup(ctx)
 
 
