@@ -4,23 +4,27 @@ each CPU speed-up, so their effect can be checked on any machine.
     python benchmarks/fastnet_step.py [--batch-size 512] [--shape 32x32x3] [--widths 64,256,256]
         [--torch-layers] [--no-keep-freed-memory] [--frozen-whiten-bias] [--precision auto|bf16|fp32] [--compile]
 
---torch-layers swaps fastnet's Conv3x3 and MaxPool2x2 for torch's nn.Conv2d and nn.MaxPool2d;
+--torch-layers swaps fastnet's Conv3x3 and MaxPool2x2 for torch's nn.Conv2d and nn.MaxPool2d (and turns the
+fused kernel off);
 --no-keep-freed-memory leaves glibc's default (a fresh mmap for every large tensor);
 --frozen-whiten-bias times a step after whiten_bias_epochs; --compile runs the net through torch.compile
 (inductor; best with --torch-layers, so that no custom autograd function breaks the graph). The precision
 and layout are training's: auto is bf16 autocast with channels_last where the CPU has AMX or AVX512-BF16,
-else fp32. Nothing is saved.
+else fp32. IMGCLF_FUSED=0 in the environment times torch's max-pool, batch norm and GELU instead of the fused
+kernel of imgclf/kernels.py. Nothing is saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgclf import kernels
 from imgclf.evaluate import autocast, memory_format
 from imgclf.models import Conv3x3, MaxPool2x2, create_model
 from imgclf.train import keep_freed_memory, resolve_precision
@@ -50,6 +54,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
+    if args.torch_layers:
+        os.environ["IMGCLF_FUSED"] = "0"  # the fused kernel replaces torch's pool, batch norm and GELU
     if not args.no_keep_freed_memory:
         keep_freed_memory()
     size, _, channels = (int(v) for v in args.shape.split("x"))
@@ -82,7 +88,7 @@ def main() -> None:
         step()
     seconds = (time.perf_counter() - started) / args.steps
     print(f"fastnet {args.widths} at {args.shape}, batch {args.batch_size}, {precision}"
-          f"{', torch.compile' if args.compile else ''}, "
+          f"{', torch.compile' if args.compile else ''}{', fused kernel' if kernels.library() else ''}, "
           f"{torch.get_num_threads()} threads: "
           f"{seconds * 1000:.1f} ms a step, {args.batch_size / seconds:,.0f} img/s")
 

@@ -117,3 +117,18 @@ def test_a_damaged_cached_kernel_is_built_again(monkeypatch, tmp_path):
         assert path.stat().st_size > 1000
     finally:
         kernels.library.cache_clear()
+
+
+def test_a_failed_build_falls_back_to_torch_and_is_not_tried_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+        failed = kernels.cached_path("false").with_suffix(".failed")
+        assert failed.exists()
+        monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("built again"))
+        kernels.library.cache_clear()
+        assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()

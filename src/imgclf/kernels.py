@@ -274,20 +274,32 @@ def compiler() -> str | None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot be built (no C compiler with OpenMP) or IMGCLF_FUSED=0."""
+    """The compiled kernel, or None where it cannot be built (no C compiler with OpenMP) or IMGCLF_FUSED=0.
+
+    A failed build leaves its compiler output in a .failed file beside the library, so that later processes do
+    not try again; delete ~/.cache/imgclf/kernels to retry (after installing a compiler, say).
+    """
     cc = compiler()
     if os.environ.get("IMGCLF_FUSED", "1") == "0" or cc is None:
         return None
     path = cached_path(cc)
-    for attempt in range(2):  # a damaged cached library is built again once
+    failed = path.with_suffix(".failed")
+    if failed.exists():
+        return None
+    try:
+        if not path.exists():
+            _build(cc, path)
         try:
-            if attempt or not path.exists():
-                _build(cc, path)
             lib = ctypes.CDLL(str(path))
-            break
-        except (OSError, subprocess.SubprocessError):
-            if attempt:
-                return None
+        except OSError:  # a damaged library file: build it again, once
+            _build(cc, path)
+            lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        try:
+            failed.write_text(getattr(e, "stderr", b"").decode(errors="replace") or str(e))
+        except OSError:
+            pass
+        return None
     p, n = ctypes.c_void_p, ctypes.c_long
     lib.forward.argtypes = [p, n, n, n, n, n, p, p, p, ctypes.c_int]
     lib.forward_output.argtypes = [p, n, n, p, p, p, p, p, p, ctypes.c_int]

@@ -641,14 +641,15 @@ class _FastBlock(nn.Module):
             nn.init.dirac_(conv.weight.data[:min(conv.in_channels, conv.out_channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._pool_bn_gelu(self.conv1(x), self.bn1, pool=isinstance(self.pool, MaxPool2x2))
+        x = self._pool_bn_gelu(self.conv1(x), self.bn1, pool=not isinstance(self.pool, nn.Identity))
         for i in range(2, self.convs + 1):
             x = self._pool_bn_gelu(getattr(self, f"conv{i}")(x), getattr(self, f"bn{i}"), pool=False)
         return x
 
     def _pool_bn_gelu(self, x: torch.Tensor, bn: ShiftOnlyBatchNorm, pool: bool) -> torch.Tensor:
-        if bn.training and kernels.usable(x) and not bn.weight.requires_grad:
-            return kernels.pool_batch_norm_gelu(x, bn, pool)  # bf16 CPU training: one fused kernel, 2x faster
+        fusable = not pool or type(self.pool) is MaxPool2x2  # not a pool swapped in (fastnet_step --torch-layers)
+        if fusable and bn.training and kernels.usable(x) and not bn.weight.requires_grad:
+            return kernels.pool_batch_norm_gelu(x, bn, pool)  # bf16 CPU training: one fused C kernel
         return self.act(bn(self.pool(x) if pool else x))
 
 
