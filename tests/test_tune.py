@@ -140,10 +140,12 @@ def test_set_fixes_a_setting_of_every_trial_and_of_the_best_recipe(tmp_path, cap
     assert "was run with another base.model.dense, base.train.label_smoothing" in capsys.readouterr().err
 
 
-def test_grid_covers_each_point_exactly_once_with_two_workers(tmp_path):
+def test_grid_covers_each_point_exactly_once_with_two_workers(tmp_path, monkeypatch):
     space = write_space(tmp_path, {"model.filters": [{"type": "categorical", "choices": [4, 8]}],
                                    "train.lr": {"type": "categorical", "choices": [0.001, 0.003, 0.01]}})
-    result = tune("digits", space, sampler="grid", pruner="none", workers=2, out=tmp_path / "out", quiet=True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # one CPU: 2 workers share it
+    with pytest.warns(UserWarning, match="--workers 2 is more than this machine's 1 CPUs"):
+        result = tune("digits", space, sampler="grid", pruner="none", workers=2, out=tmp_path / "out", quiet=True)
     trials = load(tmp_path / "out").get_trials(deepcopy=False)
     assert result.counts["COMPLETE"] == 6 and len(trials) == 6
     seen = sorted((t.params["model.filters[0]"], t.params["train.lr"]) for t in trials)

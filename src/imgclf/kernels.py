@@ -63,9 +63,8 @@ static inline float normal_cdf(float z, float *gauss) {
 
 typedef struct {
     const uint16_t *x; uint16_t *pooled; uint8_t *code; const uint16_t *grad; uint16_t *grad_x, *y, *deriv;
-    long N, H, W, C, pool, rows;
-    const float *mean, *invstd, *weight, *bias, *mean_grad_z, *mean_grad_z_xhat;
-    double *sums;  /* per thread: 2 * C */
+    long N, H, W, C, pool;  /* channels_last shape of the input; pool: 0 or 1 */
+    const float *mean, *invstd, *weight, *bias, *mean_grad_z, *mean_grad_z_xhat;  /* per channel */
 } Args;
 
 typedef void (*Work)(const Args *, long, long, double *);

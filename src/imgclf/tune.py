@@ -361,6 +361,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     if n_trials > 0:
         processes = min(workers, n_trials)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if processes > cores:  # each still gets a thread: the trials share the cores and all run slower
+            warnings.warn(f"--workers {processes} is more than this machine's {cores} CPUs; each trial gets one "
+                          f"thread and they share the CPUs (use --workers {cores} or fewer)", stacklevel=2)
         job = Job(storage, study_name, space_obj, base, sampler, pruner, target, executions, out, timeout,
                   max(1, cores // processes), quiet)
         seed = len(study_obj.trials)  # a re-run samples new points, yet each run is reproducible
