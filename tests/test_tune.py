@@ -253,8 +253,9 @@ def test_executions_per_trial_average_seeds(tmp_path):
 
 
 def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
-    # A grid runs in order: a 1-epoch trial, then a 6-epoch one, killed (kill -9) while it runs.
-    space = write_space(tmp_path, {"train.epochs": {"type": "categorical", "choices": [1, 6]}})
+    # A grid runs in order: a 1-epoch trial, then a 20-epoch one, killed (kill -9) while it runs (6 epochs could
+    # finish between two polls on a fast machine).
+    space = write_space(tmp_path, {"train.epochs": {"type": "categorical", "choices": [1, 20]}})
     args = ["tune", "--dataset", "digits", "--space", space, "--sampler", "grid", "--pruner", "none",
             "--out", tmp_path / "out"]
     process = cli(*args)
@@ -264,6 +265,7 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
                 deepcopy=False, states=(TrialState.RUNNING,)) and states(load(tmp_path / "out"))[0].is_finished():
             break
         time.sleep(0.5)
+    assert process.poll() is None, "tune finished before the second trial could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert states(load(tmp_path / "out")) == [TrialState.COMPLETE, TrialState.RUNNING]  # the dead worker's trial
@@ -272,7 +274,7 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     assert main([*map(str, args)]) == 0
     study = load(tmp_path / "out")
     assert states(study) == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
-    assert [t.params["train.epochs"] for t in study.trials] == [1, 6, 6]
+    assert [t.params["train.epochs"] for t in study.trials] == [1, 20, 20]
     rows = list(csv.DictReader((tmp_path / "out" / "trials.csv").open()))
     assert "worker stopped" in rows[1]["fail_reason"]
 
