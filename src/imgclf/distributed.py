@@ -118,8 +118,12 @@ def unwrap(net: torch.nn.Module) -> torch.nn.Module:
     return getattr(net, "module", net)
 
 
-def cleanup(ctx: Context) -> None:
+def cleanup(ctx: Context, finished: bool = False) -> None:
+    """Leave the process group; after a finished run, all ranks together (a rank that tore its gloo group down
+    while another was still finishing aborted now and then: "terminate called without an active exception")."""
     if ctx.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -173,15 +173,17 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         name = dataset_obj.name if dataset_obj else dataset
         config = make_config(recipe=recipe, model=model, dataset=name, **overrides)
     ctx, rank_device = distributed.setup(config.train.device)
-    threads = torch.get_num_threads()
+    threads, finished = torch.get_num_threads(), False
     try:
-        return _train(config, out, resume, dataset_obj, quiet or not ctx.is_main, report, tensorboard, on_epoch,
-                      ctx, rank_device)
+        result = _train(config, out, resume, dataset_obj, quiet or not ctx.is_main, report, tensorboard, on_epoch,
+                        ctx, rank_device)
+        finished = True
+        return result
     except RuntimeError as e:
         raise distributed.peer_failure(ctx, e) or e from None
     finally:
         torch.set_num_threads(threads)  # the caller's (a notebook's) setting outlives the run's --threads
-        distributed.cleanup(ctx)
+        distributed.cleanup(ctx, finished)
 
 
 def _open_run(config: RunConfig, out: str | Path | None, resume: bool,
