@@ -278,3 +278,20 @@ def test_fastnet_block_convs_adds_identity_initialised_convs_that_train():
     assert torch.equal(F.conv2d(x, block.conv3.weight, padding=1), x)  # Dirac init: it starts as the identity
     F.cross_entropy(three(images(4)), torch.arange(4)).backward()
     assert_finite_grads(three)
+
+
+def test_fastnet_input_pad_repeats_the_edge_so_a_28_pixel_image_gets_a_7x7_last_block():
+    sizes = {}
+    for pad in (0, 1):
+        net = create_model("fastnet", in_channels=1, image_size=28, widths=[8, 16, 16], input_pad=pad)
+        x = images(4, channels=1, size=28)
+        net.init_from_data(x)
+        seen = []
+        net.blocks[2].register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0].shape[-1]))
+        net(x)
+        sizes[pad] = seen[0]
+    assert sizes == {0: 6, 1: 7}
+    edge = torch.arange(4.0).reshape(1, 1, 2, 2)
+    assert net._pad(edge)[0, 0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    with pytest.raises(ImgclfError, match="input_pad takes integers >= 0"):
+        create_model("fastnet", input_pad=-1)

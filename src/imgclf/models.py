@@ -657,9 +657,14 @@ class FastNet(nn.Module):
     """Frozen patch-whitening conv, three conv blocks, max-pool, linear head with a fixed 1/9 scale."""
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: list[int],
-                 whiten_kernel: int, logit_scale: float, bn_momentum: float, block_convs: int) -> None:
+                 whiten_kernel: int, logit_scale: float, bn_momentum: float, block_convs: int,
+                 input_pad: int = 0) -> None:
         super().__init__()
         k = whiten_kernel
+        # Repeated edge pixels make a 28-pixel image 30 wide, so after the 2x2 whitening (29) the second and
+        # last blocks run at 14x14 and 7x7 instead of 13x13 and 6x6: the pools' rounding loses no edge row.
+        self.input_pad = input_pad
+        image_size += 2 * input_pad
         self.whiten = nn.Conv2d(in_channels, 2 * in_channels * k * k, k, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data by init_from_data, then frozen
         self.act = nn.GELU()
@@ -679,7 +684,7 @@ class FastNet(nn.Module):
         Each eigenvector, scaled by 1/sqrt(eigenvalue), appears with both signs so the GELU keeps both halves.
         """
         k = self.whiten.kernel_size[0]
-        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
+        patches = self._pad(images.float()).unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * k * k)  # rows in (C, k, k) order
         patches = patches - patches.mean(0)
         covariance = patches.T @ patches / len(patches)
@@ -689,8 +694,12 @@ class FastNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
 
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.input_pad
+        return F.pad(x, (p, p, p, p), mode="replicate") if p else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.act(self.whiten(x)))
+        x = self.blocks(self.act(self.whiten(self._pad(x))))
         return self.head(self.pool(x).flatten(1)) * self.logit_scale
 
 
@@ -704,12 +713,14 @@ def fastnet(
     logit_scale: float = 1 / 9,
     bn_momentum: float = 0.6,
     block_convs: int = 2,
+    input_pad: int = 0,
 ) -> nn.Module:
     widths = _check_ints("widths", widths)
+    input_pad = _check_int("input_pad", input_pad, minimum=0)
     whiten_kernel = _check_int("whiten_kernel", whiten_kernel)
     if whiten_kernel >= image_size:
         raise ImgclfError(f"option whiten_kernel {whiten_kernel} must be smaller than the image ({image_size})")
     if not 0 < bn_momentum <= 1:
         raise ImgclfError(f"option bn_momentum must be in (0, 1], the weight of each new batch; got {bn_momentum}")
     return FastNet(num_classes, in_channels, image_size, widths, whiten_kernel, float(logit_scale),
-                   float(bn_momentum), _check_int("block_convs", block_convs))
+                   float(bn_momentum), _check_int("block_convs", block_convs), input_pad)
