@@ -132,3 +132,24 @@ def test_a_failed_build_falls_back_to_torch_and_is_not_tried_again(monkeypatch, 
         assert kernels.library() is None
     finally:
         kernels.library.cache_clear()
+
+
+def test_an_upgraded_compiler_at_the_same_path_gets_its_own_cached_kernel(tmp_path):
+    cc = tmp_path / "cc"
+    paths = []
+    for version in ("cc 12.2.0", "cc 13.1.0"):
+        cc.write_text(f"#!/bin/sh\necho '{version}'\n")
+        cc.chmod(0o755)
+        paths.append(kernels.cached_path(str(cc)))
+    assert paths[0] != paths[1]
+
+
+@needs_kernel
+def test_a_home_without_a_writable_cache_still_gets_the_kernel(monkeypatch, tmp_path):
+    (tmp_path / ".cache").write_text("a file where the cache folder would go")  # mkdir fails, even for root
+    monkeypatch.setenv("HOME", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is not None
+    finally:
+        kernels.library.cache_clear()

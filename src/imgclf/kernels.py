@@ -262,13 +262,32 @@ def _build(compiler: str, path: Path) -> None:
         os.replace(built, path)  # atomic: a killed build leaves no half-written library
 
 
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def cached_path(compiler: str) -> Path:
-    key = hashlib.sha256("\n".join([_SOURCE, *_FLAGS, _cpu_signature(), compiler]).encode()).hexdigest()[:24]
+    """Keyed by the compiler's version too: an upgraded `cc` at the same path builds a new library."""
+    parts = [_SOURCE, *_FLAGS, _cpu_signature(), compiler, _compiler_version(compiler)]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
     return Path("~/.cache/imgclf/kernels").expanduser() / f"pool_bn_gelu-{key}.so"
 
 
 def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _load(compiler: str, path: Path) -> ctypes.CDLL:
+    if not path.exists():
+        _build(compiler, path)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:  # a damaged library file: build it again, once
+        _build(compiler, path)
+        return ctypes.CDLL(str(path))
 
 
 @functools.cache
@@ -286,13 +305,11 @@ def library() -> ctypes.CDLL | None:
     if failed.exists():
         return None
     try:
-        if not path.exists():
-            _build(cc, path)
         try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:  # a damaged library file: build it again, once
-            _build(cc, path)
-            lib = ctypes.CDLL(str(path))
+            lib = _load(cc, path)
+        except OSError:  # e.g. a read-only home: build a private copy for this process (Linux keeps it mapped)
+            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:
+                lib = _load(cc, Path(scratch) / path.name)
     except (OSError, subprocess.SubprocessError) as e:
         try:
             failed.write_text(getattr(e, "stderr", b"").decode(errors="replace") or str(e))
