@@ -295,3 +295,6 @@ def test_fastnet_input_pad_repeats_the_edge_so_a_28_pixel_image_gets_a_7x7_last_
     assert net._pad(edge)[0, 0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
     with pytest.raises(ImgclfError, match="input_pad takes integers >= 0"):
         create_model("fastnet", input_pad=-1)
+    with pytest.raises(ImgclfError, match="whiten_kernel 4 must be smaller than the image"):
+        create_model("fastnet", in_channels=1, image_size=4, whiten_kernel=4, widths=[8, 8, 8])
+    assert create_model("fastnet", in_channels=1, image_size=4, whiten_kernel=4, widths=[8, 8, 8], input_pad=1)

@@ -658,7 +658,7 @@ class FastNet(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: list[int],
                  whiten_kernel: int, logit_scale: float, bn_momentum: float, block_convs: int,
-                 input_pad: int = 0) -> None:
+                 input_pad: int) -> None:
         super().__init__()
         k = whiten_kernel
         # Repeated edge pixels make a 28-pixel image 30 wide, so after the 2x2 whitening (29) the second and
@@ -718,8 +718,9 @@ def fastnet(
     widths = _check_ints("widths", widths)
     input_pad = _check_int("input_pad", input_pad, minimum=0)
     whiten_kernel = _check_int("whiten_kernel", whiten_kernel)
-    if whiten_kernel >= image_size:
-        raise ImgclfError(f"option whiten_kernel {whiten_kernel} must be smaller than the image ({image_size})")
+    if whiten_kernel >= image_size + 2 * input_pad:  # the whitening conv sees the padded image
+        raise ImgclfError(f"option whiten_kernel {whiten_kernel} must be smaller than the image "
+                          f"({image_size} + 2 x input_pad {input_pad})")
     if not 0 < bn_momentum <= 1:
         raise ImgclfError(f"option bn_momentum must be in (0, 1], the weight of each new batch; got {bn_momentum}")
     return FastNet(num_classes, in_channels, image_size, widths, whiten_kernel, float(logit_scale),
