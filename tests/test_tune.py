@@ -232,6 +232,42 @@ def test_best_recipe_of_an_image_folder_trains_from_any_folder(tmp_path, monkeyp
     assert result.counts["COMPLETE"] == 2  # the same folder, typed another way, resumes the study
 
 
+def test_a_copy_of_an_image_folder_at_another_path_joins_its_study(tmp_path):
+    # Two machines with the same images at different paths share one study; changed images are another dataset.
+    from PIL import Image
+
+    for copy in "ab":
+        for i in range(40):
+            (tmp_path / copy / "shapes" / "xy"[i % 2]).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 10 * i if i % 2 else 255 - 5 * i).save(
+                tmp_path / copy / "shapes" / "xy"[i % 2] / f"{i}.png")
+    space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}},
+                        base={"model": {"name": "mlp"}, "train": {"epochs": 1, "batch_size": 8}})
+    common = {"storage": str(tmp_path / "shared.log"), "data_dir": str(tmp_path / "cache"), "val_split": 0.25,
+              "quiet": True}
+    tune(str(tmp_path / "a" / "shapes"), space, trials=1, out=tmp_path / "out-a", **common)
+    study = optuna.load_study(study_name="shapes-space", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(common["storage"])))
+    setup = study.user_attrs["imgclf"]
+    assert setup["dataset"].startswith("folder shapes, sha256 ") and str(tmp_path) not in str(setup)
+    assert tune(str(tmp_path / "b" / "shapes"), space, trials=2, out=tmp_path / "out-b",
+                **common).counts["COMPLETE"] == 2
+    best = yaml.safe_load((tmp_path / "out-b" / "best.yaml").read_text())
+    assert best["data"]["dataset"] == str(tmp_path / "b" / "shapes")  # this machine's path, wherever it ran
+
+    # A study begun when a folder was named by its path takes the new form when that path resumes it.
+    older = {**setup, "dataset": str(tmp_path / "b" / "shapes")}
+    older["base"] = {**setup["base"], "data": {**setup["base"]["data"], "dataset": older["dataset"]}}
+    study.set_user_attr("imgclf", older)
+    assert tune(str(tmp_path / "b" / "shapes"), space, trials=3, out=tmp_path / "out-b",
+                **common).counts["COMPLETE"] == 3
+    assert optuna.load_study(study_name="shapes-space", storage=study._storage).user_attrs["imgclf"] == setup
+
+    Image.new("L", (8, 8), 77).save(tmp_path / "b" / "shapes" / "x" / "0.png")
+    with pytest.raises(ImgclfError, match="was run with another base.data.dataset, dataset"):
+        tune(str(tmp_path / "b" / "shapes"), space, trials=4, out=tmp_path / "out-b", **common)
+
+
 def test_an_out_folder_holds_one_study(tmp_path, capsys, monkeypatch):
     space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}})
     tune("digits", space, trials=1, out=tmp_path / "out", quiet=True)

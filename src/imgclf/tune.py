@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime
+import hashlib
 import io
 import json
 import multiprocessing
@@ -35,7 +36,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from imgclf.config import RunConfig, apply_overrides, describe_settings, override_path
-from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, load_dataset
+from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.models import check_model_options
 from imgclf.runs import atomic_write, natural_key
@@ -314,9 +315,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     say = (lambda *a: None) if quiet else console.print
     space_obj = load_space(space)
     base = RunConfig.from_dict(space_obj.base, source=f"search space {space_obj.name}: base")
-    # A folder by its absolute path, so `odd`, `./odd/` and /abs/odd are one study and a relative path typed
-    # in another folder is not.
-    dataset = canonical_dataset(dataset)
+    dataset = canonical_dataset(dataset)  # a folder by its absolute path: `odd`, `./odd/` and /abs/odd are one
     base.data.dataset, base.data.data_dir = dataset, data_dir or base.data.data_dir
     base.data.subset = subset or base.data.subset
     base.train.epochs = epochs or base.train.epochs
@@ -340,8 +339,11 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_obj = optuna.create_study(study_name=study_name, storage=open_storage(storage), direction="maximize",
                                     load_if_exists=True)
-    _check_same_setup(study_obj, {"dataset": dataset, "space": space_obj.name, "params": space_obj.params,
-                                  "base": base.what(), "executions": executions}, storage)
+    identity, what = dataset_identity(dataset, data), base.what()
+    what["data"]["dataset"] = identity  # not this machine's path: another machine's copy joins the study
+    setup = {"dataset": identity, "space": space_obj.name, "params": space_obj.params, "base": what,
+             "executions": executions}
+    _check_same_setup(study_obj, setup, storage, older_form={**setup, "dataset": dataset, "base": base.what()})
     lost = fail_lost_trials(study_obj)
     if lost:
         say(f"{lost} trial(s) of a stopped worker marked failed; they will be run again")
@@ -372,7 +374,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         else:
             failed_workers = _run_processes(job, n_trials, processes, seed)
             fail_lost_trials(study_obj)  # a worker that died left its trial running
-    result = write_outputs(study_obj, out, storage, quiet)
+    result = write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
     if n_trials > 0 and not result.counts["COMPLETE"] + result.counts["PRUNED"]:
         reasons = [t.user_attrs.get("fail_reason") for t in study_obj.get_trials(deepcopy=False, states=(
             TrialState.FAIL,)) if t.user_attrs.get("fail_reason")]
@@ -459,11 +461,26 @@ def _claim_out(out: Path, study: str, storage: str) -> None:
                           f"({claim['storage']}) its own --out")
 
 
-def _check_same_setup(study: optuna.Study, setup: dict[str, Any], storage: str) -> None:
-    """A study's trials compare only under one dataset, space and training setup: refuse to mix them."""
-    setup = json.loads(json.dumps(setup))  # as the storage gives it back (lists, not tuples)
+def dataset_identity(dataset: str, data: Dataset) -> str:
+    """What a study's trials are scored on, alike on every machine: a dataset's name, or an image folder's name
+    and a digest of its decoded images and labels (the same images at another path join; changed images do not)."""
+    if dataset in DATASETS:
+        return dataset
+    digest = hashlib.sha256(json.dumps(data.class_names).encode())
+    for split in data.splits().values():
+        digest.update(split.images.contiguous().numpy())
+        digest.update(split.labels.contiguous().numpy())
+    return f"folder {Path(dataset).name}, sha256 {digest.hexdigest()[:16]}"
+
+
+def _check_same_setup(study: optuna.Study, setup: dict[str, Any], storage: str,
+                      older_form: dict[str, Any] | None = None) -> None:
+    """A study's trials compare only under one dataset, space and training setup: refuse to mix them.
+
+    A study begun before folders had identities (which named a folder by its path) takes the new form."""
+    setup, older = json.loads(json.dumps([setup, older_form]))  # as the storage gives them back
     stored = study.user_attrs.get("imgclf")
-    if stored is None:
+    if stored is None or stored == older:
         study.set_user_attr("imgclf", setup)
     elif stored != setup:
         old, new = _flat(stored), _flat(setup)
@@ -505,8 +522,12 @@ def _fail_reason(trial: optuna.trial.FrozenTrial) -> str:
 
 # ---- outputs ---------------------------------------------------------------------------------------------
 
-def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = False) -> TuneResult:
-    """trials.csv, best.yaml, figures/ and report.html in `out`, and a table of the best trials."""
+def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = False,
+                  data: tuple[str, str | None] | None = None) -> TuneResult:
+    """trials.csv, best.yaml, figures/ and report.html in `out`, and a table of the best trials.
+
+    `data`: (dataset, data_dir) as this machine has them, for best.yaml (the best trial may have run elsewhere).
+    """
     trials = study.get_trials(deepcopy=False)
     atomic_write(out / "trials.csv", trials_csv(trials))
     ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
@@ -515,6 +536,8 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
     if best is not None:
         config = RunConfig.from_dict(best.user_attrs["config"], source=f"trial {best.number}")
         config.train.threads = None
+        if data is not None:
+            config.data.dataset, config.data.data_dir = data
         # Absolute, as a run's config.yaml has them: best.yaml is meant to be trained from any folder.
         config.data.dataset = canonical_dataset(config.data.dataset)
         config.data.data_dir = canonical_data_dir(config.data.data_dir)
