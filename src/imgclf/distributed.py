@@ -76,8 +76,13 @@ class Context:
         return slice(start, stop)
 
 
+def world_size() -> int:
+    """How many ranks torchrun started (1 without torchrun), known before joining the process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 def setup(device_name: str) -> tuple[Context, torch.device | None]:

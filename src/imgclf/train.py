@@ -172,6 +172,10 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     if config is None:
         name = dataset_obj.name if dataset_obj else dataset
         config = make_config(recipe=recipe, model=model, dataset=name, **overrides)
+    world_size = distributed.world_size()  # checked before joining: then no rank has a process group to tear down
+    if config.train.batch_size % world_size:
+        raise ImgclfError(f"batch size {config.train.batch_size} does not split evenly over {world_size} processes; "
+                          f"use a multiple of {world_size} (the batch size is the global batch)")
     ctx, rank_device = distributed.setup(config.train.device)
     threads, finished = torch.get_num_threads(), False
     try:
@@ -231,9 +235,6 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         threads = os.cpu_count()
     if threads or ctx.enabled:
         torch.set_num_threads(threads or distributed.threads_per_rank(ctx))
-    if cfg.batch_size % ctx.world_size:
-        raise ImgclfError(f"batch size {cfg.batch_size} does not split evenly over {ctx.world_size} processes; "
-                          f"use a multiple of {ctx.world_size} (the batch size is the global batch)")
     torch.manual_seed(cfg.seed)
     device = rank_device or resolve_device(cfg.device)
     data = dataset_obj or load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
