@@ -73,12 +73,8 @@ def test_out_naming_a_file_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_an_image_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
-    from PIL import Image
-
-    for i in range(20):
-        (tmp_path / "shapes" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
-        Image.new("L", (8, 8), 10 * i if i % 2 else 255 - 5 * i).save(tmp_path / "shapes" / "ab"[i % 2] / f"{i}.png")
+def test_an_image_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch, write_shapes):
+    write_shapes(tmp_path / "shapes", 20)
     monkeypatch.chdir(tmp_path)
     result = train(dataset="shapes", model="mlp", epochs=1, batch_size=8, quiet=True, out="run", data_dir="cache")
     monkeypatch.chdir(tmp_path / "run")  # elsewhere, "shapes" and "cache" mean nothing

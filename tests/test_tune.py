@@ -213,12 +213,8 @@ def test_resume_adds_exactly_the_missing_trials_and_writes_a_recipe_that_trains(
     assert "base.train.epochs" in capsys.readouterr().err and len(load(out, "digits-cnn-small").trials) == 3
 
 
-def test_best_recipe_of_an_image_folder_trains_from_any_folder(tmp_path, monkeypatch):
-    from PIL import Image
-
-    for i in range(40):
-        (tmp_path / "shapes" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
-        Image.new("L", (8, 8), 10 * i if i % 2 else 255 - 5 * i).save(tmp_path / "shapes" / "ab"[i % 2] / f"{i}.png")
+def test_best_recipe_of_an_image_folder_trains_from_any_folder(tmp_path, monkeypatch, write_shapes):
+    write_shapes(tmp_path / "shapes")
     monkeypatch.chdir(tmp_path)
     space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}},
                         base={"model": {"name": "mlp"}, "train": {"epochs": 1, "batch_size": 8}})
@@ -232,15 +228,12 @@ def test_best_recipe_of_an_image_folder_trains_from_any_folder(tmp_path, monkeyp
     assert result.counts["COMPLETE"] == 2  # the same folder, typed another way, resumes the study
 
 
-def test_a_copy_of_an_image_folder_at_another_path_joins_its_study(tmp_path):
+def test_a_copy_of_an_image_folder_at_another_path_joins_its_study(tmp_path, write_shapes):
     # Two machines with the same images at different paths share one study; changed images are another dataset.
     from PIL import Image
 
     for copy in "ab":
-        for i in range(40):
-            (tmp_path / copy / "shapes" / "xy"[i % 2]).mkdir(parents=True, exist_ok=True)
-            Image.new("L", (8, 8), 10 * i if i % 2 else 255 - 5 * i).save(
-                tmp_path / copy / "shapes" / "xy"[i % 2] / f"{i}.png")
+        write_shapes(tmp_path / copy / "shapes")
     space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}},
                         base={"model": {"name": "mlp"}, "train": {"epochs": 1, "batch_size": 8}})
     common = {"storage": str(tmp_path / "shared.log"), "data_dir": str(tmp_path / "cache"), "val_split": 0.25,
@@ -263,7 +256,7 @@ def test_a_copy_of_an_image_folder_at_another_path_joins_its_study(tmp_path):
                 **common).counts["COMPLETE"] == 3
     assert optuna.load_study(study_name="shapes-space", storage=study._storage).user_attrs["imgclf"] == setup
 
-    Image.new("L", (8, 8), 77).save(tmp_path / "b" / "shapes" / "x" / "0.png")
+    Image.new("L", (8, 8), 77).save(tmp_path / "b" / "shapes" / "a" / "0.png")
     with pytest.raises(ImgclfError, match="was run with another base.data.dataset, dataset"):
         tune(str(tmp_path / "b" / "shapes"), space, trials=4, out=tmp_path / "out-b", **common)
 
