@@ -63,8 +63,11 @@ def test_nproc_shortcut_and_an_uneven_batch(tmp_path):
                            capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "2 processes (gloo)" in first.stdout
+    # Rank 0 starts late, so rank 1 meets the error first: torchrun must not stop rank 0 before it says it.
+    (tmp_path / "sitecustomize.py").write_text("import os, time\nif os.environ.get('RANK') == '0': time.sleep(3)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     odd = subprocess.run([sys.executable, "-m", "imgclf", *map(str, common), "--epochs", "1", "--batch-size", "63",
-                          "--out", tmp_path / "odd"], capture_output=True, text=True, timeout=240)
+                          "--out", tmp_path / "odd"], capture_output=True, text=True, timeout=240, env=env)
     assert odd.returncode == 1
     assert odd.stderr.strip().splitlines() == [
         "imgclf: error: batch size 63 does not split evenly over 2 processes; use a multiple of 2 "

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list
 from imgclf.errors import ImgclfError, PeerLost, UsageError
 
 console = Console(highlight=False, soft_wrap=True)
+# How long a rank other than 0 waits before leaving on an error every rank meets: torchrun stops all ranks once
+# one has ended, so this gives rank 0 the time to print the error first (it is then stopped sooner).
+SHARED_ERROR_GRACE_SECONDS = 10
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -443,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 1
     except ImgclfError as e:
-        if os.environ.get("RANK", "0") == "0" or isinstance(e, PeerLost):  # ranks share rank 0's errors
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, PeerLost):
             print(f"imgclf: error: {e}", file=sys.stderr)
+        else:  # every rank meets this error and rank 0 says it; a rank ending first gets rank 0 stopped unheard
+            time.sleep(SHARED_ERROR_GRACE_SECONDS)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)
