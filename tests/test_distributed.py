@@ -56,6 +56,12 @@ def test_two_ranks_stop_the_whitening_bias_and_share_batch_norm_statistics_with_
         assert torch.allclose(rank0[name], rank1[name], rtol=0, atol=1e-6), name
 
 
+def _at_rank_start(folder: Path, code: str) -> dict[str, str]:
+    """An environment in which every Python process (so every rank) first runs `code` (after `import os`)."""
+    (folder / "sitecustomize.py").write_text("import os\n" + code)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 def test_nproc_shortcut_and_an_uneven_batch(tmp_path):
     out = tmp_path / "run"
     common = ["train", "--dataset", "digits", "--model", "cnn", "--batch-size", "64", "--out", out, "--nproc", "2"]
@@ -64,15 +70,31 @@ def test_nproc_shortcut_and_an_uneven_batch(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert "2 processes (gloo)" in first.stdout
     # Rank 0 starts late, so rank 1 meets the error first: torchrun must not stop rank 0 before it says it.
-    (tmp_path / "sitecustomize.py").write_text("import os, time\nif os.environ.get('RANK') == '0': time.sleep(3)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    late = _at_rank_start(tmp_path, "if os.environ.get('RANK') == '0':\n    import time\n    time.sleep(3)\n")
     odd = subprocess.run([sys.executable, "-m", "imgclf", *map(str, common), "--epochs", "1", "--batch-size", "63",
-                          "--out", tmp_path / "odd"], capture_output=True, text=True, timeout=240, env=env)
+                          "--out", tmp_path / "odd"], capture_output=True, text=True, timeout=240, env=late)
     assert odd.returncode == 1
     assert odd.stderr.strip().splitlines() == [
         "imgclf: error: batch size 63 does not split evenly over 2 processes; use a multiple of 2 "
         "(the batch size is the global batch)"]
 
+
+
+def test_an_error_of_one_rank_alone_is_said_by_that_rank(tmp_path):
+    # As on a machine without the dataset: rank 1 alone cannot load it, while rank 0 waits for it to join in.
+    missing = _at_rank_start(tmp_path, (
+        "if os.environ.get('RANK') == '1':\n"
+        "    import imgclf.data\n"
+        "    from imgclf.errors import ImgclfError\n"
+        "    def load_dataset(*args, **kwargs):\n"
+        "        raise ImgclfError('digits: not on this machine')\n"
+        "    imgclf.data.load_dataset = load_dataset\n"))
+    job = subprocess.run([sys.executable, "-m", "imgclf", "train", "--dataset", "digits", "--model", "cnn", "--epochs",
+                          "1", "--out", str(tmp_path / "run"), "--nproc", "2"],
+                         capture_output=True, text=True, timeout=240, env=missing)
+    assert job.returncode == 1
+    assert "imgclf: error: rank 1: digits: not on this machine" in job.stderr.splitlines(), job.stderr
+    assert "Traceback" not in job.stderr
 
 def _rank_pids(rank: int) -> list[int]:
     pids = []

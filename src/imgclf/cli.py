@@ -22,8 +22,7 @@ from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list
 from imgclf.errors import ImgclfError, PeerLost, UsageError
 
 console = Console(highlight=False, soft_wrap=True)
-# How long a rank other than 0 waits before leaving on an error every rank meets: torchrun stops all ranks once
-# one has ended, so this gives rank 0 the time to print the error first (it is then stopped sooner).
+# How long a rank other than 0 waits, on an error, for rank 0 to say it first (see main).
 SHARED_ERROR_GRACE_SECONDS = 10
 
 
@@ -447,10 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 1
     except ImgclfError as e:
-        if os.environ.get("RANK", "0") == "0" or isinstance(e, PeerLost):
-            print(f"imgclf: error: {e}", file=sys.stderr)
-        else:  # every rank meets this error and rank 0 says it; a rank ending first gets rank 0 stopped unheard
+        rank, message = os.environ.get("RANK", "0"), str(e)
+        if rank != "0" and not isinstance(e, PeerLost):
+            # Most errors meet every rank and rank 0 says them: this rank waits, so that torchrun does not stop
+            # rank 0 before it has, and is stopped once rank 0 has ended. Still here, the error was this rank's
+            # alone (a dataset missing on this machine), so it says it itself.
             time.sleep(SHARED_ERROR_GRACE_SECONDS)
+            message = f"rank {rank}: {message}"
+        print(f"imgclf: error: {message}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         print("imgclf: interrupted", file=sys.stderr)

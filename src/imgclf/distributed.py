@@ -124,17 +124,22 @@ def unwrap(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def cleanup(ctx: Context, finished: bool = False) -> None:
-    """Leave the process group; after a finished run, all ranks together (a rank that tore its gloo group down
-    while another was still finishing aborted now and then: "terminate called without an active exception")."""
-    if ctx.enabled and dist.is_initialized():
-        if finished:
-            dist.barrier()
+    """After a finished run, leave the process group, all ranks together (a rank that tore its gloo group down
+    while another was still finishing aborted now and then: "terminate called without an active exception").
+
+    A rank that stops on an error keeps its connections until its process ends: a peer waiting for it in a
+    collective would otherwise say it lost contact and end the job before this rank has said why it stopped."""
+    if finished and ctx.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
 def peer_failure(ctx: Context, error: BaseException) -> ImgclfError | None:
     """A one-line error for a collective that failed because another rank died or timed out."""
-    if not ctx.enabled or not isinstance(error, dist.DistError):  # a bug elsewhere stays what it is
+    # gloo's lost connections come as plain RuntimeErrors from some calls (DDP's first broadcast).
+    lost = isinstance(error, dist.DistError) or any(
+        words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
+    if not ctx.enabled or not lost:  # a bug elsewhere stays what it is
         return None
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     first_line = first_line.split("] ", 1)[-1].split(". ")[0][:160]  # drop gloo's source-file prefix
