@@ -51,11 +51,14 @@ def matmul_tflops() -> tuple[str, float]:
 
 
 def machine(*speeds: tuple[str, float]) -> str:
-    """Cores, processor name and the matmul speeds measured around the runs (before, after: a drift shows)."""
+    """Cores, processor name, its bf16 units and the matmul speeds measured around the runs (before, after: a
+    drift shows)."""
+    from imgclf.evaluate import cpu_bf16_units
     from imgclf.train import cpu_name
 
     tflops = " then ".join(f"{t:.2f}" for _, t in speeds)
-    return f"{os.cpu_count()} cores {cpu_name()}, {speeds[0][0]} matmul {tflops} TFLOP/s"
+    return (f"{os.cpu_count()} cores {cpu_name()} ({cpu_bf16_units() or 'no bf16 units'}), "
+            f"{speeds[0][0]} matmul {tflops} TFLOP/s")
 
 
 def git_commit() -> str:
