@@ -79,7 +79,6 @@ def test_nproc_shortcut_and_an_uneven_batch(tmp_path):
         "(the batch size is the global batch)"]
 
 
-
 def test_an_error_of_one_rank_alone_is_said_by_that_rank(tmp_path):
     # As on a machine without the dataset: rank 1 alone cannot load it, while rank 0 waits for it to join in.
     missing = _at_rank_start(tmp_path, (
@@ -95,6 +94,7 @@ def test_an_error_of_one_rank_alone_is_said_by_that_rank(tmp_path):
     assert job.returncode == 1
     assert "imgclf: error: rank 1: digits: not on this machine" in job.stderr.splitlines(), job.stderr
     assert "Traceback" not in job.stderr
+
 
 def _rank_pids(rank: int) -> list[int]:
     pids = []
