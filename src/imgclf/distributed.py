@@ -144,7 +144,7 @@ def peer_failure(ctx: Context, error: BaseException) -> ImgclfError | None:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     first_line = first_line.split("] ", 1)[-1].split(". ")[0][:160]  # drop gloo's source-file prefix
     return PeerLost(f"rank {ctx.rank}: lost contact with the other ranks ({first_line}); the job stops. "
-                       "The last finished epoch's checkpoint is kept: rerun with --resume")
+                       "Rerun with --resume to continue from the last finished epoch (or the start if none finished)")
 
 
 def launch(nproc: int, argv: list[str]) -> None:
