@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -293,6 +294,9 @@ def main() -> None:
         elif args.throughput:
             throughput(args)
         else:
+            # A stopped benchmark (kill, timeout) stops its timed run too: SystemExit in subprocess.run kills the
+            # child, which would otherwise train on and hold the cores.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
             time_to_accuracy(args)
     except ImgclfError as e:  # bad input: one line, as from the imgclf command
         sys.exit(f"error: {e}")
