@@ -216,12 +216,13 @@ def test_fast_training_options(tmp_path):
     result = train(epochs=3, out=tmp_path / "run", **dict(
         FAST, model="fastnet", model_options={"widths": [16, 32, 32]}, optimizer="nesterov", lr=0.2,
         schedule="linear", warmup_epochs=1, final_lr_fraction=0.1, bias_lr_scale=2, lookahead=True,
-        augment="crop,altflip", label_smoothing=0.2, batch_size=32, tta_shift=1))
+        augment="crop,altflip", label_smoothing=0.2, batch_size=32, tta_shift=1, tta_margin=0.6))
     assert result.history[-1]["val_acc"] > 0.7
     whiten = result.model.whiten.weight  # frozen, so still the filters set from the data and their negatives
     assert torch.equal(whiten[: len(whiten) // 2], -whiten[len(whiten) // 2:])
     assert evaluate(result.run_dir, split="val", tta=True)["accuracy"] > 0.7
-    assert load_model(result.run_dir).info["tta_shift"] == 1  # evaluate's TTA uses the recipe's views
+    info = load_model(result.run_dir).info
+    assert info["tta_shift"] == 1 and info["tta_margin"] == 0.6  # evaluate's TTA uses the recipe's views
 
 
 def test_convnets_take_channels_last_where_it_was_measured_faster(monkeypatch):
@@ -246,16 +247,33 @@ def test_bf16_prediction_puts_the_net_in_channels_last():
 def test_tta_views_are_the_training_shifts_and_flips():
     images = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
     airbench = list(tta_views(images, ["crop", "altflip"]))
-    assert len(airbench) == 6 and torch.equal(airbench[2], images) and torch.equal(airbench[3], images.flip(3))
+    assert len(airbench) == 6 and torch.equal(airbench[0], images) and torch.equal(airbench[1], images.flip(3))
     grid = list(tta_views(images, ["crop", "flip"], shift=2))
     assert len(grid) == 50  # 5 x 5 shifts, each also flipped
-    assert torch.equal(grid[0][..., 2:, 2:], images[..., :-2, :-2])  # shifted down-right by 2 pixels
+    assert torch.equal(grid[0], images)  # the centre first
+    assert torch.equal(grid[2][..., 2:, 2:], images[..., :-2, :-2])  # shifted down-right by 2 pixels
     assert len({tuple(v.flatten().tolist()) for v in grid}) == 50
     assert len(list(tta_views(images, ["crop"], shift=1))) == 9 and len(list(tta_views(images, ["flip"]))) == 2
     with pytest.raises(ImgclfError, match="smaller shift"):
         list(tta_views(images, ["crop"], shift=8))
     with pytest.raises(ImgclfError, match="tta_shift"):
         train(epochs=1, tta_shift=0, **FAST)
+
+
+def test_tta_margin_gives_the_other_views_to_unsure_images_only():
+    net = create_model("fastnet", num_classes=10, in_channels=1, image_size=12, widths=[8, 8, 8]).eval()
+    images = torch.randint(0, 256, (64, 1, 12, 12), dtype=torch.uint8)
+    views = {"tta_augment": ["crop", "flip"], "tta_shift": 1}
+    every_view = predict_logits(net, images, (0.5,), (0.25,), **views)
+    centre_and_flip = predict_logits(net, images, (0.5,), (0.25,), tta_augment=["flip"])
+    probs = centre_and_flip.softmax(1).topk(2, dim=1).values
+    unsure = probs[:, 0] - probs[:, 1] < probs[:, 0].sub(probs[:, 1]).median()
+    gated = predict_logits(net, images, (0.5,), (0.25,), tta_margin=probs[:, 0].sub(probs[:, 1]).median(), **views)
+    assert torch.allclose(gated[unsure], every_view[unsure], atol=1e-5)
+    assert torch.allclose(gated[~unsure], centre_and_flip[~unsure], atol=1e-5)
+    assert torch.allclose(predict_logits(net, images, (0.5,), (0.25,), tta_margin=1.0, **views), every_view, atol=1e-5)
+    with pytest.raises(ImgclfError, match="tta_margin"):
+        train(epochs=1, tta_margin=0, **FAST)
 
 
 def test_whiten_bias_trains_only_in_its_first_epochs(tmp_path):

@@ -73,6 +73,8 @@ class TrainConfig:
     tta: bool = False  # evaluate with test-time augmentation by default
     tta_shift: int | None = None  # pixels: TTA views at every shift up to this far (with crop); None: the
     # centre and two diagonal 1-pixel shifts (airbench)
+    tta_margin: float | None = None  # probability: only images whose centre view (and its flip) puts the top two
+    # classes closer than this get the other TTA views, a fraction of the cost; None: every image gets every view
     precision: str = "auto"  # auto: bf16 where it is faster (convnets on AMX CPUs, CUDA), else fp32
     device: str = "auto"
     seed: int = 0
@@ -164,6 +166,8 @@ class RunConfig:
              f"whiten_bias_epochs {t.whiten_bias_epochs}; use 0 or more epochs"),
             (t.tta_shift is None or (isinstance(t.tta_shift, int) and t.tta_shift >= 1),
              f"tta_shift {t.tta_shift}; use a whole number of pixels, 1 or more"),
+            (t.tta_margin is None or 0 < t.tta_margin <= 1,
+             f"tta_margin {t.tta_margin}; use a probability in (0, 1], e.g. 0.6"),
             (t.ema is None or 0 < t.ema < 1, f"ema decay {t.ema}; use a value in (0, 1), e.g. 0.999"),
             (0 <= d.val_split < 1, f"val split {d.val_split}; use a fraction in [0, 1)"),
             (d.subset is None or d.subset > 0, f"subset {d.subset}; use a positive number of images"),

@@ -323,7 +323,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     def save_weights() -> None:
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
-                   precision=precision)
+                   tta_margin=cfg.tta_margin, precision=precision)
 
     def draw_curves() -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
