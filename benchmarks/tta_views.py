@@ -55,6 +55,8 @@ def view_accuracies(run_dir: str) -> dict[str, float]:
         results[f"5x5 shifts x flip for images under tta_margin {margin}"] = (
             (gated.argmax(1) == val.labels).float().mean().item() * 100)
         results[f"  % of images under tta_margin {margin}"] = unsure.float().mean().item() * 100
+        results[f"  images predicted otherwise than by all 50 views, tta_margin {margin}"] = (
+            (gated.argmax(1) != every.argmax(1)).sum().item())
     return results
 
 

@@ -137,6 +137,25 @@ def test_a_killed_rank_ends_the_job_with_an_error_not_a_hang_and_resume_finishes
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
+def test_a_killed_rank_is_named_even_when_its_peer_ended_first(monkeypatch):
+    """The agent may record rank 0's "lost contact" exit (status 1) before rank 1's SIGKILL that caused it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from imgclf import distributed
+    from imgclf.errors import ImgclfError
+
+    def both_failed(config, entrypoint):
+        peer, killed = (ProcessFailure(local_rank=r, pid=r + 1, exitcode=code, error_file="/nonexistent")
+                        for r, code in ((0, 1), (1, -9)))
+        killed.timestamp = peer.timestamp + 1
+        raise ChildFailedError("imgclf", {0: peer, 1: killed})
+
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch",
+                        lambda config, entrypoint: lambda *args: both_failed(config, entrypoint))
+    with pytest.raises(ImgclfError, match=r"rank 1 ended with status -9 \(SIGKILL\)"):
+        distributed.launch(2, ["train"])
+
+
 @pytest.mark.parametrize("n", [0, 1, 5, 10, 101])
 @pytest.mark.parametrize("ranks", [1, 2, 3, 8])
 def test_val_shards_cover_every_image_once(n, ranks):
