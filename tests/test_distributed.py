@@ -144,15 +144,20 @@ def test_a_killed_rank_is_named_even_when_its_peer_ended_first(monkeypatch):
     from imgclf import distributed
     from imgclf.errors import ImgclfError
 
-    def both_failed(config, entrypoint):
-        peer, killed = (ProcessFailure(local_rank=r, pid=r + 1, exitcode=code, error_file="/nonexistent")
-                        for r, code in ((0, 1), (1, -9)))
-        killed.timestamp = peer.timestamp + 1
-        raise ChildFailedError("imgclf", {0: peer, 1: killed})
+    def launcher(rank1_status):
+        def both_failed(*args):
+            peer, rank1 = (ProcessFailure(local_rank=r, pid=r + 1, exitcode=code, error_file="/nonexistent")
+                           for r, code in ((0, 1), (1, rank1_status)))
+            rank1.timestamp = peer.timestamp + 1
+            raise ChildFailedError("imgclf", {0: peer, 1: rank1})
+        return lambda config, entrypoint: both_failed
 
-    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch",
-                        lambda config, entrypoint: lambda *args: both_failed(config, entrypoint))
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", launcher(-9))
     with pytest.raises(ImgclfError, match=r"rank 1 ended with status -9 \(SIGKILL\)"):
+        distributed.launch(2, ["train"])
+    # SIGTERM is torchrun stopping the rest after rank 0 said its error: nothing more to say.
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", launcher(-15))
+    with pytest.raises(SystemExit):
         distributed.launch(2, ["train"])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterable
@@ -162,9 +163,10 @@ def launch(nproc: int, argv: list[str]) -> None:
         elastic_launch(config, sys.executable)("-m", "imgclf", *argv)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        # A killed rank is the cause, whichever the agent saw first: a peer that lost contact with it may have
-        # ended (status 1, its error said) by the same poll.
-        rank, failure = next(((r, f) for r, f in sorted(e.failures.items()) if f.exitcode < 0), (rank, failure))
+        # A rank killed by a signal is the cause, whichever the agent saw first: a peer that lost contact with it
+        # may have ended (status 1, its error said) by the same poll. SIGTERM is the agent stopping the others.
+        rank, failure = next(((r, f) for r, f in sorted(e.failures.items())
+                              if f.exitcode < 0 and -f.exitcode != signal.SIGTERM), (rank, failure))
         if failure.exitcode == 1:  # the rank printed its one-line error; the others were stopped
             raise SystemExit(1) from None
         raise ImgclfError(f"distributed training failed: rank {rank} ended with status {failure.exitcode} "
