@@ -149,7 +149,7 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
         if every_view > first:
             if tta_margin is not None:  # full batches of the unsure images: small ones ran at a fraction of speed
                 top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
-                rows = rows[top2[:, 0] - top2[:, -1] < tta_margin]
+                rows = rows[(top2[:, 0] - top2[:, -1] < tta_margin).cpu()]  # a CPU index, as for the images
             for start, x in zip(range(0, len(rows), batch_size), batches(rows), strict=True):
                 batch_rows = rows[start:start + batch_size]
                 rest = _sum_of_views(net, views(x), first, None)[0]
