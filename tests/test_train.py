@@ -267,8 +267,9 @@ def test_tta_margin_gives_the_other_views_to_unsure_images_only():
     every_view = predict_logits(net, images, (0.5,), (0.25,), **views)
     centre_and_flip = predict_logits(net, images, (0.5,), (0.25,), tta_augment=["flip"])
     probs = centre_and_flip.softmax(1).topk(2, dim=1).values
-    unsure = probs[:, 0] - probs[:, 1] < probs[:, 0].sub(probs[:, 1]).median()
-    gated = predict_logits(net, images, (0.5,), (0.25,), tta_margin=probs[:, 0].sub(probs[:, 1]).median(), **views)
+    margins = probs[:, 0] - probs[:, 1]
+    unsure = margins < margins.median()
+    gated = predict_logits(net, images, (0.5,), (0.25,), tta_margin=margins.median().item(), **views)
     assert torch.allclose(gated[unsure], every_view[unsure], atol=1e-5)
     assert torch.allclose(gated[~unsure], centre_and_flip[~unsure], atol=1e-5)
     assert torch.allclose(predict_logits(net, images, (0.5,), (0.25,), tta_margin=1.0, **views), every_view, atol=1e-5)

@@ -83,10 +83,18 @@ def tta_shifts(augment: list[str], shift: int | None = None) -> list[tuple[int, 
     return [(0, 0)]
 
 
+def tta_flips(augment: list[str]) -> bool:
+    return "flip" in augment or "altflip" in augment
+
+
+def tta_view_count(augment: list[str], shift: int | None = None) -> int:
+    return len(tta_shifts(augment, shift)) * (2 if tta_flips(augment) else 1)
+
+
 def tta_views(images: torch.Tensor, augment: list[str], shift: int | None = None) -> Iterator[torch.Tensor]:
     """The views averaged by test-time augmentation, those the net saw in training: each of tta_shifts in
     turn, followed by its left-right flip with flip or altflip."""
-    flip = "flip" in augment or "altflip" in augment
+    flip = tta_flips(augment)
     offsets = tta_shifts(augment, shift)
     pad = max(abs(dy) for dy, _ in offsets)
     h, w = images.shape[-2:]
@@ -100,14 +108,10 @@ def tta_views(images: torch.Tensor, augment: list[str], shift: int | None = None
             yield view.flip(3)
 
 
-def _sum_of_views(net: torch.nn.Module, views: Iterator[torch.Tensor], start: int,
-                  stop: int | None) -> tuple[torch.Tensor | int, int]:
-    """The sum of the net's float logits over views[start:stop], and how many: one view at a time, since 50
-    views of a batch need not be in memory together."""
-    total, count = 0, 0
-    for view in itertools.islice(views, start, stop):
-        total, count = total + net(view).float(), count + 1
-    return total, count
+def _sum_of_views(net: torch.nn.Module, views: Iterator[torch.Tensor], start: int, stop: int | None) -> torch.Tensor:
+    """The sum of the net's float logits over views[start:stop]: one view at a time, since 50 views of a batch
+    need not be in memory together."""
+    return sum(net(view).float() for view in itertools.islice(views, start, stop))
 
 
 @torch.no_grad()
@@ -141,18 +145,18 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
     def views(x: torch.Tensor) -> Iterator[torch.Tensor]:
         return tta_views(x, tta_augment, tta_shift) if tta_augment is not None else iter([x])
 
-    every_view = len(list(views(images[:1].float())))
-    first = min(every_view, 2 if tta_augment and {"flip", "altflip"} & set(tta_augment) else 1)  # centre, flip
+    every_view = tta_view_count(tta_augment, tta_shift) if tta_augment is not None else 1
+    first = 2 if every_view > 1 and tta_flips(tta_augment) else 1  # the centre and its flip
     rows = torch.arange(len(images))
     with autocast(device, precision):
-        logits = torch.cat([_sum_of_views(net, views(x), 0, first)[0] for x in batches(rows)]) / first
+        logits = torch.cat([_sum_of_views(net, views(x), 0, first) for x in batches(rows)]) / first
         if every_view > first:
             if tta_margin is not None:  # full batches of the unsure images: small ones ran at a fraction of speed
                 top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
                 rows = rows[(top2[:, 0] - top2[:, -1] < tta_margin).cpu()]  # a CPU index, as for the images
             for start, x in zip(range(0, len(rows), batch_size), batches(rows), strict=True):
                 batch_rows = rows[start:start + batch_size]
-                rest = _sum_of_views(net, views(x), first, None)[0]
+                rest = _sum_of_views(net, views(x), first, None)
                 logits[batch_rows] = (logits[batch_rows] * first + rest) / every_view
     net.train(was_training)
     return logits
@@ -241,7 +245,7 @@ def prediction_options(model: TrainedModel, tta: bool | None) -> tuple[bool, dic
         views = {"tta_augment": model.info.get("augment", []), "tta_shift": model.info.get("tta_shift"),
                  "tta_margin": model.info.get("tta_margin")}
         # A run trained without flips or crops has only the image itself: say so rather than claim TTA.
-        tta = len(list(tta_views(torch.zeros(1, *model.input_shape), views["tta_augment"], views["tta_shift"]))) > 1
+        tta = tta_view_count(views["tta_augment"], views["tta_shift"]) > 1
         options.update(views if tta else {})
     return tta, options
 

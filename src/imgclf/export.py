@@ -21,7 +21,7 @@ from torch import nn
 
 from imgclf import __version__
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import as_model, prediction_options, tta_views
+from imgclf.evaluate import as_model, prediction_options, tta_view_count, tta_views
 from imgclf.loader import normalize
 from imgclf.runs import atomic_write
 
@@ -104,8 +104,7 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
         raise ImgclfError(f"{out} exists and is not an .onnx file; choose another --out (nothing was written)")
     tta, options = prediction_options(model, tta)
     # prediction_options turns TTA off for a run trained without flips or crops: only the image itself.
-    views = len(list(tta_views(torch.zeros(1, *model.input_shape), options["tta_augment"],
-                               options["tta_shift"]))) if tta else 1
+    views = tta_view_count(options["tta_augment"], options["tta_shift"]) if tta else 1
     deployable = DeployableNet(model.net.float().to(memory_format=torch.contiguous_format).cpu().eval(),
                                model.mean, model.std, options.get("tta_augment"), options.get("tta_shift"))
     generator = torch.Generator().manual_seed(0)
