@@ -157,6 +157,14 @@ def test_predict_refuses_a_non_image(digits_run, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_tta_margin_outside_0_to_1_is_refused(digits_run, tmp_path):
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    for command in (["evaluate", digits_run], ["predict", digits_run, tmp_path / "x.png"]):
+        result = run_cli(*command, "--tta", "--tta-margin", "1.5")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and "TTA margin 1.5: use a probability in (0, 1]" in lines[0]
+
+
 def test_corrupt_weights_are_refused_and_nothing_is_written(digits_run, tmp_path):
     import shutil
     broken = tmp_path / "broken"
@@ -221,7 +229,8 @@ def test_image_folder_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--dataset", str(tmp_path / "shapes"), "--model", "mlp", "--epochs", "5",
                  "--lr", "0.01", "--out", str(out), "--data-dir", str(tmp_path / "cache")]) == 0
-    capsys.readouterr()
+    said = capsys.readouterr()
+    assert "54 train / 6 val / 20 test images" in said.out + said.err  # the start line counts every split
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] >= 0.9
 

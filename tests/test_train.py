@@ -221,6 +221,7 @@ def test_fast_training_options(tmp_path):
     whiten = result.model.whiten.weight  # frozen, so still the filters set from the data and their negatives
     assert torch.equal(whiten[: len(whiten) // 2], -whiten[len(whiten) // 2:])
     assert evaluate(result.run_dir, split="val", tta=True)["accuracy"] > 0.7
+    assert evaluate(result.run_dir, split="val", tta=True, tta_margin=1.0)["accuracy"] > 0.7  # every view
     info = load_model(result.run_dir).info
     assert info["tta_shift"] == 1 and info["tta_margin"] == 0.6  # evaluate's TTA uses the recipe's views
 

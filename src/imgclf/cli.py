@@ -24,6 +24,8 @@ from imgclf.errors import ImgclfError, PeerLost, UsageError
 console = Console(highlight=False, soft_wrap=True)
 # How long a rank other than 0 waits, on an error, for rank 0 to say it first (see main).
 SHARED_ERROR_GRACE_SECONDS = 10
+TTA_MARGIN_HELP = ("with TTA, give the other views only to images whose centre view leaves the top two classes "
+                   "closer than this probability (1: every image every view; default: the run's recipe setting)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -78,12 +80,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     from imgclf.evaluate import evaluate
 
     metrics = evaluate(args.run, args.dataset, split=args.split, tta=args.tta,
-                       data_dir=args.data_dir)
+                       data_dir=args.data_dir, tta_margin=args.tta_margin)
     if args.json:
         print(json.dumps(metrics))
         return
     if args.tta and not metrics["tta"]:
         console.print("note: this run trained without crops or flips, so TTA has no views to average")
+    elif args.tta_margin is not None and not metrics["tta"]:
+        console.print("note: --tta-margin changes nothing without TTA")
     top5 = metrics["top5_accuracy"]
     console.print(f"{escape(metrics['dataset'])} {metrics['split']} split, {metrics['num_images']:,} images"
                   f"{' with TTA' if metrics['tta'] else ''}: accuracy [bold]{metrics['accuracy']:.2%}[/]"
@@ -104,7 +108,7 @@ def _predict(args: argparse.Namespace) -> None:
     from imgclf.evaluate import image_files, predict, predictions_json
 
     files = image_files(args.images)
-    results = predict(args.run, files, top_k=args.top_k, tta=args.tta)
+    results = predict(args.run, files, top_k=args.top_k, tta=args.tta, tta_margin=args.tta_margin)
     if args.json:
         print(json.dumps(predictions_json(files, results)))
         return
@@ -303,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "val", "train"))
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average the test-time augmentation views (default: the run's recipe setting)")
+    p.add_argument("--tta-margin", type=float, metavar="M", help=TTA_MARGIN_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_evaluate)
 
@@ -312,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average the test-time augmentation views (default: the run's recipe setting)")
+    p.add_argument("--tta-margin", type=float, metavar="M", help=TTA_MARGIN_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_predict)
 

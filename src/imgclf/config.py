@@ -74,7 +74,7 @@ class TrainConfig:
     tta_shift: int | None = None  # pixels: TTA views at every shift up to this far (with crop); None: the
     # centre and two diagonal 1-pixel shifts (airbench)
     tta_margin: float | None = None  # probability: only images whose centre view (and its flip) puts the top two
-    # classes closer than this get the other TTA views, a fraction of the cost; None: every image gets every view
+    # classes closer than this get the other TTA views, a fraction of the cost; None or 1: every image gets every view
     precision: str = "auto"  # auto: bf16 where it is faster (convnets on AMX CPUs, CUDA), else fp32
     device: str = "auto"
     seed: int = 0

@@ -151,7 +151,8 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
     with autocast(device, precision):
         logits = torch.cat([_sum_of_views(net, views(x), 0, first) for x in batches(rows)]) / first
         if every_view > first:
-            if tta_margin is not None:  # full batches of the unsure images: small ones ran at a fraction of speed
+            # Full batches of the unsure images: small ones ran at a fraction of speed. Margin 1: all are unsure.
+            if tta_margin is not None and tta_margin < 1:
                 top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
                 rows = rows[(top2[:, 0] - top2[:, -1] < tta_margin).cpu()]  # a CPU index, as for the images
             for start, x in zip(range(0, len(rows), batch_size), batches(rows), strict=True):
@@ -235,15 +236,18 @@ def prediction_precision(run_precision: str, device: torch.device) -> str:
     return run_precision
 
 
-def prediction_options(model: TrainedModel, tta: bool | None) -> tuple[bool, dict[str, Any]]:
-    """(tta, predict_logits keywords) for a run: `tta=None` uses its recipe's setting; its precision, where
-    the device has it (prediction_precision)."""
+def prediction_options(model: TrainedModel, tta: bool | None,
+                       tta_margin: float | None = None) -> tuple[bool, dict[str, Any]]:
+    """(tta, predict_logits keywords) for a run: `tta=None` and `tta_margin=None` use its recipe's settings
+    (tta_margin 1: every image gets every view); its precision, where the device has it (prediction_precision)."""
+    if tta_margin is not None and not 0 < tta_margin <= 1:
+        raise ImgclfError(f"TTA margin {tta_margin}: use a probability in (0, 1]; 1 gives every image every view")
     tta = bool(model.info.get("tta", False)) if tta is None else tta
     device = next(model.net.parameters()).device
     options = {"precision": prediction_precision(model.info.get("precision", "fp32"), device)}
     if tta:
         views = {"tta_augment": model.info.get("augment", []), "tta_shift": model.info.get("tta_shift"),
-                 "tta_margin": model.info.get("tta_margin")}
+                 "tta_margin": model.info.get("tta_margin") if tta_margin is None else tta_margin}
         # A run trained without flips or crops has only the image itself: say so rather than claim TTA.
         tta = tta_view_count(views["tta_augment"], views["tta_shift"]) > 1
         options.update(views if tta else {})
@@ -251,13 +255,14 @@ def prediction_options(model: TrainedModel, tta: bool | None) -> tuple[bool, dic
 
 
 def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bool | None = None,
-                         batch_size: int = 500) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+                         batch_size: int = 500, tta_margin: float | None = None
+                         ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """evaluate() on a loaded model and dataset, also returning the logits and the (model-aligned) labels."""
     chosen = data.split(split)
     if tuple(chosen.images.shape[1:]) != tuple(model.input_shape):
         raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
                           f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
-    tta, options = prediction_options(model, tta)
+    tta, options = prediction_options(model, tta, tta_margin)
     logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size, **options)
     labels = _align_labels(chosen.labels, data.class_names, model.class_names)
     metrics = classification_metrics(logits, labels, model.class_names)
@@ -266,15 +271,15 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
 
 def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | None = None, *,
              split: str = "test", tta: bool | None = None, data_dir: str | None = None,
-             batch_size: int = 500) -> dict[str, Any]:
+             batch_size: int = 500, tta_margin: float | None = None) -> dict[str, Any]:
     """Accuracy, top-5, loss, per-class precision/recall/F1 and the confusion matrix on a split.
 
     By default the run's own dataset (with its own validation split and seed) and its test split.
-    `tta=None` uses the run's recipe setting.
+    `tta=None` and `tta_margin=None` use the run's recipe settings.
     """
     model, run_dir = as_model(run_or_model)
     data = dataset if isinstance(dataset, Dataset) else load_run_dataset(model, run_dir, dataset, data_dir)
-    return evaluate_with_logits(model, data, split, tta, batch_size)[0]
+    return evaluate_with_logits(model, data, split, tta, batch_size, tta_margin)[0]
 
 
 def read_images(sources: list[str | Path | BinaryIO], input_shape: tuple[int, int, int],
@@ -329,7 +334,7 @@ def predictions_json(names: list[str], results: list[list[tuple[str, float]]]) -
 
 
 def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[str | Path] | torch.Tensor, *,
-            top_k: int = 3, tta: bool | None = None) -> list[list[tuple[str, float]]]:
+            top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image file (a folder: each image below it, as image_files
     lists them) or for each image of a uint8 (N, C, H, W) tensor."""
     if top_k < 1:
@@ -338,7 +343,7 @@ def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[s
     if not isinstance(images, torch.Tensor):
         one = isinstance(images, str | Path)  # one file or folder, not a sequence of one-letter names
         images = read_images(image_files([images] if one else list(images)), model.input_shape)
-    logits = predict_logits(model.net, images, model.mean, model.std, **prediction_options(model, tta)[1])
+    logits = predict_logits(model.net, images, model.mean, model.std, **prediction_options(model, tta, tta_margin)[1])
     probabilities = logits.softmax(1)
     k = max(1, min(top_k, model.num_classes))
     top = probabilities.topk(k, dim=1)

@@ -306,8 +306,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
 
     trainable, total = count_params(net)
     ranks = f"{ctx.world_size} processes ({ctx.backend}) x " if ctx.enabled else ""
-    say(f"[bold]{config.model.name}[/] on {escape(data.name)}: {len(train_images):,} train / "
-        f"{len(data.val) if data.val is not None else 0:,} val images {tuple(data.train.images.shape[1:])}, "
+    # The test count too: a folder without split folders has a test split carved from it, not trained on.
+    held_out = [f"{len(split):,} {name}" for name, split in data.splits().items() if name != "train"]
+    sizes = " / ".join([f"{len(train_images):,} train", *held_out])
+    say(f"[bold]{config.model.name}[/] on {escape(data.name)}: {sizes} images {tuple(data.train.images.shape[1:])}, "
         f"{data.num_classes} classes, {trainable:,} trainable params, {precision} on {device.type} "
         f"({ranks}{torch.get_num_threads()} threads) -> {escape(str(run_dir))}")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
