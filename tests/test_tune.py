@@ -395,3 +395,12 @@ def test_a_half_written_journal_record_is_dropped_and_a_damaged_journal_is_a_one
     journal.write_bytes(b"this line is not json\n" + complete)
     with pytest.raises(ImgclfError, match="study journal .* is damaged"):
         tune("digits", space, sampler="grid", pruner="none", trials=3, out=tmp_path / "out", quiet=True)
+
+
+def test_a_file_that_is_not_a_journal_is_refused_untouched(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\nno newline at the end")  # was cut at its last newline, then appended to
+    assert main(["tune", "--dataset", "digits", "--storage", str(notes), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is damaged or not a journal" in err[0], err
+    assert notes.read_text() == "mine\nno newline at the end"

@@ -10,6 +10,7 @@ resumes it. The results are DIR/trials.csv, DIR/best.yaml (a recipe), DIR/figure
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import datetime
@@ -46,6 +47,7 @@ SAMPLERS = ("random", "grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DEFAULT_TRIALS = 20  # without --trials; a grid runs all its points
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts: failed trials are retried on a re-run
+JOURNAL_START = b'{"op_code":'  # how every record of an Optuna journal file begins
 HEARTBEAT_SECONDS = 60  # database storages: a trial whose worker is silent for 2 heartbeats is failed
 
 console = Console(highlight=False, soft_wrap=True)
@@ -56,6 +58,14 @@ console = Console(highlight=False, soft_wrap=True)
 def _open_journal(path: Path) -> optuna.storages.JournalStorage:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))  # the lock every append takes
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+        with open(path, "rb") as f:
+            start = f.read(len(JOURNAL_START))
+        # Any other file (notes, a run's model.json given to --storage by mistake) would be cut at its last
+        # newline below and then appended to: refuse it untouched. Optuna writes each record compactly, op_code first.
+        if start and not JOURNAL_START.startswith(start):  # (a prefix: its first record was cut short)
+            raise ImgclfError(f"study journal {path} is damaged or not a journal (it does not start with an Optuna "
+                              "record); nothing was changed: give --storage a new file, or restore it from a backup")
     if path.exists():
         lock.acquire()
         try:
