@@ -322,15 +322,21 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--set", "epochs=3"], "pass --epochs instead"),
     (["--set", "model.filtrs=[8]"], "(did you mean 'filters'?)"),
     (["--set", "model.name=mlp"], "not --set model.name"),
+    (["--out", "NOTES"], "is a file, not a folder"),
+    (["--out", "RUN"], "holds a training run; give the study a folder of its own"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("params: [unclosed")
     (tmp_path / "badpath.yaml").write_text("params: {train.lrr: {type: float, low: 0.1, high: 1}}")
-    args = [{"BAD_YAML": str(tmp_path / "bad.yaml"), "BAD_PATH": str(tmp_path / "badpath.yaml")}.get(a, a)
-            for a in args]
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {name: mlp}")
+    args = [{"BAD_YAML": str(tmp_path / "bad.yaml"), "BAD_PATH": str(tmp_path / "badpath.yaml"),
+             "NOTES": str(tmp_path / "notes.txt"), "RUN": str(tmp_path / "run")}.get(a, a) for a in args]
     assert main(["tune", "--dataset", "digits", "--out", str(tmp_path / "out"), *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "secret" not in err[0], err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
 
 
 # ---- a study shared between machines, in a real PostgreSQL server ----------------------------------------

@@ -340,6 +340,10 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
                           "base a data.val_split > 0")
     grid = grid_points(space_obj) if sampler == "grid" else None
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ImgclfError(f"--out {out} is a file, not a folder; give the folder to write the study into")
+    if (out / "config.yaml").exists():  # the study's figures/ and report.html would go over the run's own
+        raise ImgclfError(f"--out {out} holds a training run; give the study a folder of its own, e.g. tune/NAME")
     storage = storage or str(out / "study.log")
     study_name = study or f"{Path(dataset).name}-{space_obj.name}"
     data = load_dataset(dataset, base.data.data_dir, val_split=base.data.val_split, subset=base.data.subset,
