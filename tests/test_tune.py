@@ -337,6 +337,7 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "secret" not in err[0], err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
+    assert not (tmp_path / "out" / "study.json").exists()  # --out is not held for a study that never began
 
 
 # ---- a study shared between machines, in a real PostgreSQL server ----------------------------------------

@@ -349,9 +349,10 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     data = load_dataset(dataset, base.data.data_dir, val_split=base.data.val_split, subset=base.data.subset,
                         grayscale=base.data.grayscale, seed=base.train.seed, image_size=base.data.image_size)
 
+    storage_obj = open_storage(storage)  # first: a storage that does not open must not claim --out for its study
     _claim_out(out, study_name, storage if storage != str(out / "study.log") else "study.log")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study_obj = optuna.create_study(study_name=study_name, storage=open_storage(storage), direction="maximize",
+    study_obj = optuna.create_study(study_name=study_name, storage=storage_obj, direction="maximize",
                                     load_if_exists=True)
     identity, what = dataset_identity(dataset, data), base.what()
     what["data"]["dataset"] = identity  # not this machine's path: another machine's copy joins the study
