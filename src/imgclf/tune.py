@@ -320,7 +320,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"unknown pruner '{pruner}'; choose one of {', '.join(PRUNERS)}")
     for label, value in (("trials", trials), ("epochs", epochs), ("executions per trial", executions),
                          ("workers", workers), ("subset", subset), ("timeout", timeout)):
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # not `<= 0`: NaN passes that and would mean no limit at all
             raise ImgclfError(f"{label} must be positive, got {value}")
     say = (lambda *a: None) if quiet else console.print
     space_obj = load_space(space)
