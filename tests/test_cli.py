@@ -137,6 +137,7 @@ def test_listing_commands(command, capsys):
     (["train", "--resume", "--out", "run", "--epochs", "5", "--lr", "0.1"],
      "--resume continues the run with its own settings, so --epochs, --lr would be ignored"),
     (["train", "--dataset", "digits", "--threads", "0"], "invalid threads 0"),
+    (["train", "--dataset", "digits", "--warmup-epochs", "inf"], "option warmup_epochs is inf, which is not a finite"),
     (["evaluate", "."], "holds no trained model"),
     (["evaluate", "no/such/run"], "not a run folder"),
     (["datasets", "show"], "needs a dataset"),

@@ -126,7 +126,7 @@ def test_recipe_values_are_read_as_their_option_types(tmp_path):
 @pytest.mark.parametrize("body, problem", [
     ("train: {epochs: ten}", "option epochs is 'ten', which is not a whole number"),
     ("train: {epochs: 1.5}", "option epochs is 1.5, which is not a whole number"),
-    ("data: {val_split: a tenth}", "option val_split is 'a tenth', which is not a number"),
+    ("data: {val_split: a tenth}", "option val_split is 'a tenth', which is not a finite number"),
     ("train: {augment: 5}", "option augment is 5, which is not a list of names"),
     ("train: {lookahead: 1}", "option lookahead is 1, which is not true or false"),
     ("model: mlp", "model must be a mapping such as {name: cnn}, not 'mlp'"),

@@ -7,6 +7,7 @@ files with the same three sections; command-line flags and keyword arguments ove
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -198,14 +199,15 @@ def _typed(name: str, kind: str, value: Any, source: str) -> Any:
         return None
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
     if base == "float":
-        expected = "a number"
-        if number:
-            return float(value)
+        # Finite: an infinite warm-up or lr passes validate()'s range checks, then trains at lr 0 or diverges.
+        expected = "a finite number"
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value, number = float(value), True
             except ValueError:
                 pass
+        if number and math.isfinite(value):
+            return float(value)
     elif base == "int":
         expected = "a whole number"
         if number and float(value).is_integer():  # not NaN or inf, which int() cannot take
