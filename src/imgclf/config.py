@@ -122,9 +122,13 @@ class RunConfig:
         if not isinstance(raw.get("model") or {}, dict):
             raise ImgclfError(f"{source}: model must be a mapping such as {{name: cnn}}, not {raw['model']!r}")
         model = dict(raw.get("model") or {})
+        name = model.pop("name", "cnn")
+        if not isinstance(name, str):  # a list or number would fail as an internal error in the model registry
+            raise ImgclfError(f"{source}: model name {name!r} is not a name; write e.g. name: cnn "
+                              "(see `imgclf models`)")
         config = cls(
             data=_build(DataConfig, raw.get("data") or {}, f"{source}: data"),
-            model=ModelConfig(name=model.pop("name", "cnn"), options=model),
+            model=ModelConfig(name=name, options=model),
             train=_build(TrainConfig, raw.get("train") or {}, f"{source}: train"),
             recipe=raw.get("recipe"),
             description=raw.get("description") or "",
