@@ -195,7 +195,8 @@ def _datasets(args: argparse.Namespace) -> None:
             console.print(f"wrote {escape(str(path))}")
         return
     if args.show_name or args.out:
-        raise UsageError(f"a second name and --out only go with `show`; to draw it: imgclf datasets show {args.name}")
+        raise UsageError("a second name and --out only go with `show`; to draw it: "
+                         f"imgclf datasets show {args.name or 'NAME'}")
     if args.name:
         console.print(escape(load_dataset(args.name, args.data_dir, val_split=args.val_split).summary()))
         return
