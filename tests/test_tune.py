@@ -20,6 +20,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from PIL import Image
 
 from imgclf.cli import main
 from imgclf.config import RunConfig
@@ -325,15 +326,20 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--set", "model.name=mlp"], "not --set model.name"),
     (["--out", "NOTES"], "is a file, not a folder"),
     (["--out", "RUN"], "holds a training run; give the study a folder of its own"),
+    (["--dataset", "ONE_CLASS", "--data-dir", "CACHE"], "has 1 class; a classifier needs 2 or more"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("params: [unclosed")
     (tmp_path / "badpath.yaml").write_text("params: {train.lrr: {type: float, low: 0.1, high: 1}}")
     (tmp_path / "notes.txt").write_text("mine")
+    for i in range(4):
+        (tmp_path / "one" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 60 * i).save(tmp_path / "one" / "a" / f"{i}.png")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("model: {name: mlp}")
     args = [{"BAD_YAML": str(tmp_path / "bad.yaml"), "BAD_PATH": str(tmp_path / "badpath.yaml"),
-             "NOTES": str(tmp_path / "notes.txt"), "RUN": str(tmp_path / "run")}.get(a, a) for a in args]
+             "NOTES": str(tmp_path / "notes.txt"), "RUN": str(tmp_path / "run"),
+             "ONE_CLASS": str(tmp_path / "one"), "CACHE": str(tmp_path / "cache")}.get(a, a) for a in args]
     assert main(["tune", "--dataset", "digits", "--out", str(tmp_path / "out"), *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "secret" not in err[0], err
