@@ -47,7 +47,7 @@ SAMPLERS = ("random", "grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DEFAULT_TRIALS = 20  # without --trials; a grid runs all its points
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts: failed trials are retried on a re-run
-JOURNAL_START = b'{"op_code":'  # how every record of an Optuna journal file begins
+JOURNAL_START = b'{"'  # how every record of an Optuna journal file begins: one compact JSON object a line
 HEARTBEAT_SECONDS = 60  # database storages: a trial whose worker is silent for 2 heartbeats is failed
 
 console = Console(highlight=False, soft_wrap=True)
@@ -62,7 +62,7 @@ def _open_journal(path: Path) -> optuna.storages.JournalStorage:
         with open(path, "rb") as f:
             start = f.read(len(JOURNAL_START))
         # Any other file (notes, a run's model.json given to --storage by mistake) would be cut at its last
-        # newline below and then appended to: refuse it untouched. Optuna writes each record compactly, op_code first.
+        # newline below and then appended to: refuse it untouched.
         if start and not JOURNAL_START.startswith(start):  # (a prefix: its first record was cut short)
             raise ImgclfError(f"study journal {path} is damaged or not a journal (it does not start with an Optuna "
                               "record); nothing was changed: give --storage a new file, or restore it from a backup")
