@@ -187,11 +187,14 @@ def test_usage_errors_exit_2(tmp_path):
     (["models", "cnn"], "imgclf models: error: unrecognized arguments: cnn"),  # the command's usage, not imgclf's
     (["train", "--dataset", "digits", "--out", ""], "imgclf train: error: argument --out: empty; give a path"),
     (["compare", "run", "--out", " "], "argument --out: empty"),
+    (["train", "--epochs", "1.5"], "imgclf train: error: argument --epochs: invalid int value: '1.5' (see imgclf "
+                                   "train --help)"),
 ])
 def test_stray_and_empty_arguments_are_usage_errors_of_their_command(args, message, capsys):
     with pytest.raises(SystemExit) as exited:
         main(args)
-    assert exited.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and len(err.strip().splitlines()) == 1  # no usage block
 
 
 def test_train_goes_on_quietly_when_its_output_pipe_closes(tmp_path):

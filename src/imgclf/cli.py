@@ -260,8 +260,16 @@ def _port(text: str) -> int:
     return int(text)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors in one line: argparse's usage block above them was 15 lines for `train`, which buried them."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate and use image classifiers.")
+    # Its sub-command parsers are of the same class.
+    parser = _OneLineErrors(prog="imgclf", description="Train, evaluate and use image classifiers.")
     parser.add_argument("--version", action="version", version=f"imgclf {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
