@@ -131,6 +131,8 @@ def test_recipe_values_are_read_as_their_option_types(tmp_path):
     ("train: {lookahead: 1}", "option lookahead is 1, which is not true or false"),
     ("model: mlp", "model must be a mapping such as {name: cnn}, not 'mlp'"),
     ("model: {name: [mlp]}", "model name ['mlp'] is not a name; write e.g. name: cnn"),
+    ("description: 5", "description 5 is not text"),
+    ("recipe: [x]", "recipe ['x'] is not text"),
     ("train: {momentum: -1}", "invalid momentum -1.0; use a value in [0, 1)"),
     ("train: {schedule: step, step_size: 0}", "invalid step_size 0"),
     ("train: {early_stopping: -1}", "invalid early stopping patience -1"),

@@ -320,6 +320,7 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], "cannot open storage 'postgresql://me:***@127.0.0.1:1/db'"),
     (["--trials", "0"], "trials must be positive"),
     (["--timeout", "nan"], "timeout must be positive, got nan"),
+    (["--study", " "], "--study is empty"),
     (["--set", "train.lr=0.1"], "train.lr is searched by space cnn-small"),
     (["--set", "epochs=3"], "pass --epochs instead"),
     (["--set", "model.filtrs=[8]"], "(did you mean 'filters'?)"),

@@ -126,6 +126,9 @@ class RunConfig:
         if not isinstance(name, str):  # a list or number would fail as an internal error in the model registry
             raise ImgclfError(f"{source}: model name {name!r} is not a name; write e.g. name: cnn "
                               "(see `imgclf models`)")
+        for key in ("recipe", "description"):  # written to each run's config.yaml and shown as text
+            if not isinstance(raw.get(key) or "", str):
+                raise ImgclfError(f"{source}: {key} {raw[key]!r} is not text; write e.g. {key}: my-recipe")
         config = cls(
             data=_build(DataConfig, raw.get("data") or {}, f"{source}: data"),
             model=ModelConfig(name=name, options=model),

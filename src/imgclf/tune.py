@@ -345,6 +345,8 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     if (out / "config.yaml").exists():  # the study's figures/ and report.html would go over the run's own
         raise ImgclfError(f"--out {out} holds a training run; give the study a folder of its own, e.g. tune/NAME")
     storage = storage or str(out / "study.log")
+    if study is not None and not study.strip():  # not quietly the default study, which may be another's
+        raise ImgclfError("--study is empty; give the study a name, or leave --study out for DATASET-SPACE")
     study_name = study or f"{Path(dataset).name}-{space_obj.name}"
     data = load_dataset(dataset, base.data.data_dir, val_split=base.data.val_split, subset=base.data.subset,
                         grayscale=base.data.grayscale, seed=base.train.seed, image_size=base.data.image_size)
