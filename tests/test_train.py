@@ -82,6 +82,15 @@ def test_an_image_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch,
     assert not (tmp_path / "run" / "cache").exists()  # the folder cache was found where training wrote it
 
 
+def test_the_tta_hint_names_the_val_split_of_a_dataset_without_a_test_split(tmp_path, write_shapes, capsys):
+    write_shapes(tmp_path / "shapes" / "train")  # a train/ folder only: no test split to evaluate by default
+    options = dict(model="mlp", epochs=1, batch_size=8, augment="flip", tta=True, val_split=0.25)
+    train(dataset=str(tmp_path / "shapes"), data_dir=str(tmp_path / "cache"), out=tmp_path / "folder", **options)
+    assert f"`imgclf evaluate {tmp_path / 'folder'} --split val` adds" in capsys.readouterr().out
+    train(dataset="digits", out=tmp_path / "digits", **options)
+    assert f"`imgclf evaluate {tmp_path / 'digits'}` adds" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra", [{}, {"lookahead": True, "ema": 0.9}], ids=["plain", "lookahead-ema"])
 def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch, extra):
     options = dict(FAST, epochs=3, augment="crop,flip", model_options={"dropout": 0.2}, **extra)

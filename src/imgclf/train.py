@@ -419,8 +419,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"done in {seconds:.1f}s: model saved to {escape(str(run_dir))}")
     if cfg.tta and any("val_acc" in r for r in history):  # one view per epoch keeps the epochs cheap
-        say(f"the epochs' val accuracy is of the plain images; `imgclf evaluate {escape(str(run_dir))}` adds the "
-            "run's test-time augmentation")
+        split = "" if data.test is not None and len(data.test) else " --split val"  # evaluate's default is test
+        say(f"the epochs' val accuracy is of the plain images; `imgclf evaluate {escape(str(run_dir))}{split}` adds "
+            "the run's test-time augmentation")
     if report:
         from imgclf.report import write_report
         say(f"report: {escape(str(write_report(run_dir)))}")
