@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the trained model as one ONNX file (normalization included)")
     p.add_argument("run", help="run folder")
-    p.add_argument("--out", type=_path, help="the .onnx file to write (default: RUN/model.onnx)")
+    p.add_argument("--out", type=_path,
+                   help="the .onnx file to write, or a folder for FOLDER/model.onnx (default: RUN/model.onnx)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average the test-time augmentation views inside the graph (default: the run's setting)")
     p.set_defaults(func=_export)

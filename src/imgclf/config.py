@@ -34,7 +34,7 @@ class DataConfig:
     val_split: float = 0.1  # fraction of the training set held out for validation
     subset: int | None = None  # stratified sample of N training images, for quick runs
     grayscale: bool = False
-    image_size: int | None = None  # image folders only: resize to this (default: most common size)
+    image_size: int | None = None  # pixels: resize any dataset to this (image folders' default: most common size)
 
 
 @dataclass

@@ -300,7 +300,7 @@ def read_images(sources: list[str | Path | BinaryIO], input_shape: tuple[int, in
                               "shrink it first") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise ImgclfError(f"{name} is not an image that can be read ({type(e).__name__}); "
-                              "give PNG, JPEG, BMP or WebP files") from None
+                              "give PNG, JPEG, BMP, WebP, GIF or TIFF files") from None
     return torch.from_numpy(np.stack(arrays))
 
 
