@@ -266,6 +266,11 @@ def test_tta_views_are_the_training_shifts_and_flips():
     assert len(list(tta_views(images, ["crop"], shift=1))) == 9 and len(list(tta_views(images, ["flip"]))) == 2
     with pytest.raises(ImgclfError, match="smaller shift"):
         list(tta_views(images, ["crop"], shift=8))
+    net = create_model("fastnet", num_classes=10, in_channels=1, image_size=12, widths=[8, 8, 8]).train()
+    with pytest.raises(ImgclfError, match="smaller shift"):
+        predict_logits(net, torch.zeros(2, 1, 12, 12, dtype=torch.uint8), (0.5,), (0.25,), tta_augment=["crop"],
+                       tta_shift=12)
+    assert net.training  # a refused prediction leaves a training net in training mode
     with pytest.raises(ImgclfError, match="tta_shift"):
         train(epochs=1, tta_shift=0, **FAST)
 

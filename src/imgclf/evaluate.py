@@ -148,18 +148,20 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
     every_view = tta_view_count(tta_augment, tta_shift) if tta_augment is not None else 1
     first = 2 if every_view > 1 and tta_flips(tta_augment) else 1  # the centre and its flip
     rows = torch.arange(len(images))
-    with autocast(device, precision):
-        logits = torch.cat([_sum_of_views(net, views(x), 0, first) for x in batches(rows)]) / first
-        if every_view > first:
-            # Full batches of the unsure images: small ones ran at a fraction of speed. Margin 1: all are unsure.
-            if tta_margin is not None and tta_margin < 1:
-                top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
-                rows = rows[(top2[:, 0] - top2[:, -1] < tta_margin).cpu()]  # a CPU index, as for the images
-            for start, x in zip(range(0, len(rows), batch_size), batches(rows), strict=True):
-                batch_rows = rows[start:start + batch_size]
-                rest = _sum_of_views(net, views(x), first, None)
-                logits[batch_rows] = (logits[batch_rows] * first + rest) / every_view
-    net.train(was_training)
+    try:  # a training net goes back to training mode also when a view is refused (tta_shift too large)
+        with autocast(device, precision):
+            logits = torch.cat([_sum_of_views(net, views(x), 0, first) for x in batches(rows)]) / first
+            if every_view > first:
+                # Full batches of the unsure images: small ones ran at a fraction of speed. Margin 1: all are unsure.
+                if tta_margin is not None and tta_margin < 1:
+                    top2 = logits.softmax(1).topk(min(2, logits.shape[1]), dim=1).values
+                    rows = rows[(top2[:, 0] - top2[:, -1] < tta_margin).cpu()]  # a CPU index, as for the images
+                for start, x in zip(range(0, len(rows), batch_size), batches(rows), strict=True):
+                    batch_rows = rows[start:start + batch_size]
+                    rest = _sum_of_views(net, views(x), first, None)
+                    logits[batch_rows] = (logits[batch_rows] * first + rest) / every_view
+    finally:
+        net.train(was_training)
     return logits
 
 
