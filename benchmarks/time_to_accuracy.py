@@ -100,8 +100,10 @@ def child(args: argparse.Namespace) -> None:
     result = imgclf.train(recipe=args.recipe, model=args.model, out=args.out, quiet=True, **overrides)
     if os.environ.get("RANK", "0") != "0":  # --nproc: rank 0 evaluates and reports
         return
+    started = time.perf_counter()
     metrics = imgclf.evaluate(result.run_dir, split=args.split)
     print(json.dumps({
+        "evaluate_seconds": time.perf_counter() - started,  # loading the run and its data, TTA included
         "accuracy": metrics["accuracy"], "split": args.split, "dataset": result.summary["dataset"],
         "train_seconds": result.summary["train_seconds"], "epochs": len(result.history),
         "train_images_per_s": result.summary["train_images_per_s"],
@@ -144,8 +146,9 @@ def time_to_accuracy(args: argparse.Namespace) -> None:
             run = json.loads(done.stdout.strip().splitlines()[-1])
             run["wall_seconds"] = wall
             runs.append(run)
-            print(f"seed {seed}: {run['accuracy']:.4f} {split} accuracy in {wall:.1f}s "
-                  f"({run['train_images_per_s']:,.0f} train img/s, peak RSS {run['peak_rss_mib']:,.0f} MiB)")
+            print(f"seed {seed}: {run['accuracy']:.4f} {split} accuracy in {wall:.1f}s (training "
+                  f"{run['train_seconds']:.1f}s, evaluation {run['evaluate_seconds']:.1f}s; "
+                  f"{run['train_images_per_s']:,.0f} train img/s, peak RSS {run['peak_rss_mib']:,.0f} MiB)")
     host = machine(speed_before, matmul_tflops())  # a speed that drifted during the runs shows
     accuracies = [r["accuracy"] * 100 for r in runs]
     walls = [r["wall_seconds"] for r in runs]

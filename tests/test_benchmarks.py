@@ -29,6 +29,7 @@ def test_time_to_accuracy_row(args, split, runs):
     out = run_script("time_to_accuracy.py", "--model", "mlp", "--dataset", "digits", "--epochs", "1",
                      "--runs", runs, "--no-save", *args)
     assert [f"seed {seed}:" in out for seed in range(3)] == [True] * runs + [False] * (3 - runs)
+    assert "s (training " in out and "s, evaluation " in out  # where each run's wall time went
     [row] = table_rows(out)
     assert row[:3] == ["mlp (1 epochs)", "digits", split]
     assert f"(n={runs})" in row[3] and float(row[4]) > 0  # accuracy mean ± std, wall seconds
