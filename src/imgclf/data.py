@@ -173,6 +173,14 @@ class Dataset:
                                  "(e.g. 0.1)" if carve else ""))
         return getattr(self, name)
 
+    def check_trainable(self) -> None:
+        """Refuse, in one line, a dataset that no classifier can be trained on."""
+        if len(self.train) == 0:
+            raise ImgclfError(f"{self.name} has no training images; give a dataset or folder with a train split")
+        if self.num_classes < 2:
+            raise ImgclfError(f"{self.name} has {self.num_classes} class; a classifier needs 2 or more "
+                              "(for a folder: one sub-folder per class)")
+
     def class_counts(self) -> dict[str, list[int]]:
         return {s: torch.bincount(split.labels, minlength=self.num_classes).tolist()
                 for s, split in self.splits().items()}

@@ -241,11 +241,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     data = dataset_obj or load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
                                        subset=config.data.subset, grayscale=config.data.grayscale,
                                        seed=cfg.seed, image_size=config.data.image_size)
-    if len(data.train) == 0:
-        raise ImgclfError(f"{data.name} has no training images; give a dataset or folder with a train split")
-    if data.num_classes < 2:
-        raise ImgclfError(f"{data.name} has {data.num_classes} class; a classifier needs 2 or more "
-                          "(for a folder: one sub-folder per class)")
+    data.check_trainable()
     if cfg.early_stopping and (data.val is None or len(data.val) == 0):
         raise ImgclfError(f"early stopping watches the val accuracy, and {data.name} has no val split here; "
                           "set --val-split above 0, or drop --early-stopping")

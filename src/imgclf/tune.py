@@ -350,9 +350,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     study_name = study or f"{Path(dataset).name}-{space_obj.name}"
     data = load_dataset(dataset, base.data.data_dir, val_split=base.data.val_split, subset=base.data.subset,
                         grayscale=base.data.grayscale, seed=base.train.seed, image_size=base.data.image_size)
-    if data.num_classes < 2:  # as train refuses it; here before the study holds --out for data that cannot train
-        raise ImgclfError(f"{data.name} has {data.num_classes} class; a classifier needs 2 or more "
-                          "(for a folder: one sub-folder per class)")
+    data.check_trainable()  # here too: before the study holds --out for data that cannot train
 
     storage_obj = open_storage(storage)  # first: a storage that does not open must not claim --out for its study
     _claim_out(out, study_name, storage if storage != str(out / "study.log") else "study.log")
