@@ -412,10 +412,24 @@ def test_a_half_written_journal_record_is_dropped_and_a_damaged_journal_is_a_one
         tune("digits", space, sampler="grid", pruner="none", trials=3, out=tmp_path / "out", quiet=True)
 
 
-def test_a_file_that_is_not_a_journal_is_refused_untouched(tmp_path, capsys):
+@pytest.mark.parametrize("text", ["mine\nno newline at the end",  # was cut at its last newline, then appended to
+                                  '{"name": "a compact JSON file"}',  # was cut to nothing
+                                  '{"name": "JSON lines"}\n{"name": "no newline at the end"}',
+                                  '"op_code"\n'])
+def test_a_file_that_is_not_a_journal_is_refused_untouched(tmp_path, capsys, text):
     notes = tmp_path / "notes.txt"
-    notes.write_text("mine\nno newline at the end")  # was cut at its last newline, then appended to
+    notes.write_text(text)
     assert main(["tune", "--dataset", "digits", "--storage", str(notes), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is damaged or not a journal" in err[0], err
-    assert notes.read_text() == "mine\nno newline at the end"
+    assert notes.read_text() == text
+
+
+def test_a_journal_whose_first_record_was_cut_short_is_started_again(tmp_path):
+    space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.001, 0.003]}})
+    journal = tmp_path / "out" / "study.log"
+    journal.parent.mkdir()
+    journal.write_bytes(b'{"op_code": 0, "worker_id": "killed mid-wri')
+    with pytest.warns(UserWarning, match="half-written record"):
+        result = tune("digits", space, sampler="grid", pruner="none", trials=1, out=tmp_path / "out", quiet=True)
+    assert len(load(tmp_path / "out", result.study).trials) == 1

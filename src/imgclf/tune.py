@@ -10,7 +10,6 @@ resumes it. The results are DIR/trials.csv, DIR/best.yaml (a recipe), DIR/figure
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import datetime
@@ -47,7 +46,6 @@ SAMPLERS = ("random", "grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DEFAULT_TRIALS = 20  # without --trials; a grid runs all its points
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts: failed trials are retried on a re-run
-JOURNAL_START = b'{"'  # how every record of an Optuna journal file begins: one compact JSON object a line
 HEARTBEAT_SECONDS = 60  # database storages: a trial whose worker is silent for 2 heartbeats is failed
 
 console = Console(highlight=False, soft_wrap=True)
@@ -58,18 +56,17 @@ console = Console(highlight=False, soft_wrap=True)
 def _open_journal(path: Path) -> optuna.storages.JournalStorage:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))  # the lock every append takes
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-        with open(path, "rb") as f:
-            start = f.read(len(JOURNAL_START))
-        # Any other file (notes, a run's model.json given to --storage by mistake) would be cut at its last
-        # newline below and then appended to: refuse it untouched.
-        if start and not JOURNAL_START.startswith(start):  # (a prefix: its first record was cut short)
-            raise ImgclfError(f"study journal {path} is damaged or not a journal (it does not start with an Optuna "
-                              "record); nothing was changed: give --storage a new file, or restore it from a backup")
-    if path.exists():
-        lock.acquire()
+    if path.is_file():
+        lock.acquire()  # a worker may be appending right now
         try:
-            _drop_half_written_record(path)
+            data = path.read_bytes()
+            # Any other file (notes, a run's model.json given to --storage by mistake) would be cut at its last
+            # newline below and then appended to: refuse it untouched.
+            if data and not _looks_like_journal(data):
+                raise ImgclfError(f"study journal {path} is damaged or not a journal (it does not start with an "
+                                  "Optuna record); nothing was changed: give --storage a new file, or restore it "
+                                  "from a backup")
+            _drop_half_written_record(path, data)
         finally:
             lock.release()
     try:
@@ -79,11 +76,21 @@ def _open_journal(path: Path) -> optuna.storages.JournalStorage:
                           "or tune into a new --out") from None
 
 
-def _drop_half_written_record(path: Path) -> None:
+def _looks_like_journal(data: bytes) -> bool:
+    """Optuna writes one JSON object with an "op_code" a line; a first line without its newline is a record
+    cut short by a kill (not valid JSON), or a complete record that lacks only the newline."""
+    first, newline, _ = data.partition(b"\n")
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return not newline and first.startswith(b'{"')
+    return isinstance(record, dict) and "op_code" in record
+
+
+def _drop_half_written_record(path: Path, data: bytes) -> None:
     """A worker killed in the middle of an append leaves a last line without its newline. Optuna skips it, but
     the next append would be glued to it and make the whole journal unreadable; the record never completed,
     so cut it off."""
-    data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
         with open(path, "r+b") as f:
