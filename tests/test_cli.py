@@ -256,6 +256,8 @@ def test_evaluate_on_another_dataset_with_matching_class_names(digits_run, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["train", "--dataset", "digits", "--seed", "-5"], "invalid seed -5"),
     (["train", "--dataset", "digits", "--out", "notes.txt"], "is a file, not a folder"),
+    (["compare", "no/such/run", "--out", "notes.txt"], "is a file, not a folder"),
+    (["datasets", "show", "digits", "--out", "notes.txt"], "is a file, not a folder"),
     (["export", "no/such/run"], "not a run folder"),
     (["serve", "no/such/run"], "not a run folder"),
     (["predict", "no/such/run", "x.png", "--top-k", "0"], "top-k 0: ask for 1 or more"),

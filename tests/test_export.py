@@ -66,9 +66,12 @@ def test_bad_targets_are_one_line_errors(tmp_path):
     assert export_onnx(run, tmp_path).path == tmp_path / "model.onnx"  # a folder, as for cp
     assert export_onnx(run, f"{tmp_path}/new/").path == tmp_path / "new" / "model.onnx"
     (tmp_path / "photo.png").write_bytes(b"mine")
-    with pytest.raises(ImgclfError, match="exists and is not an .onnx file"):
+    with pytest.raises(ImgclfError, match="is not an .onnx file name"):
         export_onnx(run, tmp_path / "photo.png")
     assert (tmp_path / "photo.png").read_bytes() == b"mine"
+    with pytest.raises(ImgclfError, match="is not an .onnx file name"):
+        export_onnx(run, tmp_path / "m.txt")
+    assert not (tmp_path / "m.txt").exists()
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ImgclfError, match="cannot write"):
         export_onnx(run, tmp_path / "afile" / "model.onnx")

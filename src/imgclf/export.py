@@ -100,8 +100,9 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     if Path(out).is_dir() or str(out).endswith(("/", os.sep)):  # a folder, as for cp: the file goes inside it
         out = Path(out) / "model.onnx"
     out = Path(out)
-    if out.exists() and out.suffix != ".onnx":
-        raise ImgclfError(f"{out} exists and is not an .onnx file; choose another --out (nothing was written)")
+    if out.suffix != ".onnx":  # an existing photo or notes file would be overwritten; a new m.txt misnamed
+        raise ImgclfError(f"{out} is not an .onnx file name; give --out a path ending in .onnx, or a folder "
+                          "ending in / (nothing was written)")
     tta, options = prediction_options(model, tta)
     # prediction_options turns TTA off for a run trained without flips or crops: only the image itself.
     views = tta_view_count(options["tta_augment"], options["tta_shift"]) if tta else 1

@@ -34,6 +34,7 @@ from imgclf.runs import (  # noqa: E402
     TrainedModel,
     atomic_write,
     load_model,
+    output_folder,
     read_json,
     read_metrics,
     runs_below,
@@ -387,6 +388,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path = "compare") ->
     A folder that is not a run stands for the finished runs anywhere below it (runs/, a study's trials/)."""
     if not run_dirs:
         raise ImgclfError("no runs to compare; give one or more run folders")
+    out_dir = output_folder(out_dir, "the comparison")
     named: dict[Path, tuple[Path, str]] = {}  # resolved run folder (a run given twice is one) -> (folder, name)
     for given in map(Path, run_dirs):
         if not given.is_dir() or (given / "config.yaml").exists():
@@ -423,7 +425,6 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path = "compare") ->
         })
     for row, differs in zip(rows, config_differences(configs), strict=True):
         row["differs"] = describe_settings(differs)
-    out_dir = Path(out_dir)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COMPARE_COLUMNS)
     writer.writeheader()
@@ -566,5 +567,5 @@ def plot_distribution(data: Dataset, path: str | Path) -> Path:
 
 def show_dataset(data: Dataset, out_dir: str | Path) -> list[Path]:
     """samples.png and distribution.png for a loaded dataset, in out_dir."""
-    out_dir = Path(out_dir)
+    out_dir = output_folder(out_dir, "the pictures")
     return [plot_samples(data, out_dir / "samples.png"), plot_distribution(data, out_dir / "distribution.png")]

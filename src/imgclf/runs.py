@@ -35,6 +35,15 @@ from imgclf.models import create_model
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
+def output_folder(path: str | Path, contents: str) -> Path:
+    """`path` as the --out folder for `contents`; a file there is refused before any work, not at the first write
+    with mkdir's "File exists"."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ImgclfError(f"--out {path} is a file, not a folder; give the folder to write {contents} into")
+    return path
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

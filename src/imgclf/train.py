@@ -38,6 +38,7 @@ from imgclf.optim import Lookahead, build_optimizer, lr_factor
 from imgclf.runs import (
     atomic_write,
     load_checkpoint,
+    output_folder,
     read_json,
     read_metrics,
     save_checkpoint,
@@ -112,8 +113,7 @@ def default_run_dir(config: RunConfig) -> Path:
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, str]:
     """Decide what to do with the folder: 'new', 'resume' or 'reuse'. Never touches an unrelated run."""
     config_path = run_dir / "config.yaml"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ImgclfError(f"--out {run_dir} is a file, not a folder; give the folder to write the run into")
+    output_folder(run_dir, "the run")
     if not config_path.exists():
         if resume:
             raise ImgclfError(f"{run_dir} holds no run to resume; drop --resume to start a new run there")

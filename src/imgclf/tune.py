@@ -39,7 +39,7 @@ from imgclf.config import RunConfig, apply_overrides, describe_settings, overrid
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.models import check_model_options
-from imgclf.runs import atomic_write, natural_key
+from imgclf.runs import atomic_write, natural_key, output_folder
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
 
 SAMPLERS = ("random", "grid", "tpe")
@@ -346,9 +346,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError("tuning scores trials on the validation split; pass --val-split 0.1 or give the space's "
                           "base a data.val_split > 0")
     grid = grid_points(space_obj) if sampler == "grid" else None
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ImgclfError(f"--out {out} is a file, not a folder; give the folder to write the study into")
+    out = output_folder(out, "the study")
     if (out / "config.yaml").exists():  # the study's figures/ and report.html would go over the run's own
         raise ImgclfError(f"--out {out} holds a training run; give the study a folder of its own, e.g. tune/NAME")
     storage = storage or str(out / "study.log")
