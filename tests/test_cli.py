@@ -270,6 +270,17 @@ def test_bad_input_in_process(args, message, tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and message in err[0]
 
 
+def test_summary_refuses_a_one_class_folder_as_train_does(tmp_path, capsys):
+    (tmp_path / "one" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (8, 8), 60 * i).save(tmp_path / "one" / "a" / f"{i}.png")
+    assert main(["summary", "--model", "mlp", "--dataset", str(tmp_path / "one"),
+                 "--data-dir", str(tmp_path / "cache")]) == 1
+    assert (tmp_path / "cache").is_dir()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 1 class; a classifier needs 2 or more" in err[0], err
+
+
 def test_warnings_are_one_line(tmp_path, capsys):
     for i in range(6):
         (tmp_path / "f" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,9 @@ def _summary(args: argparse.Namespace) -> None:
     dataset = args.dataset or (config.data.dataset if args.recipe else "cifar10")
     info = dataset_info(dataset)
     if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
-        data = load_dataset(dataset, val_split=0, grayscale=grayscale, image_size=config.data.image_size)
+        data = load_dataset(dataset, val_split=0, grayscale=grayscale, image_size=config.data.image_size,
+                            data_dir=args.data_dir)
+        data.check_trainable()  # not the summary of a model that train refuses
         channels, size, classes = data.in_channels, data.image_size, data.num_classes
     else:
         channels, classes = 1 if grayscale else info.channels, info.num_classes
@@ -349,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--recipe")
     p.add_argument("--dataset", help="input shape and classes from this dataset (default: the recipe's)")
+    p.add_argument("--data-dir", type=_path, help="where an image folder's decoded cache goes (as for train)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_summary)
 
