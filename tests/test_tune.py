@@ -326,6 +326,7 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--set", "model.filtrs=[8]"], "(did you mean 'filters'?)"),
     (["--set", "model.name=mlp"], "not --set model.name"),
     (["--out", "NOTES"], "is a file, not a folder"),
+    (["--storage", "RUN"], "is a folder; give a journal file in it"),
     (["--out", "RUN"], "holds a training run; give the study a folder of its own"),
     (["--dataset", "ONE_CLASS", "--data-dir", "CACHE"], "has 1 class; a classifier needs 2 or more"),
 ])

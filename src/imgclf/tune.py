@@ -103,6 +103,8 @@ def open_storage(url_or_path: str | Path) -> optuna.storages.BaseStorage:
     """A database URL (postgresql://, sqlite:///, mysql://) or the path of a journal file."""
     url = str(url_or_path)
     if "://" not in url:
+        if Path(url).is_dir():
+            raise ImgclfError(f"storage {url} is a folder; give a journal file in it, e.g. {Path(url) / 'study.log'}")
         return _open_journal(Path(url))
     shown = _shown(url)
     # The driver that imgclf[postgres] installs (SQLAlchemy >= 2.1 would look for psycopg 3); postgres:// is libpq's.
