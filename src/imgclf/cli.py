@@ -190,10 +190,12 @@ def _datasets(args: argparse.Namespace) -> None:
         if not args.show_name:
             raise UsageError("`imgclf datasets show` needs a dataset: imgclf datasets show NAME [--out DIR]")
         from imgclf.report import show_dataset
+        from imgclf.runs import output_folder
 
+        out = output_folder(args.out or f"dataset-{Path(args.show_name).name}", "the pictures")  # before a download
         data = load_dataset(args.show_name, args.data_dir, val_split=args.val_split)
         console.print(escape(data.summary()))
-        for path in show_dataset(data, args.out or f"dataset-{Path(args.show_name).name}"):
+        for path in show_dataset(data, out):
             console.print(f"wrote {escape(str(path))}")
         return
     if args.show_name or args.out:
