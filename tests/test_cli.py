@@ -239,6 +239,17 @@ def test_image_folder_end_to_end(tmp_path, capsys):
     assert "54 train / 6 val / 20 test images" in said.out + said.err  # the start line counts every split
     assert main(["evaluate", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] >= 0.9
+    assert main(["evaluate", str(out), "--split", "val"]) == 0
+    Image.new("RGB", (12, 12), "red").save(tmp_path / "shapes" / "train" / "red" / "new.png")
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--split", "val"]) == 1  # a new image moves others into the val split
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the one this run held out" in err[0], err
+    for args in (["datasets", "show", str(tmp_path / "shapes"), "--out", str(tmp_path / "shapes" / "pictures")],
+                 ["train", "--dataset", str(tmp_path / "shapes"), "--out", str(tmp_path / "shapes" / "run")]):
+        assert main(args) == 1  # what they write would be read as a class of images
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "inside the dataset folder" in err[0], err
 
 
 def test_evaluate_on_another_dataset_with_matching_class_names(digits_run, tmp_path, capsys):

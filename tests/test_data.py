@@ -391,7 +391,7 @@ def test_unsafe_tarball_is_refused(tmp_path, monkeypatch):
 
 def test_folder_with_splits(tmp_path):
     make_folder(tmp_path / "pets")
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable or non-image files, e\.g\. .*broken\.png"):
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable file\(s\) \(not 8- or 16-bit images\), .*broken\.png"):
         d = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0)
     assert d.class_names == ["cat", "dog"] and d.name == str(tmp_path / "pets")
     assert d.train.images.shape == (24, 3, 12, 12) and d.test.images.shape == (24, 3, 12, 12)
@@ -562,3 +562,79 @@ def test_real_mnist():
 def test_a_subset_larger_than_the_training_set_is_said():
     with pytest.warns(UserWarning, match="subset 100,000 is more than the 1,293 training images of digits"):
         assert len(load_dataset("digits", subset=100_000).train) == 1293
+
+
+def test_a_bad_mirror_falls_through_to_the_next(tmp_path, monkeypatch, server):
+    served, url = server
+    make_mnist(served / "good")
+    trust(monkeypatch, "mnist", served / "good")
+    make_mnist(served / "bad", n_train=10)  # other bytes under the same names: a changed mirror, a portal's page
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", [url + "bad/", url + "good/"])
+    assert len(load_dataset("mnist", tmp_path / "data", val_split=0).train) == 50
+
+
+def test_folders_of_images_that_are_not_square_or_too_big_need_an_image_size(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "f" / "ab"[i % 2] / f"{i}.png", size=(24, 10))
+    with pytest.raises(ImgclfError, match=r"are 24x10 \(not square\); pass --image-size N .* --image-size 24"):
+        load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    assert load_dataset(str(tmp_path / "f"), tmp_path / "cache", image_size=10).image_shape == (3, 10, 10)
+    for i in range(4):
+        make_image(tmp_path / "big" / "ab"[i % 2] / f"{i}.png", size=(1100, 1100))
+    with pytest.raises(ImgclfError, match="more than 1024 pixels a side.*--image-size 64"):
+        load_dataset(str(tmp_path / "big"), tmp_path / "cache")
+
+
+def test_a_phone_photo_counts_at_its_shown_size(tmp_path):
+    image = Image.new("RGB", (20, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 10 wide, 20 high
+    image.save(tmp_path / "photo.jpg", exif=exif)
+    assert data.read_header(str(tmp_path / "photo.jpg")) == (10, 20, False)
+
+
+def test_split_folders_go_by_their_usual_names_and_stray_class_folders_are_refused(tmp_path):
+    for split, n in (("Training", 4), ("valid", 2), ("Testing", 2)):
+        for i in range(n):
+            make_image(tmp_path / "f" / split / "ab"[i % 2] / f"{i}.png")
+    d = load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    assert d.class_names == ["a", "b"] and (len(d.train), len(d.val), len(d.test)) == (4, 2, 2)
+    make_image(tmp_path / "f" / "cat" / "1.png")  # beside the split folders: it would be ignored
+    with pytest.raises(ImgclfError, match=r"\(Testing/, Training/, valid/\) and also cat/: move .*/Training/"):
+        load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    (tmp_path / "f" / "cat" / "1.png").unlink()
+    (tmp_path / "f" / "cat").rmdir()
+    (tmp_path / "f" / "val").mkdir()
+    with pytest.raises(ImgclfError, match="has both val/ and valid/ for one split"):
+        load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+
+
+def test_dangling_links_and_32_bit_images_are_skipped_with_the_unreadable(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "f" / "ab"[i % 2] / f"{i}.png")
+    (tmp_path / "f" / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # an un-fetched git-annex file
+    Image.fromarray(np.full((12, 12), 0.5, np.float32)).save(tmp_path / "f" / "b" / "float.tif")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable .* e\.g\. .*gone\.png, .*float\.tif"):
+        d = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
+    assert len(d.train) + len(d.test) == 4
+    with pytest.raises(data.UnsupportedImage, match="convert it to 8 or 16 bits"):
+        data.read_image(tmp_path / "f" / "b" / "float.tif", "L", (12, 12))
+
+
+def test_a_changed_folder_replaces_its_cache(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "f" / "ab"[i % 2] / f"{i}.png")
+    load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    make_image(tmp_path / "f" / "a" / "new.png")
+    load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    load_dataset(str(tmp_path / "f"), tmp_path / "cache", grayscale=True)  # another reading keeps its own
+    assert len(list((tmp_path / "cache" / "folder-cache").glob("*.npz"))) == 2
+
+
+def test_the_validation_split_never_takes_a_class_whole():
+    lone = np.array([0] * 10 + [1] * 10 + [2])
+    for seed in range(20):
+        train, val = data._split_indices(lone, seed, test_size=0.3)
+        assert set(lone[train]) == {0, 1, 2} and len(train) + len(val) == len(lone)
+    d = load_dataset("digits", val_split=0.999)
+    assert d.class_counts()["train"] == [1] * 10

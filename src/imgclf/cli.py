@@ -192,8 +192,10 @@ def _datasets(args: argparse.Namespace) -> None:
         from imgclf.report import show_dataset
         from imgclf.runs import output_folder
 
-        out = output_folder(args.out or f"dataset-{Path(args.show_name).name}", "the pictures")  # before a download
-        data = load_dataset(args.show_name, args.data_dir, val_split=args.val_split)
+        name = Path(args.show_name).expanduser().resolve().name  # `show .` is named after the folder, too
+        # checked before a download or a folder's decoding
+        out = output_folder(args.out or f"dataset-{name}", "the pictures", args.show_name)
+        data = load_dataset(args.show_name, args.data_dir, val_split=args.val_split, image_size=args.image_size)
         console.print(escape(data.summary()))
         for path in show_dataset(data, out):
             console.print(f"wrote {escape(str(path))}")
@@ -202,7 +204,8 @@ def _datasets(args: argparse.Namespace) -> None:
         raise UsageError("a second name and --out only go with `show`; to draw it: "
                          f"imgclf datasets show {args.name or 'NAME'}")
     if args.name:
-        console.print(escape(load_dataset(args.name, args.data_dir, val_split=args.val_split).summary()))
+        data = load_dataset(args.name, args.data_dir, val_split=args.val_split, image_size=args.image_size)
+        console.print(escape(data.summary()))
         return
     table = Table("dataset", "classes", "image", "train", "test", "present")
     for d in list_datasets(args.data_dir):
@@ -397,13 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("datasets", help="list datasets, describe one, or `show NAME` to draw it",
-                       usage="imgclf datasets [NAME] | imgclf datasets show NAME [--out DIR] [--data-dir DIR]")
+                       usage="imgclf datasets [NAME] | imgclf datasets show NAME [--out DIR] [--data-dir DIR] "
+                             "[--image-size N]")
     p.add_argument("name", nargs="?", help="a dataset name or folder: show its classes and class distribution; "
                    "or `show`, then NAME: write samples.png and distribution.png")
     p.add_argument("show_name", nargs="?", metavar="NAME", help="after `show`: the dataset to draw")
     p.add_argument("--out", type=_path, help="with show: output folder (default: ./dataset-<name>)")
     p.add_argument("--data-dir", type=_path)
     p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--image-size", type=int, help="resize the images to this size in pixels (needed for a folder "
+                   "of non-square or large images)")
     p.set_defaults(func=_datasets)
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)  # so a stray argument is reported with its command's usage

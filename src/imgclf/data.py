@@ -29,12 +29,15 @@ from typing import BinaryIO
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from imgclf.config import MAX_IMAGE_SIZE
 from imgclf.errors import ImgclfError, did_you_mean
 
 SPLITS = ("train", "val", "test")
+# The names each split's folder goes by in the layouts users bring (Roboflow's valid/, Kaggle's Training/),
+# matched without regard to case.
+_SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 _FIXED_TEST_SEED = 0  # test splits we carve never depend on the run seed, so test scores stay comparable
 _CHUNK = 1024  # images per step of batched conversions: bounds the temporaries to tens of MB
 _DECODE_WORKERS = 2
@@ -125,6 +128,12 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def digest(self) -> str:
+        """Of its images and labels: tells whether a rebuilt split holds the same images as before."""
+        h = hashlib.sha256(self.images.contiguous().numpy())
+        h.update(self.labels.contiguous().numpy())
+        return h.hexdigest()[:16]
 
 
 @dataclass
@@ -228,7 +237,7 @@ def dataset_info(name: str) -> DatasetInfo:
                            d["description"])
     if not Path(name).expanduser().is_dir():
         raise _unknown(name)
-    class_names, _ = _scan_folder(Path(name).expanduser())
+    class_names, _, _ = _scan_folder(Path(name).expanduser())
     return DatasetInfo(name, len(class_names), None, None, None, None, class_names, "image folder")
 
 
@@ -276,13 +285,12 @@ def _download(urls: list[str], dest: Path, md5: str) -> None:
                 size = int(response.headers.get("Content-Length") or 0)
                 print(f"downloading {url} ({size / 1e6:.1f} MB)", file=sys.stderr, flush=True)
                 shutil.copyfileobj(response, out, 1 << 20)
-            if (got := _md5(tmp)) != md5:
-                raise ImgclfError(f"{url} failed its md5 check (got {got}, want {md5}); the download was "
-                                  f"corrupted or the mirror changed; run again, or put the canonical file "
-                                  f"at {dest}")
-            os.chmod(tmp, 0o644)  # mkstemp makes files private; datasets are meant to be shared
-            os.replace(tmp, dest)
-            return
+            if (got := _md5(tmp)) == md5:
+                os.chmod(tmp, 0o644)  # mkstemp makes files private; datasets are meant to be shared
+                os.replace(tmp, dest)
+                return
+            # a damaged transfer, a changed mirror or a captive portal's page: the next mirror may do better
+            failures.append(f"{url} failed its md5 check (got {got}, want {md5})")
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
             failures.append(f"{url}: {e}")
         finally:
@@ -463,30 +471,63 @@ def files_under(folder: Path) -> list[str]:
     return found
 
 
-def _scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
-    """Class names and (file, class) per split; a root without train/val/test folders is one split, 'all'."""
-    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"all": root}
+def _folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """The split folders of a dataset folder ({'all': root} where it has none), refusing ambiguous layouts."""
+    folders = _folders(root)
+    found: dict[str, list[Path]] = {}
+    for d in folders:
+        for split, names in _SPLIT_FOLDERS.items():
+            if d.name.lower() in names:
+                found.setdefault(split, []).append(d)
+    if not found:
+        return {"all": root}
+    if twice := next((dirs for dirs in found.values() if len(dirs) > 1), None):
+        raise ImgclfError(f"{root} has both {twice[0].name}/ and {twice[1].name}/ for one split; merge them, "
+                          "or rename one")
+    if others := [d.name for d in folders if d not in [ds[0] for ds in found.values()]]:
+        have = ", ".join(f"{ds[0].name}/" for ds in found.values())
+        raise ImgclfError(f"{root} has split folders ({have}) and also {', '.join(others[:3])}/: move class "
+                          f"folders into {found.get('train', next(iter(found.values())))[0]}/, or move the "
+                          "others out")
+    return {split: dirs[0] for split, dirs in found.items()}
+
+
+def _scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, str]]], dict[str, Path]]:
+    """Class names, (file, class) per split and the split folders; a root without train/val/test folders
+    (or their other names, _SPLIT_FOLDERS) is one split, 'all'."""
+    split_dirs = _split_dirs(root)
     files, classes = {}, set()
     for split, d in split_dirs.items():
-        class_dirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        class_dirs = _folders(d)
         classes.update(p.name for p in class_dirs)
         files[split] = [(f, c.name) for c in class_dirs for f in files_under(c)]
     if not classes:
         raise ImgclfError(f"{root} has no class sub-folders; put images in {root}/<class>/ "
                           f"or {root}/train/<class>/")
-    return sorted(classes), files
+    return sorted(classes), files, split_dirs
 
 
 def read_header(path: str) -> tuple[int, int, bool] | None:
+    """(width, height, gray) as the image is shown: a phone photo's EXIF rotation swaps width and height."""
     try:
         with Image.open(path) as im:  # reads the header only
-            return im.width, im.height, im.mode in _GRAY_MODES
+            turned = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+            w, h = (im.height, im.width) if turned else (im.width, im.height)
+            return w, h, im.mode in _GRAY_MODES
     except Exception:  # PIL raises many exception types for non-images; each means "skip this file"
         return None
 
 
 class TooManyPixels(ValueError):
     """An image that would decode to more pixels than the caller allows (its message: the decoded size)."""
+
+
+class UnsupportedImage(ValueError):
+    """An image file that reads but whose pixels imgclf cannot map to 0..255 (its message: why, and the fix)."""
 
 
 def read_image(path: str | Path | BinaryIO, mode: str, size: tuple[int, int],
@@ -504,6 +545,9 @@ def read_image(path: str | Path | BinaryIO, mode: str, size: tuple[int, int],
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise TooManyPixels(f"{im.width}x{im.height}")
         im = ImageOps.exif_transpose(im)  # phone photos: apply the rotation tag
+        if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):
+            # 32-bit integer or float pixels (scientific TIFFs) have no standard range: any scaling is a guess
+            raise UnsupportedImage(f"{im.mode} (32-bit) pixels; convert it to 8 or 16 bits")
         if im.mode.startswith("I"):  # 16-bit gray (I;16, or I as PNG opens it): PIL's convert clips to 255
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
@@ -539,8 +583,11 @@ def _decode_folder(root: Path, files: dict, class_names: list[str], channels: in
         raise ImgclfError(f"{root} has no readable images among {len(paths)} files; put PNG/JPEG/BMP/WebP/"
                           f"GIF images in {root}/<class>/ or {root}/<split>/<class>/")
     channels = channels or (1 if all(gray for _, _, gray in readable) else 3)
-    most_common = Counter((w, h) for w, h, _ in readable).most_common(1)[0][0]
-    w, h = (image_size, image_size) if image_size else most_common
+    w, h = (image_size, image_size) if image_size else Counter((w, h) for w, h, _ in readable).most_common(1)[0][0]
+    if w != h or w > MAX_IMAGE_SIZE:  # the models take square images, of small-image sizes
+        why = "not square" if w != h else f"more than {MAX_IMAGE_SIZE} pixels a side"
+        raise ImgclfError(f"most images in {root} are {w}x{h} ({why}); pass --image-size N to resize every image "
+                          f"to NxN, e.g. --image-size {min(max(w, h), 64)}")
     todo = [p for p in paths if headers[p] is not None]
     decode = partial(_decode_image, mode="L" if channels == 1 else "RGB", size=(w, h))
     decoded = dict(zip(todo, _map(decode, todo), strict=True))
@@ -588,15 +635,29 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+def _file_stamp(path: str) -> tuple[int, int, int]:
+    """(size, mtime, ctime) in ns: ctime changes with any rewrite, also one that restores size and mtime.
+    A file that cannot be read (a dangling link, say) gets -1s: it is decoded, fails and is skipped."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1, -1
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+
 def _load_folder(root: Path, cache_root: Path, channels: int | None,
                  image_size: int | None) -> tuple[list[str], Arrays]:
-    class_names, files = _scan_folder(root.resolve())
-    stats = [(p, st.st_size, st.st_mtime_ns) for entries in files.values() for p, _ in entries
-             for st in [os.stat(p)]]
+    class_names, files, split_dirs = _scan_folder(root.resolve())
+    stats = [(p, *_file_stamp(p)) for entries in files.values() for p, _ in entries]
     # Absolute paths: a moved folder decodes again. The class list: cached labels index it, and an empty class
-    # folder added or removed changes it without changing any file.
-    key = json.dumps(["v4", channels, image_size, class_names, stats])
-    cache = cache_root / "folder-cache" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    # folder added or removed changes it without changing any file. Named <folder>-<contents>, so that a new
+    # version of a folder's cache replaces the old one instead of piling up beside it.
+    folder_key = _digest(["v5", str(root.resolve()), channels, image_size])[:16]
+    cache = cache_root / "folder-cache" / f"{folder_key}-{_digest([class_names, stats])[:32]}.npz"
     needed = {"skipped"} | {f"{s}_{part}" for s in files for part in ("images", "labels", "files")}
     try:
         with np.load(cache) as z:
@@ -606,8 +667,11 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # no cache yet, or a damaged one
         arrays = _decode_folder(root.resolve(), files, class_names, channels, image_size)
         _write_cache(cache, arrays)
+        for old in cache.parent.glob(f"{folder_key}-*.npz"):
+            if old != cache:
+                old.unlink(missing_ok=True)
     if len(skipped := arrays["skipped"]):
-        warnings.warn(f"{root}: skipped {len(skipped)} unreadable or non-image files, e.g. "
+        warnings.warn(f"{root}: skipped {len(skipped)} unreadable file(s) (not 8- or 16-bit images), e.g. "
                       f"{', '.join(skipped[:3])}", stacklevel=3)
     splits = {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in files}
     if "all" in splits:
@@ -618,11 +682,11 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
         images = next(iter(splits.values()))[0]
         splits["train"] = images[:0], np.zeros(0, np.int64)
     elif empty := [c for i, c in enumerate(class_names) if not (splits["train"][1] == i).any()]:
-        where = root / "train" if (root / "train").is_dir() else root
+        where = split_dirs.get("train", root)
         if missing := [c for c in empty if not (where / c).is_dir()]:  # a class only the val or test split has
-            others = [s for s in SPLITS if (root / s / missing[0]).is_dir()]
-            raise ImgclfError(f"class folder {missing[0]} is in {root / others[0]} but not in {where}; add it with "
-                              f"training images, or remove it from {root / others[0]}")
+            other = next(d for d in split_dirs.values() if (d / missing[0]).is_dir())
+            raise ImgclfError(f"class folder {missing[0]} is in {other} but not in {where}; add it with "
+                              f"training images, or remove it from {other}")
         several = len(empty) > 1
         raise ImgclfError(f"class folder{'s' if several else ''} {', '.join(empty[:5])} in {where} "
                           f"hold{'' if several else 's'} no readable training images; add images or remove "
@@ -645,6 +709,11 @@ def _split_indices(labels: np.ndarray, seed: int, **size) -> tuple[np.ndarray, n
         except ValueError as e:
             raise ImgclfError(f"cannot split {len(labels)} images ({e}); use more images, or a smaller "
                               "--val-split / --subset") from e
+    # The first part (training images) must keep every class, which a large second part or a class of one or
+    # two images can take (stratified or not): one image of each class it lost comes back.
+    lost = np.setdiff1d(labels[b], labels[a])
+    back = np.array([b[labels[b] == c][0] for c in lost], dtype=idx.dtype)
+    a, b = np.concatenate([a, back]), np.setdiff1d(b, back)
     return np.sort(a), np.sort(b)
 
 

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from imgclf.config import load_recipe
-from imgclf.data import Dataset, TooManyPixels, files_under, load_dataset, read_header, read_image
+from imgclf.data import (
+    Dataset,
+    TooManyPixels,
+    UnsupportedImage,
+    canonical_dataset,
+    files_under,
+    load_dataset,
+    read_header,
+    read_image,
+)
 from imgclf.errors import ImgclfError
 from imgclf.loader import normalize
 from imgclf.runs import TrainedModel, load_model, warn_if_unfinished
@@ -261,6 +270,13 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
                          ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """evaluate() on a loaded model and dataset, also returning the logits and the (model-aligned) labels."""
     chosen = data.split(split)
+    if (split == "val" and model.info.get("val_digest") and canonical_dataset(data.name) == model.info.get("dataset")
+            and chosen.digest() != model.info["val_digest"]):
+        # A folder whose images changed since training (or another seed or --val-split) carves another validation
+        # split, which may hold training images: its score would look better than it is.
+        raise ImgclfError(f"the validation split of {data.name} is not the one this run held out (images added, "
+                          "removed or changed since training?), so it may hold training images; evaluate on "
+                          "--split test, or train again")
     if tuple(chosen.images.shape[1:]) != tuple(model.input_shape):
         raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
                           f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
@@ -295,6 +311,8 @@ def read_images(sources: list[str | Path | BinaryIO], input_shape: tuple[int, in
             arrays.append(read_image(source, "L" if c == 1 else "RGB", (w, h), max_pixels))
         except FileNotFoundError:
             raise ImgclfError(f"{name} does not exist; check the path") from None
+        except UnsupportedImage as e:
+            raise ImgclfError(f"{name} has {e}") from None
         except TooManyPixels as e:
             raise ImgclfError(f"{name} is {e}, more than the {max_pixels:,} pixels allowed; shrink it first") from None
         except Image.DecompressionBombError:

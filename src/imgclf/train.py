@@ -113,7 +113,7 @@ def default_run_dir(config: RunConfig) -> Path:
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, str]:
     """Decide what to do with the folder: 'new', 'resume' or 'reuse'. Never touches an unrelated run."""
     config_path = run_dir / "config.yaml"
-    output_folder(run_dir, "the run")
+    output_folder(run_dir, "the run", config.data.dataset)
     if not config_path.exists():
         if resume:
             raise ImgclfError(f"{run_dir} holds no run to resume; drop --resume to start a new run there")
@@ -321,7 +321,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     def save_weights() -> None:
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
-                   tta_margin=cfg.tta_margin, precision=precision)
+                   tta_margin=cfg.tta_margin, precision=precision,
+                   val_digest=data.val.digest() if data.val is not None and len(data.val) else None)
 
     def draw_curves() -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far

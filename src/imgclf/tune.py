@@ -348,7 +348,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError("tuning scores trials on the validation split; pass --val-split 0.1 or give the space's "
                           "base a data.val_split > 0")
     grid = grid_points(space_obj) if sampler == "grid" else None
-    out = output_folder(out, "the study")
+    out = output_folder(out, "the study", base.data.dataset)
     if (out / "config.yaml").exists():  # the study's figures/ and report.html would go over the run's own
         raise ImgclfError(f"--out {out} holds a training run; give the study a folder of its own, e.g. tune/NAME")
     storage = storage or str(out / "study.log")
