@@ -137,6 +137,30 @@ def test_a_killed_rank_ends_the_job_with_an_error_not_a_hang_and_resume_finishes
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
+def test_a_run_in_use_is_refused_and_killing_the_launcher_ends_its_ranks(tmp_path):
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "imgclf", "train", "--dataset", "digits", "--model", "cnn",
+                            "--epochs", "30", "--out", str(out), "--nproc", "2"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "IMGCLF_TEST_KILL": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, "-m", "imgclf", "train", "--resume", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and "is in use by another imgclf process" in second.stderr, second.stderr
+    assert _rank_pids(0) and _rank_pids(1)
+    job.send_signal(signal.SIGKILL)  # no handler runs: the ranks must end by themselves
+    job.wait(timeout=30)
+    deadline = time.time() + 30
+    while (_rank_pids(0) or _rank_pids(1)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _rank_pids(0) and not _rank_pids(1)
+    usage = subprocess.run([sys.executable, "-m", "imgclf", "train", "--resume", "--out", str(out), "--lr", "0.1",
+                            "--nproc", "2"], capture_output=True, text=True, timeout=240)
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1, usage.stderr
+
+
 def test_a_killed_rank_is_named_even_when_its_peer_ended_first(monkeypatch):
     """The agent may record rank 0's "lost contact" exit (status 1) before rank 1's SIGKILL that caused it."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure

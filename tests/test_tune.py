@@ -5,8 +5,10 @@ Everything runs on scikit-learn's 8x8 digits (offline, a second per trial), in s
 
 import csv
 import glob
+import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +28,7 @@ from imgclf.cli import main
 from imgclf.config import RunConfig
 from imgclf.errors import ImgclfError
 from imgclf.models import count_params, create_model
+from imgclf.report import write_report
 from imgclf.spaces import grid_points, list_spaces, load_space, suggest, trial_config
 from imgclf.tune import tune
 
@@ -434,3 +437,37 @@ def test_a_journal_whose_first_record_was_cut_short_is_started_again(tmp_path):
     with pytest.warns(UserWarning, match="half-written record"):
         result = tune("digits", space, sampler="grid", pruner="none", trials=1, out=tmp_path / "out", quiet=True)
     assert len(load(tmp_path / "out", result.study).trials) == 1
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"data.subset": {"type": "categorical", "choices": [300, 400]}}, "data.subset cannot be searched"),
+    ({"a": {"type": "categorical", "choices": [0.01, 0.02], "set": ["train.lr"]},
+      "train.lr": {"type": "float", "low": 0.001, "high": 0.1}}, "parameters a and train.lr both set train.lr"),
+    ({"train.epochs": {"type": "categorical", "choices": ["one", "two"]}}, "option epochs is 'one', which is not"),
+    ({"train.lr": {"type": "float", "low": 0.001, "high": 0.1, "step": 0}}, "step must be a number above 0"),
+])
+def test_a_space_whose_values_would_be_ignored_or_fail_every_trial_is_refused(params, message, tmp_path):
+    with pytest.raises(ImgclfError, match=re.escape(message)):
+        load_space(write_space(tmp_path, params))
+
+
+def test_tune_options_that_a_searched_parameter_would_overwrite_are_refused(tmp_path):
+    space = write_space(tmp_path, {"train.epochs": {"type": "int", "low": 1, "high": 2}})
+    with pytest.raises(ImgclfError, match="--epochs 1 would be overwritten: space space searches train.epochs"):
+        tune("digits", space, trials=1, epochs=1, out=tmp_path / "out", quiet=True)
+
+
+def test_a_relative_storage_is_the_file_it_named_when_the_study_began(tmp_path, monkeypatch):
+    space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}})
+    monkeypatch.chdir(tmp_path)
+    tune("digits", space, trials=1, storage="sqlite:///x.db", out="out", quiet=True)
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["storage"] == f"sqlite:///{tmp_path / 'x.db'}"
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # the same words name another file from here
+    with pytest.raises(ImgclfError, match=f"in sqlite:///{tmp_path / 'x.db'}, not in sqlite:///{tmp_path / 'sub'}"):
+        tune("digits", space, trials=2, storage="sqlite:///x.db", out="../out", quiet=True)
+    assert not (tmp_path / "sub" / "x.db").exists()  # nor is an empty storage left there
+    assert tune("digits", space, trials=2, storage=f"sqlite:///{tmp_path / 'x.db'}", out="../out",
+                quiet=True).counts["COMPLETE"] == 2
+    with pytest.raises(ImgclfError, match=r"is a tuning study, not a run: its report is \.\./out/report\.html"):
+        write_report("../out")

@@ -223,7 +223,8 @@ def _report(args: argparse.Namespace) -> None:
     if args.open:
         import webbrowser
 
-        webbrowser.open(path.resolve().as_uri())
+        if not webbrowser.open(path.resolve().as_uri()):
+            warnings.warn("no web browser found to open it; open the file above yourself", stacklevel=1)
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -196,10 +196,10 @@ def _build(cls: type, values: dict[str, Any], source: str) -> Any:
         hints = "".join(did_you_mean(u, names) for u in sorted(unknown, key=str))
         raise ImgclfError(f"{source}: unknown option(s) {sorted(unknown, key=str)}{hints}; "
                           f"valid options: {', '.join(names)}")
-    return cls(**{name: _typed(name, names[name].type, value, source) for name, value in values.items()})
+    return cls(**{name: typed_option(name, names[name].type, value, source) for name, value in values.items()})
 
 
-def _typed(name: str, kind: str, value: Any, source: str) -> Any:
+def typed_option(name: str, kind: str, value: Any, source: str) -> Any:
     """A recipe value as its field's type (`kind`, e.g. "float | None"), or a one-line error naming it."""
     optional, base = kind.endswith(" | None"), kind.removesuffix(" | None")
     if value is None and optional:
@@ -387,6 +387,6 @@ def apply_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
             continue
         section = getattr(config, override_path(key).split(".")[0])
         kind = {f.name: f.type for f in dataclasses.fields(section)}[key]
-        setattr(section, key, _typed(key, kind, value, "settings"))
+        setattr(section, key, typed_option(key, kind, value, "settings"))
     config.validate()
     return config

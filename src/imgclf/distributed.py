@@ -12,6 +12,7 @@ What a distributed run means (the same as a single-process run of the same confi
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -30,6 +31,8 @@ from imgclf.errors import ImgclfError, PeerLost
 # A rank that waits longer than this for the others gives up, so a stuck or dead peer ends the job
 # instead of hanging it. Rank 0 writes checkpoints and plots between epochs, far below this.
 TIMEOUT_SECONDS = float(os.environ.get("IMGCLF_DIST_TIMEOUT", 300))
+
+LAUNCHER_PID = "IMGCLF_LAUNCHER_PID"  # set by `imgclf train --nproc` for its ranks, which end with it
 
 
 @dataclass
@@ -86,10 +89,22 @@ def launched_by_torchrun() -> bool:
     return world_size() > 1
 
 
+def _end_with_launcher() -> None:
+    """A rank of `imgclf train --nproc` ends when its launcher does, even killed (SIGKILL runs no handler that
+    could stop it): else it trains on, unseen, and writes the run folder beside the next command."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(launcher):  # it ended before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def setup(device_name: str) -> tuple[Context, torch.device | None]:
     """Join the process group when started by torchrun; returns the context and, on CUDA, this rank's GPU."""
     if not launched_by_torchrun():
         return Context(), None
+    _end_with_launcher()
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     backend = "nccl" if cuda else "gloo"
     device = None
@@ -150,6 +165,7 @@ def peer_failure(ctx: Context, error: BaseException) -> ImgclfError | None:
 
 def launch(nproc: int, argv: list[str]) -> None:
     """`imgclf train --nproc N ...`: run `torchrun --standalone --nproc_per_node N -m imgclf ...` here."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -158,17 +174,22 @@ def launch(nproc: int, argv: list[str]) -> None:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.5)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say what failed, once
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:  # we say what failed, once
+        if name.startswith("torch.distributed.elastic"):  # (its modules' loggers set their own levels)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     try:
         elastic_launch(config, sys.executable)("-m", "imgclf", *argv)
+    except SignalException as e:  # the agent has stopped the ranks; the last checkpoint stays resumable
+        raise ImgclfError(f"stopped by {e.sigval.name}; the ranks were stopped: continue with --resume") from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         # A rank killed by a signal is the cause, whichever the agent saw first: a peer that lost contact with it
         # may have ended (status 1, its error said) by the same poll. SIGTERM is the agent stopping the others.
         rank, failure = next(((r, f) for r, f in sorted(e.failures.items())
                               if f.exitcode < 0 and -f.exitcode != signal.SIGTERM), (rank, failure))
-        if failure.exitcode == 1:  # the rank printed its one-line error; the others were stopped
-            raise SystemExit(1) from None
+        if failure.exitcode in (1, 2):  # the rank said its one-line error (2: a usage error); the others stopped
+            raise SystemExit(failure.exitcode) from None
         raise ImgclfError(f"distributed training failed: rank {rank} ended with status {failure.exitcode} "
                           f"({failure.signal_name() if failure.exitcode < 0 else 'see its output above'}); "
                           "the other ranks were stopped") from None

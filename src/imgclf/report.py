@@ -209,6 +209,9 @@ def _finished_run(run_dir: str | Path) -> Path:
         raise ImgclfError(f"{run_dir} holds a run that has not finished; continue it with "
                           f"`imgclf train --resume --out {run_dir}`")
     missing = [f for f in ("config.yaml", "summary.json", "model.json") if not (run_dir / f).exists()]
+    if missing and (run_dir / "study.json").exists():
+        raise ImgclfError(f"{run_dir} is a tuning study, not a run: its report is {run_dir / 'report.html'} "
+                          f"(re-run the same `imgclf tune` to rewrite it); for a trial, give {run_dir / 'trials'}/N-K")
     if missing:
         raise ImgclfError(f"{run_dir} is not a finished run ({', '.join(missing)} missing); "
                           "give the --out folder of a finished `imgclf train` run")

@@ -13,6 +13,7 @@ leaves the previous version intact, never a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -49,6 +50,27 @@ def output_folder(path: str | Path, contents: str, dataset: str | None = None) -
             raise ImgclfError(f"--out {path} is inside the dataset folder {folder}, where {contents} would be read "
                               "as images of a class; give a folder outside it")
     return path
+
+
+@contextlib.contextmanager
+def held_folder(path: Path, busy: str):
+    """An exclusive lock on folder `path` (made if missing) while the block runs; ImgclfError(busy) if another
+    process holds it. The system drops it when the process ends, killed or not: no stale lock is left."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs are not guarded there
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImgclfError(busy) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 import yaml
 
-from imgclf.config import DataConfig, RunConfig, TrainConfig, over_base, read_shipped_or_file
+from imgclf.config import RunConfig, TrainConfig, over_base, read_shipped_or_file, typed_option
 from imgclf.errors import ImgclfError
 from imgclf.models import MODELS
 
@@ -69,8 +69,13 @@ def load_space(name_or_path: str | Path) -> Space:
                           "options (which may name a recipe under its own base:)")
     space = Space(path.stem, raw.get("description") or "", over_base(base, path.parent), raw["params"])
     base = RunConfig.from_dict(space.base, source=f"{source}: base")
+    written: dict[str, str] = {}
     for name, spec in space.params.items():
         _check_param(source, space, name, spec, base.model.name)
+        for path in param_paths(name, spec):
+            if path in written:  # the later value would win, and the trial's record would show both
+                raise ImgclfError(f"{source}: parameters {written[path]} and {name} both set {path}; keep one")
+            written[path] = name
     return space
 
 
@@ -97,6 +102,8 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
                 raise ImgclfError(f"{where}: int needs integer low and high; use type: float for fractions")
             if part.get("log") and (low <= 0 or part.get("step") is not None):
                 raise ImgclfError(f"{where}: log scale needs low > 0 and no step")
+            if part.get("step") is not None and not (isinstance(part["step"], int | float) and part["step"] > 0):
+                raise ImgclfError(f"{where}: step must be a number above 0, got {part['step']!r}")
         elif kind == "categorical":
             choices = part.get("choices")
             if not isinstance(choices, list) or not choices or not all(
@@ -107,13 +114,23 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
             raise ImgclfError(f"{where}: type {kind!r}; use int, float or categorical (or value: V for a fixed one)")
     for path in param_paths(name, spec):
         section, _, key = str(path).partition(".")
-        valid = {"data": {f.name for f in dataclasses.fields(DataConfig)},
-                 "train": {f.name for f in dataclasses.fields(TrainConfig)}}.get(section)
+        if section == "data":  # trials train on the data the study loaded once: a sampled value would be ignored
+            raise ImgclfError(f"{where}: {path} cannot be searched, as every trial trains on the same data; set it "
+                              "in the space's base, or with tune's --subset, --val-split or --dataset")
+        fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)} if section == "train" else {}
+        valid = set(fields) if section == "train" else None
         if section == "model":
             valid = {"name"} | set(inspect.signature(MODELS[model].builder).parameters) if model in MODELS else {key}
         if valid is None or key not in valid:
-            raise ImgclfError(f"{where}: '{path}' is not a config path; use data.X, train.X (see `imgclf train "
-                              f"--help`) or model.X with an option of model {model} (see README, Models)")
+            raise ImgclfError(f"{where}: '{path}' is not a config path; use train.X (see `imgclf train --help`) "
+                              f"or model.X with an option of model {model} (see README, Models)")
+        if key in fields and not isinstance(spec, list):  # each value a trial may take, typed as the recipe's
+            if not isinstance(spec, dict):
+                values = [spec]
+            else:
+                values = [spec["value"]] if "value" in spec else spec.get("choices") or []
+            for value in values:
+                typed_option(key, fields[key], value, where)
 
 
 def _is_int(spec: Any) -> bool:
@@ -193,7 +210,8 @@ def trial_config(base: RunConfig, space: Space, values: dict[str, Any]) -> RunCo
                 config.model.name = value
             elif section == "model":
                 config.model.options[key] = value
-            else:
-                setattr(getattr(config, section), key, value)
+            else:  # a sampled float for an int setting fails here, in one line, as a recipe's would
+                kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[key]
+                setattr(config.train, key, typed_option(key, kind, value, f"trial parameter {name}"))
     config.validate("trial config")
     return config

@@ -7,6 +7,7 @@ checkpoint, the metrics and the model after every epoch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,6 +38,7 @@ from imgclf.models import count_params, create_model
 from imgclf.optim import Lookahead, build_optimizer, lr_factor
 from imgclf.runs import (
     atomic_write,
+    held_folder,
     load_checkpoint,
     output_folder,
     read_json,
@@ -180,8 +182,9 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     ctx, rank_device = distributed.setup(config.train.device)
     threads, finished = torch.get_num_threads(), False
     try:
-        result = _train(config, out, resume, dataset_obj, quiet or not ctx.is_main, report, tensorboard, on_epoch,
-                        ctx, rank_device)
+        with contextlib.ExitStack() as held:  # the run folder, while this process trains in it
+            result = _train(config, out, resume, dataset_obj, quiet or not ctx.is_main, report, tensorboard,
+                            on_epoch, ctx, rank_device, held)
         finished = True
         return result
     except RuntimeError as e:
@@ -191,14 +194,20 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         distributed.cleanup(ctx, finished)
 
 
-def _open_run(config: RunConfig, out: str | Path | None, resume: bool,
-              ctx: distributed.Context) -> tuple[RunConfig, Path, str]:
-    """Rank 0 decides the run folder and what to do with it; every rank gets its decision (or its error)."""
+def _open_run(config: RunConfig, out: str | Path | None, resume: bool, ctx: distributed.Context,
+              held: contextlib.ExitStack) -> tuple[RunConfig, Path, str]:
+    """Rank 0 decides the run folder and what to do with it, and holds it while it trains there (a second
+    process, say a --resume while the run goes on, is refused); every rank gets its decision (or its error)."""
     decision = None
     if ctx.is_main:
         run_dir = Path(out) if out else default_run_dir(config)
         try:
-            config, mode = prepare_run_dir(config, run_dir, resume)
+            given = config
+            config, mode = prepare_run_dir(given, run_dir, resume)
+            if mode != "reuse":
+                held.enter_context(held_folder(run_dir, f"{run_dir} is in use by another imgclf process (training "
+                                               "there); wait for it to end or stop it, or choose another --out"))
+                config, mode = prepare_run_dir(given, run_dir, resume)  # as it is now that no one else writes
             decision = (config, run_dir, mode, None)
         except ImgclfError as e:
             decision = (None, None, None, str(e))
@@ -209,12 +218,13 @@ def _open_run(config: RunConfig, out: str | Path | None, resume: bool,
 
 
 def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, quiet: bool, report: bool,
-           tensorboard: bool, on_epoch, ctx: distributed.Context, rank_device: torch.device | None) -> TrainResult:
+           tensorboard: bool, on_epoch, ctx: distributed.Context, rank_device: torch.device | None,
+           held: contextlib.ExitStack) -> TrainResult:
     # An image folder and a data folder are recorded by their absolute paths, so that `imgclf evaluate RUN`
     # finds them from any folder.
     config = dataclasses.replace(config, data=dataclasses.replace(
         config.data, dataset=canonical_dataset(config.data.dataset), data_dir=canonical_data_dir(config.data.data_dir)))
-    config, run_dir, mode = _open_run(config, out, resume, ctx)
+    config, run_dir, mode = _open_run(config, out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
         say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "

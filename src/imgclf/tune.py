@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     dataset = canonical_dataset(dataset)  # a folder by its absolute path: `odd`, `./odd/` and /abs/odd are one
     base.data.dataset, base.data.data_dir = dataset, data_dir or base.data.data_dir
     base.data.subset = subset or base.data.subset
+    if epochs and "train.epochs" in searched_paths(space_obj):
+        raise ImgclfError(f"--epochs {epochs} would be overwritten: space {space_obj.name} searches train.epochs; "
+                          "drop --epochs")
     base.train.epochs = epochs or base.train.epochs
     if val_split is not None and not 0 < val_split < 1:
         raise ImgclfError(f"val split {val_split} must be a fraction between 0 and 1, e.g. 0.1")
@@ -351,7 +355,11 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     out = output_folder(out, "the study", base.data.dataset)
     if (out / "config.yaml").exists():  # the study's figures/ and report.html would go over the run's own
         raise ImgclfError(f"--out {out} holds a training run; give the study a folder of its own, e.g. tune/NAME")
-    storage = storage or str(out / "study.log")
+    given_storage = storage
+    journal = out / "study.log"
+    storage = absolute_storage(storage) if storage else str(journal)
+    # The default journal is named relative to --out, wherever --out is reached from.
+    claimed = "study.log" if storage in (str(journal), str(journal.resolve())) else storage
     if study is not None and not study.strip():  # not quietly the default study, which may be another's
         raise ImgclfError("--study is empty; give the study a name, or leave --study out for DATASET-SPACE")
     study_name = study or f"{Path(dataset).name}-{space_obj.name}"
@@ -359,8 +367,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
                         grayscale=base.data.grayscale, seed=base.train.seed, image_size=base.data.image_size)
     data.check_trainable()  # here too: before the study holds --out for data that cannot train
 
-    storage_obj = open_storage(storage)  # first: a storage that does not open must not claim --out for its study
-    _claim_out(out, study_name, storage if storage != str(out / "study.log") else "study.log")
+    write_claim = _check_claim(out, study_name, claimed, given_storage)  # before a storage is made for nothing
+    storage_obj = open_storage(storage)  # next: a storage that does not open must not claim --out for its study
+    write_claim()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_obj = optuna.create_study(study_name=study_name, storage=storage_obj, direction="maximize",
                                     load_if_exists=True)
@@ -466,10 +475,11 @@ def _run_processes(job: Job, n_trials: int, processes: int, seed: int) -> list[i
     return [i + 1 for i, w in enumerate(workers) if w.exitcode != 0]
 
 
-def _claim_out(out: Path, study: str, storage: str) -> None:
+def _check_claim(out: Path, study: str, storage: str, as_given: str | None) -> Callable[[], None]:
     """One study per output folder: its trial runs (trials/N-K), trials.csv, report and best.yaml are that
     study's, so a second study there would overwrite them and fail on the first one's trial folders.
-    `storage` is "study.log" for the journal inside `out`, wherever `out` is reached from."""
+    `storage` is "study.log" for the journal inside `out`, else absolute; a study claimed before imgclf made
+    storages absolute holds them as given. Returns what claims `out` for the study (a no-op if it is claimed)."""
     marker, claim = out / "study.json", {"study": study, "storage": _shown(storage)}
     try:
         held = json.loads(marker.read_text())
@@ -479,11 +489,29 @@ def _claim_out(out: Path, study: str, storage: str) -> None:
         raise ImgclfError(f"{marker} is damaged (not the JSON imgclf writes); restore it, or delete it if {out} "
                           f"holds study '{study}'") from None
     if held is None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(marker, json.dumps(claim))
-    elif held != claim:
+        def write() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(marker, json.dumps(claim))
+        return write
+    if held.get("study") == study and held.get("storage") not in (claim["storage"], as_given and _shown(as_given)):
+        fix = "leave out --storage" if held.get("storage") == "study.log" else f"give --storage {held.get('storage')}"
+        raise ImgclfError(f"{out} holds study '{study}' in {held.get('storage')}, not in {claim['storage']}; to go "
+                          f"on with it, {fix} (or give this study its own --out)")
+    if held.get("study") != study:
         raise ImgclfError(f"{out} holds study '{held.get('study')}' in {held.get('storage')}; give study '{study}' "
                           f"({claim['storage']}) its own --out")
+    return lambda: None
+
+
+def absolute_storage(storage: str) -> str:
+    """A journal path or SQLite URL made absolute: a relative one names another file from another folder."""
+    if "://" not in storage:
+        return str(Path(storage).expanduser().resolve())
+    prefix = "sqlite:///"
+    path, query = storage.removeprefix(prefix).partition("?")[::2]
+    if not storage.startswith(prefix) or path.startswith("/") or path in ("", ":memory:"):
+        return storage
+    return prefix + str(Path(path).expanduser().resolve()) + ("?" + query if query else "")
 
 
 def dataset_identity(dataset: str, data: Dataset) -> str:
