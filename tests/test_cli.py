@@ -272,6 +272,8 @@ def test_evaluate_on_another_dataset_with_matching_class_names(digits_run, tmp_p
     (["export", "no/such/run"], "not a run folder"),
     (["serve", "no/such/run"], "not a run folder"),
     (["predict", "no/such/run", "x.png", "--top-k", "0"], "top-k 0: ask for 1 or more"),
+    (["train", "--dataset", "digits", "--augment", "cutout", "--set", "cutout_size=8"], "cutout_size 8 is not smaller"),
+    (["train", "--dataset", "digits", "--set", "lr="], "setting 'lr=' has no value; give one, or lr=null"),
 ])
 def test_bad_input_in_process(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -307,6 +309,8 @@ def test_warnings_are_one_line(tmp_path, capsys):
     ("model.json", '{"format": "imgclf-model", "architecture": "cnn"}', "predict", "not an imgclf model description"),
     ("summary.json", "{broken", "compare", "summary.json is damaged"),
     ("metrics.csv", "epoch,val_acc\n1,0.5,extra\n", "report", "metrics.csv is damaged"),
+    ("metrics.csv", "a,b\n1,2\n", "report", "metrics.csv is damaged"),
+    ("metrics.csv", "epoch,val_acc\n1\n", "report", "metrics.csv is damaged"),
     ("config.yaml", "[unclosed", "compare", "config.yaml is damaged"),
     ("summary.json", None, "report", "has not finished; continue it with"),
 ])

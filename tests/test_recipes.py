@@ -2,7 +2,7 @@
 
 import pytest
 
-from imgclf.config import list_recipes, load_recipe
+from imgclf.config import describe_settings, list_recipes, load_recipe, parse_settings
 from imgclf.data import dataset_info
 from imgclf.errors import ImgclfError
 from imgclf.models import count_params, create_model
@@ -146,3 +146,9 @@ def test_a_recipe_value_of_the_wrong_type_or_range_is_a_one_line_error(tmp_path,
     with pytest.raises(ImgclfError) as error:
         load_recipe(recipe)
     assert problem in str(error.value) and "\n" not in str(error.value)
+
+
+def test_settings_are_described_as_set_takes_them():
+    assert describe_settings({"subset": None, "tta": True, "lr": 0.003162, "model.filters": [8, 16]}) == (
+        "subset=null tta=true lr=0.00316 model.filters=[8,16]")
+    assert parse_settings(["subset=null", "tta=true"]) == {"subset": None, "tta": True}

@@ -112,8 +112,10 @@ def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch, extra)
     assert [r["epoch"] for r in read_metrics(tmp_path / "resumed" / "metrics.csv")] == [1, 2]
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
 
+    before = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["seconds"]
     resumed = train(out=tmp_path / "resumed", resume=True, quiet=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.summary["seconds"] > before > 0  # the whole training, not only the last process's
     a = safetensors.torch.load_file(straight.run_dir / "model.safetensors")
     b = safetensors.torch.load_file(resumed.run_dir / "model.safetensors")
     for key in a:

@@ -145,16 +145,17 @@ def _summary(args: argparse.Namespace) -> None:
         raise UsageError("give --model NAME or --recipe NAME_OR_YAML")
     config = make_config(recipe=args.recipe, model=args.model)  # --model replaces the recipe's, as in train
     name, options, grayscale = config.model.name, config.model.options, config.data.grayscale
+    image_size = args.image_size or config.data.image_size
     dataset = args.dataset or (config.data.dataset if args.recipe else "cifar10")
     info = dataset_info(dataset)
     if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
-        data = load_dataset(dataset, val_split=0, grayscale=grayscale, image_size=config.data.image_size,
+        data = load_dataset(dataset, val_split=0, grayscale=grayscale, image_size=image_size,
                             data_dir=args.data_dir)
         data.check_trainable()  # not the summary of a model that train refuses
         channels, size, classes = data.in_channels, data.image_size, data.num_classes
     else:
         channels, classes = 1 if grayscale else info.channels, info.num_classes
-        size = config.data.image_size or info.image_size
+        size = image_size or info.image_size
     if not args.json:
         console.print(f"{escape(name)} for {escape(dataset)}: {channels}x{size}x{size} images, {classes} classes"
                       f"{' (--dataset NAME for another)' if not args.dataset else ''}")
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe")
     p.add_argument("--dataset", help="input shape and classes from this dataset (default: the recipe's)")
     p.add_argument("--data-dir", type=_path, help="where an image folder's decoded cache goes (as for train)")
+    p.add_argument("--image-size", type=int, help="the images resized to this size in pixels, as train's option")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_summary)
 

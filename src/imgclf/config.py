@@ -328,6 +328,8 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
         if not equals or not key.strip():
             raise ImgclfError(f"setting '{setting}' is not KEY=VALUE; write e.g. --set lr=0.1 or "
                               "--set model.widths=[32,64]")
+        if not value.strip():  # YAML would read it as null: a forgotten value would quietly mean the default
+            raise ImgclfError(f"setting '{setting}' has no value; give one, or {key.strip()}=null for the default")
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -349,6 +351,8 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
 def describe_settings(values: dict[str, Any]) -> str:
     """`lr=0.00316 model.filters=[8,16]`: settings in one short line."""
     def short(v: Any) -> str:
+        if v is None or isinstance(v, bool):  # as YAML, and so --set, writes them
+            return yaml.safe_dump(v).split("\n")[0]
         if isinstance(v, float):
             return f"{v:.3g}"
         if isinstance(v, list):

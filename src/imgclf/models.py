@@ -194,7 +194,8 @@ def _conv_stack(
             if size // p < 1:
                 raise ImgclfError(
                     f"max-pool {p} after conv layer {i} gets a {size}x{size} feature map and would shrink it "
-                    f"to 0x0; use fewer max-pools{' or padding: same' if padding == 'valid' else ''}"
+                    f"to 0x0; use larger images (--image-size), or fewer max-pools"
+                    f"{' or padding: same' if padding == 'valid' else ''} (the model's options)"
                 )
             layers.append((f"{name}_pool", nn.MaxPool2d(p)))
             size //= p

@@ -405,7 +405,10 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path = "compare") ->
             raise ImgclfError(f"{given} is not a run folder and holds no finished runs; give the --out folder of a "
                               "finished `imgclf train` run, or a folder of them")
         for run_dir in finished:
-            named.setdefault(_finished_run(run_dir).resolve(), (run_dir, str(run_dir.relative_to(given))))
+            try:
+                named.setdefault(_finished_run(run_dir).resolve(), (run_dir, str(run_dir.relative_to(given))))
+            except ImgclfError as e:  # one damaged run among many: the rest still compare, as unfinished ones do
+                warnings.warn(f"skipped {e}", stacklevel=2)
     names = [name for _, name in named.values()]
     rows, configs = [], []
     for run_dir, name in named.values():

@@ -61,6 +61,7 @@ def held_folder(path: Path, busy: str):
     except ImportError:  # Windows: no flock; runs are not guarded there
         yield
         return
+    made = [d for d in (path, *path.parents) if not d.exists()]  # deepest first
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -71,6 +72,9 @@ def held_folder(path: Path, busy: str):
         yield
     finally:
         os.close(fd)
+        for folder in made:  # a run refused before it wrote anything leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -102,11 +106,14 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 def read_metrics(path: Path) -> list[dict[str, float]]:
     try:
         with open(path, newline="") as f:
-            rows = [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-                    for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            if "epoch" not in (reader.fieldnames or []):
+                raise ValueError("not imgclf's header")
+            # "" is a metric the run did not have (no val split); None, a row cut short
+            rows = [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in reader]
     except FileNotFoundError:
         raise ImgclfError(f"{path} is missing; retrain the run or restore the file") from None
-    except (csv.Error, ValueError, TypeError, UnicodeDecodeError):  # TypeError: a row with extra fields
+    except (csv.Error, ValueError, TypeError, UnicodeDecodeError):  # TypeError: a row with extra or missing fields
         raise ImgclfError(f"{path} is damaged (not the CSV imgclf writes); retrain the run or restore "
                           "the file") from None
     return rows

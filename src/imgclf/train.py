@@ -227,13 +227,14 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     config, run_dir, mode = _open_run(config, out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
+        reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
+                             reused=True)  # read first: a damaged file is said before "reusing"
         say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
             "retraining (delete the folder or choose another --out to train again)")
         if report and ctx.is_main:
             from imgclf.report import write_report
             say(f"report: {escape(str(write_report(run_dir)))}")
-        return TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"),
-                           read_json(run_dir / "summary.json"), reused=True)
+        return reused
 
     board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None  # fail before any writing
     cfg = config.train
@@ -244,6 +245,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         warnings.warn(f"--threads {threads} is more than this machine's {os.cpu_count()} CPUs, which would slow "
                       f"training down; using {os.cpu_count()}", stacklevel=3)
         threads = os.cpu_count()
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:  # fine for a quick try of a recipe, not for a result
+        warnings.warn(f"the warm-up ({cfg.warmup_epochs:g} epochs) lasts the whole {cfg.epochs}-epoch run, so the "
+                      f"learning rate never reaches its peak {cfg.lr:g}; use fewer --warmup-epochs", stacklevel=3)
     if threads or ctx.enabled:
         torch.set_num_threads(threads or distributed.threads_per_rank(ctx))
     torch.manual_seed(cfg.seed)
@@ -264,6 +268,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if cfg.progressive_size:
         _check_progressive(net, config.model.name, cfg.progressive_size, (c, h, w), device)
     for name, pixels, used in (("crop_padding", cfg.crop_padding, "crop" in cfg.augment),
+                               ("cutout_size", cfg.cutout_size, "cutout" in cfg.augment),
                                ("tta_shift", cfg.tta_shift, cfg.tta)):
         if used and pixels is not None and pixels >= min(h, w):
             raise ImgclfError(f"{name} {pixels} is not smaller than the {h}x{w} images; use fewer pixels")
@@ -283,6 +288,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     history: list[dict[str, float]] = []
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
     start_epoch = 1
+    earlier_seconds = 0.0  # of the processes before a resume, up to the checkpoint each one left
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +301,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, best = state["history"], state["best"]
+        earlier_seconds = state.get("seconds", 0.0)  # checkpoints before 2026-12-07 lack it
         start_epoch = state["epoch"] + 1
         say(f"resuming {escape(str(run_dir))} after epoch {state['epoch']} of {cfg.epochs}")
     else:
@@ -349,7 +356,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
             "ema": ema.state_dict() if ema is not None else None, "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),  # dropout draws from it
             "lookahead": lookahead.slow if lookahead is not None else None,
-            "history": history, "best": best})
+            "history": history, "best": best, "seconds": earlier_seconds + time.perf_counter() - started})
         checkpointed = epoch
         if history and not quiet:  # a live loss plot for a user watching (0.4 s a redraw: not for tuning)
             draw_curves()
@@ -404,7 +411,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         lookahead.step(net, 1.0)  # end on the slow weights
     if cfg.early_stopping and best["state"] is not None:
         evaluation_net().load_state_dict(best["state"])
-    seconds = time.perf_counter() - started
+    seconds = earlier_seconds + time.perf_counter() - started  # a resumed run counts all of its training
     summary = {
         "imgclf_version": __version__, "torch_version": torch.__version__, "dataset": data.name,
         "model": config.model.name, "recipe": config.recipe, "epochs_run": len(history),
@@ -445,8 +452,8 @@ def _check_progressive(net: torch.nn.Module, name: str, size: int, shape: tuple[
         with torch.no_grad():
             net.eval()(torch.zeros(2, shape[0], size, size, device=device))
     except RuntimeError:
-        raise ImgclfError(f"model {name} cannot take {size}x{size} inputs; drop progressive_size or use a fully "
-                          "convolutional model such as fastnet") from None
+        raise ImgclfError(f"model {name} cannot take {size}x{size} inputs (too small for its pools, or not a fully "
+                          "convolutional model such as fastnet); use a larger progressive_size, or drop it") from None
     finally:
         net.train(was_training)
 
