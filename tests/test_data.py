@@ -414,9 +414,10 @@ def test_folder_all_gray_gives_one_channel_and_union_of_classes(tmp_path):
     assert len(d.val) == 1 and d.val.labels.tolist() == [1] and d.test is None
 
 
-def test_16_bit_gray_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".pgm"])  # PIL opens them as I;16, I;16 and I
+def test_16_bit_gray_images_are_scaled_to_8_bits_not_clipped(tmp_path, suffix):
     pixels = np.array([[0, 257 * 100], [257 * 200, 65535]], np.uint16)
-    path = tmp_path / "g16.png"
+    path = tmp_path / f"g16{suffix}"
     Image.fromarray(pixels).save(path)
     assert data.read_image(path, "L", (2, 2))[0].tolist() == [[0, 100], [200, 255]]
     assert data.read_image(path, "RGB", (2, 2))[2].tolist() == [[0, 100], [200, 255]]

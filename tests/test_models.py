@@ -150,9 +150,9 @@ def test_dense_dropout_per_dense_layer():
 
 
 def test_too_many_pools_suggests_the_fix():
-    with pytest.raises(ImgclfError, match="use fewer max-pools or padding: same$"):
+    with pytest.raises(ImgclfError, match=r"\(--image-size\), or fewer max-pools or padding: same \(the model's"):
         create_model("cnn", in_channels=1, image_size=28, filters=[8] * 5, kernel_size=1, padding="valid")
-    with pytest.raises(ImgclfError, match="use fewer max-pools$"):
+    with pytest.raises(ImgclfError, match=r"use larger images \(--image-size\), or fewer max-pools \(the model's"):
         create_model("cnn", in_channels=1, image_size=28, filters=[8, 8, 8, 8, 8])
 
 

@@ -544,10 +544,10 @@ def read_image(path: str | Path | BinaryIO, mode: str, size: tuple[int, int],
         im.draft(mode, size)  # JPEG: decode big photos at 1/2..1/8 scale, ~5x faster, ~same pixels
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise TooManyPixels(f"{im.width}x{im.height}")
-        im = ImageOps.exif_transpose(im)  # phone photos: apply the rotation tag
-        if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):
+        if im.mode == "F" or (im.mode == "I" and im.format not in ("PNG", "PPM")):  # PNG and PGM "I" are 16-bit
             # 32-bit integer or float pixels (scientific TIFFs) have no standard range: any scaling is a guess
             raise UnsupportedImage(f"{im.mode} (32-bit) pixels; convert it to 8 or 16 bits")
+        im = ImageOps.exif_transpose(im)  # phone photos: apply the rotation tag
         if im.mode.startswith("I"):  # 16-bit gray (I;16, or I as PNG opens it): PIL's convert clips to 255
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
