@@ -639,3 +639,12 @@ def test_the_validation_split_never_takes_a_class_whole():
         assert set(lone[train]) == {0, 1, 2} and len(train) + len(val) == len(lone)
     d = load_dataset("digits", val_split=0.999)
     assert d.class_counts()["train"] == [1] * 10
+
+
+def test_linked_folders_inside_a_class_are_read_once_even_in_a_loop(tmp_path):
+    for i in range(4):
+        make_image(tmp_path / "f" / "ab"[i % 2] / f"{i}.png")
+        make_image(tmp_path / "more" / f"{i}.png")
+    (tmp_path / "f" / "a" / "more").symlink_to(tmp_path / "more")  # a dataset assembled from links
+    (tmp_path / "more" / "loop").symlink_to(tmp_path / "more")
+    assert len(data.files_under(tmp_path / "f" / "a")) == 2 + 4
