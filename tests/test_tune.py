@@ -316,8 +316,6 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--space", "nosuchspace"], "unknown search space 'nosuchspace'"),
     (["--space", "BAD_YAML"], "is not valid YAML"),
     (["--space", "BAD_PATH"], "'train.lrr' is not a config path"),
-    (["--sampler", "bayes"], "unknown sampler 'bayes'; choose one of random, grid, tpe"),
-    (["--pruner", "asha"], "unknown pruner 'asha'"),
     (["--sampler", "grid"], "grid search needs categorical parameters, but conv_layers is int"),
     (["--storage", "redis://localhost/0"], "storage 'redis://localhost/0' is not supported"),
     (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], "cannot open storage 'postgresql://me:***@127.0.0.1:1/db'"),
@@ -471,3 +469,10 @@ def test_a_relative_storage_is_the_file_it_named_when_the_study_began(tmp_path, 
                 quiet=True).counts["COMPLETE"] == 2
     with pytest.raises(ImgclfError, match=r"is a tuning study, not a run: its report is \.\./out/report\.html"):
         write_report("../out")
+
+
+def test_the_api_names_an_unknown_sampler_or_pruner(tmp_path):
+    with pytest.raises(ImgclfError, match="unknown sampler 'bayes'; choose one of random, grid, tpe"):
+        tune("digits", sampler="bayes", out=tmp_path / "out")
+    with pytest.raises(ImgclfError, match="unknown pruner 'asha'"):
+        tune("digits", pruner="asha", out=tmp_path / "out")

@@ -18,7 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from imgclf.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, list_recipes, make_config, parse_settings
+from imgclf.config import (
+    AUGMENTATIONS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRUNERS,
+    SAMPLERS,
+    SCHEDULES,
+    list_recipes,
+    make_config,
+    parse_settings,
+)
 from imgclf.errors import ImgclfError, PeerLost, UsageError
 
 console = Console(highlight=False, soft_wrap=True)
@@ -381,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset name or image-folder path; trials score on its val split")
     p.add_argument("--space", default="cnn-small", help="search space: cnn-small, cnn-keras, hparams-grid or a YAML "
                    "file (default: cnn-small)")
-    p.add_argument("--sampler", default="tpe", help="random, grid or tpe (default: tpe)")
-    p.add_argument("--pruner", default="median", help="none, median or hyperband (default: median)")
+    p.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="default: tpe")
+    p.add_argument("--pruner", default="median", choices=PRUNERS, help="default: median")
     p.add_argument("--trials", type=int, help="total trials the study should hold (default: 20; grid: every point); "
                    "a re-run adds the missing ones")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")

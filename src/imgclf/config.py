@@ -23,6 +23,8 @@ OPTIMIZERS = ("sgd", "nesterov", "muon", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
 AUGMENTATIONS = ("crop", "flip", "altflip", "cutout")  # altflip: each image flipped every other epoch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAMPLERS = ("random", "grid", "tpe")  # of `imgclf tune`
+PRUNERS = ("none", "median", "hyperband")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_IMAGE_SIZE = 1024  # pixels a side: datasets are held in memory, and 60,000 images at 1024 px are 190 GB
 

@@ -36,15 +36,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from imgclf.config import RunConfig, apply_overrides, describe_settings, override_path
+from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describe_settings, override_path
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.models import check_model_options
 from imgclf.runs import atomic_write, natural_key, output_folder
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
 
-SAMPLERS = ("random", "grid", "tpe")
-PRUNERS = ("none", "median", "hyperband")
 DEFAULT_TRIALS = 20  # without --trials; a grid runs all its points
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts: failed trials are retried on a re-run
 HEARTBEAT_SECONDS = 60  # database storages: a trial whose worker is silent for 2 heartbeats is failed
