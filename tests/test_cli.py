@@ -189,7 +189,7 @@ def test_usage_errors_exit_2(tmp_path):
     (["compare", "run", "--out", " "], "argument --out: empty"),
     (["train", "--epochs", "1.5"], "imgclf train: error: argument --epochs: invalid int value: '1.5' (see imgclf "
                                    "train --help)"),
-    (["tune", "--sampler", "bayes"], "argument --sampler: invalid choice: 'bayes' (choose from 'random', 'grid', 'tpe')"),
+    (["tune", "--sampler", "bayes"], "--sampler: invalid choice: 'bayes' (choose from 'random', 'grid', 'tpe')"),
     (["tune", "--pruner", "asha"], "argument --pruner: invalid choice: 'asha'"),
 ])
 def test_stray_and_empty_arguments_are_usage_errors_of_their_command(args, message, capsys):

@@ -354,3 +354,35 @@ def test_freed_activation_memory_stays_with_the_process_for_reuse():
     kept_mib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                   check=True).stdout)
     assert kept_mib > 150
+
+
+def test_the_api_takes_what_a_notebook_gives_it_and_leaves_its_matplotlib_alone(tmp_path):
+    import matplotlib
+
+    from imgclf import compare_runs, load_dataset, predict, write_report
+    from imgclf.config import make_config
+
+    backend, weight = matplotlib.get_backend(), matplotlib.rcParams["axes.titleweight"]
+    config = make_config(dataset="digits", model="mlp", epochs=2, lr=3e-3)
+    result = train(config, epochs=1, out=tmp_path / "run", quiet=True)  # options beside a config change it
+    assert result.summary["epochs_run"] == 1 and not result.model.training
+    assert evaluate(result)["num_images"] == 360 and load_model(result).class_names[0] == "0"  # stands for its folder
+    for options, message in (({"model": "cnn"}, "not both"), ({"learning_rate": 5}, "unknown option 'learning_rate'")):
+        with pytest.raises(ImgclfError, match=message):
+            train(config, out=tmp_path / "other", **options)
+    data = load_dataset("digits")
+    with pytest.raises(ImgclfError, match="subset, val_split would be ignored: the Dataset passed is already loaded"):
+        train(dataset=data, model="mlp", subset=50, val_split=0.5, out=tmp_path / "other")
+    with pytest.raises(ImgclfError, match=r"images are a torch.float32 tensor .* give uint8 pixels"):
+        predict(result, data.test.images[:3].float() / 255)
+    assert len(compare_runs(str(result.run_dir), tmp_path / "compare")) == 1  # one folder, not its letters
+    write_report(result)
+    assert (matplotlib.get_backend(), matplotlib.rcParams["axes.titleweight"]) == (backend, weight)
+
+
+def test_a_dataset_object_with_other_images_is_not_reused(tmp_path):
+    from imgclf import load_dataset
+
+    train(dataset=load_dataset("digits", subset=100), model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
+    with pytest.raises(ImgclfError, match="trained on other images than the Dataset passed"):
+        train(dataset=load_dataset("digits"), model="mlp", epochs=1, out=tmp_path / "run", quiet=True)

@@ -363,6 +363,11 @@ def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[s
     if not isinstance(images, torch.Tensor):
         one = isinstance(images, str | Path)  # one file or folder, not a sequence of one-letter names
         images = read_images(image_files([images] if one else list(images)), model.input_shape)
+    elif images.dtype != torch.uint8 or tuple(images.shape[1:]) != tuple(model.input_shape):
+        # floats in [0, 1] would be scaled as 0..255 pixels, and predicted wrong without a word
+        raise ImgclfError(f"images are a {images.dtype} tensor of shape {tuple(images.shape)}; give uint8 pixels "
+                          f"(0..255) of shape (N, {', '.join(map(str, model.input_shape))}), e.g. "
+                          "(x * 255).round().to(torch.uint8) for floats in [0, 1]")
     logits = predict_logits(model.net, images, model.mean, model.std, **prediction_options(model, tta, tta_margin)[1])
     probabilities = logits.softmax(1)
     k = max(1, min(top_k, model.num_classes))

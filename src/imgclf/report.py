@@ -8,29 +8,30 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize, PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # files only: never open a window, work without a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
-from matplotlib.colors import Normalize, PowerNorm  # noqa: E402
-
-from imgclf.config import describe_settings  # noqa: E402
-from imgclf.data import Dataset  # noqa: E402
-from imgclf.errors import ImgclfError  # noqa: E402
-from imgclf.evaluate import evaluate_with_logits, load_run_dataset  # noqa: E402
-from imgclf.runs import (  # noqa: E402
+from imgclf.config import describe_settings
+from imgclf.data import Dataset
+from imgclf.errors import ImgclfError
+from imgclf.evaluate import evaluate_with_logits, load_run_dataset
+from imgclf.runs import (
     TrainedModel,
     atomic_write,
     load_model,
@@ -45,24 +46,40 @@ GREEN, RED = "#1a7f37", "#cf222e"
 TRAIN_COLOR, VAL_COLOR = "#0969da", "#e36209"
 NUM_EXAMPLES = 24  # images per example grid: 3 rows of 8
 
-plt.rcParams.update({"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-                     "grid.alpha": 0.3, "font.size": 10, "axes.titleweight": "bold"})
+STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+         "font.size": 10, "axes.titleweight": "bold"}
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    """Write a figure as PNG atomically (a kill never leaves half a file) and close it."""
+def _styled(draw):
+    """Draw in our style without changing the caller's: a notebook's matplotlib settings stay its own."""
+    @functools.wraps(draw)
+    def styled(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return draw(*args, **kwargs)
+    return styled
+
+
+def _subplots(*grid: int, figsize: tuple[float, float], squeeze: bool = True):
+    """(figure, axes) as pyplot's subplots, but outside pyplot: files only, never a window or a notebook's
+    backend (and nothing for pyplot to keep until closed)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, squeeze=squeeze)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically (a kill never leaves half a file)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
     atomic_write(Path(path), buffer.getvalue())
     return Path(path)
 
 
 # ---- single figures ----
 
+@_styled
 def plot_curves(metrics_rows: list[dict[str, float]], path: str | Path) -> Path:
     """Loss and accuracy per epoch, train vs validation, with the learning rate underneath."""
-    fig = plt.figure(figsize=(10, 6.2))
+    fig = Figure(figsize=(10, 6.2))
     grid = fig.add_gridspec(2, 2, height_ratios=[3, 1.3], hspace=0.45, wspace=0.25)
     loss_ax, acc_ax, lr_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
     epochs = [r["epoch"] for r in metrics_rows]
@@ -90,13 +107,14 @@ def plot_curves(metrics_rows: list[dict[str, float]], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+@_styled
 def plot_confusion(confusion, class_names: list[str], path: str | Path) -> Path:
     """Heat-map of the confusion matrix, coloured by row (the fraction of each true class)."""
     counts = np.asarray(confusion)
     n = len(class_names)
     normalized = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     side = min(max(5.5, 0.5 * n + 2), 16)  # cells stay square; 100 classes still fit a screen
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    fig, ax = _subplots(figsize=(side + 1.2, side))
     small = n > 20  # past 20 classes the cells are too small for numbers
     # With many classes the few mistakes per pair are faint next to the diagonal: a square-root scale shows them.
     norm = PowerNorm(0.5, vmin=0, vmax=1) if small else Normalize(0, 1)
@@ -116,7 +134,7 @@ def plot_confusion(confusion, class_names: list[str], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def _class_ticks(ax: plt.Axes, axis: str, class_names: list[str], fontsize: float) -> None:
+def _class_ticks(ax: Axes, axis: str, class_names: list[str], fontsize: float) -> None:
     """Class names under an x axis: upright when short (digits), slanted when long, vertical when many."""
     n = len(class_names)
     if max(map(len, class_names), default=0) <= 2:
@@ -137,7 +155,7 @@ def most_confused_pairs(confusion, class_names: list[str], k: int = 10) -> list[
     return [(class_names[i], class_names[j], c) for c, i, j in pairs[:k]]
 
 
-def _show_image(ax: plt.Axes, image) -> None:
+def _show_image(ax: Axes, image) -> None:
     array = np.asarray(image)
     if array.shape[0] == 1:
         ax.imshow(array[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -148,13 +166,14 @@ def _show_image(ax: plt.Axes, image) -> None:
     ax.grid(False)
 
 
+@_styled
 def plot_examples(images_uint8, true, pred, confidence, class_names: list[str], path: str | Path,
                   title: str) -> Path:
     """A grid of images titled "true / pred (conf%)": green when right, red when wrong."""
     n = len(images_uint8)
     cols = max(1, min(8, n))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.75 * cols, 1.95 * rows + 0.5), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(1.75 * cols, 1.95 * rows + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, t, p, c in zip(axes.flat, images_uint8, true, pred, confidence, strict=False):
@@ -172,13 +191,15 @@ def plot_examples(images_uint8, true, pred, confidence, class_names: list[str], 
     return save_figure(fig, path)
 
 
+@_styled
 def plot_per_class(per_class_metrics: dict[str, dict[str, float]], path: str | Path) -> Path:
     """Horizontal bars of per-class F1, in class order, with the mean F1 as a dashed line."""
     names = list(per_class_metrics)
     f1 = [per_class_metrics[c]["f1"] for c in names]
     n = len(names)
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * n + 1) if n <= 30 else 0.14 * n + 1))
-    colors = plt.cm.RdYlGn(np.clip(np.array(f1), 0, 1) * 0.8 + 0.1)  # red to green, skipping the pale ends
+    fig, ax = _subplots(figsize=(8, max(3, 0.28 * n + 1) if n <= 30 else 0.14 * n + 1))
+    # red to green, skipping the pale ends
+    colors = matplotlib.colormaps["RdYlGn"](np.clip(np.array(f1), 0, 1) * 0.8 + 0.1)
     ax.barh(range(n), f1, color=colors)
     ax.set_yticks(range(n), names, fontsize=9 if n <= 30 else 5)
     ax.invert_yaxis()  # first class on top, as in the tables
@@ -385,10 +406,12 @@ COMPARE_COLUMNS = ["run", "dataset", "model", "params", "epochs", "split", "accu
 NOT_A_DIFFERENCE = {"data.dataset", "data.data_dir", "model.name", "train.device", "train.threads"}
 
 
-def compare_runs(run_dirs: list[str | Path], out_dir: str | Path = "compare") -> list[dict[str, Any]]:
+def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = "compare") -> list[dict[str, Any]]:
     """Evaluate finished runs (test split, or val without one); write compare.csv/.html and two charts.
 
     A folder that is not a run stands for the finished runs anywhere below it (runs/, a study's trials/)."""
+    if isinstance(run_dirs, str | os.PathLike):  # one folder, not a sequence of one-letter names
+        run_dirs = [run_dirs]
     if not run_dirs:
         raise ImgclfError("no runs to compare; give one or more run folders")
     out_dir = output_folder(out_dir, "the comparison")
@@ -469,18 +492,19 @@ def config_differences(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _dataset_colors(rows: list[dict[str, Any]]) -> dict[str, Any]:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    return {d: plt.cm.tab10(i % 10) for i, d in enumerate(datasets)}
+    return {d: matplotlib.colormaps["tab10"](i % 10) for i, d in enumerate(datasets)}
 
 
 def _run_label(row: dict[str, Any]) -> str:
     return row["model"] if row["run"] == row["model"] else f"{row['model']}\n{row['run']}"
 
 
+@_styled
 def plot_accuracy_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """One bar per run, grouped (ordered and coloured) by dataset, with the accuracy written on it."""
     colors = _dataset_colors(rows)
     ordered = sorted(rows, key=lambda r: list(colors).index(r["dataset"]))  # stable: runs keep their order
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.8))
+    fig, ax = _subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.8))
     x = np.arange(len(ordered))
     bars = ax.bar(x, [r["accuracy"] * 100 for r in ordered], color=[colors[r["dataset"]] for r in ordered],
                   width=0.65)
@@ -489,15 +513,16 @@ def plot_accuracy_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set(ylim=(0, 108), ylabel=f"accuracy (%), {' / '.join(sorted({r['split'] for r in rows}))} split",
            title="Accuracy per run")
     ax.grid(axis="x", visible=False)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     ax.legend(handles, list(colors), title="dataset", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
     return save_figure(fig, path)
 
 
+@_styled
 def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Accuracy against training minutes, one labelled point per run."""
     colors = _dataset_colors(rows)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _subplots(figsize=(7.5, 4.8))
     for dataset, color in colors.items():
         mine = [r for r in rows if r["dataset"] == dataset]
         ax.scatter([r["minutes"] for r in mine], [r["accuracy"] * 100 for r in mine], color=color, s=50,
@@ -519,6 +544,7 @@ def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 # ---- datasets ----
 
+@_styled
 def plot_samples(data: Dataset, path: str | Path, per_class: int = 8, seed: int = 0) -> Path:
     """Sample images: a row of `per_class` images per class up to 20 classes, else one image per class."""
     split = next(iter(data.splits().values()))  # train, or test for a test-only folder
@@ -529,7 +555,7 @@ def plot_samples(data: Dataset, path: str | Path, per_class: int = 8, seed: int 
         idx = torch.nonzero(split.labels == c).flatten()
         picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class if n <= 20 else 1]])
     if n <= 20:
-        fig, axes = plt.subplots(n, per_class, figsize=(1.1 * per_class + 1.2, 1.1 * n + 0.6), squeeze=False)
+        fig, axes = _subplots(n, per_class, figsize=(1.1 * per_class + 1.2, 1.1 * n + 0.6), squeeze=False)
         for c, idx in enumerate(picks):
             for j, ax in enumerate(axes[c]):
                 ax.axis("off")
@@ -542,7 +568,7 @@ def plot_samples(data: Dataset, path: str | Path, per_class: int = 8, seed: int 
     else:
         cols = math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.35 * rows + 0.6), squeeze=False)
+        fig, axes = _subplots(rows, cols, figsize=(1.2 * cols, 1.35 * rows + 0.6), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for c, (ax, idx) in enumerate(zip(axes.flat, picks, strict=False)):
@@ -554,11 +580,12 @@ def plot_samples(data: Dataset, path: str | Path, per_class: int = 8, seed: int 
     return save_figure(fig, path)
 
 
+@_styled
 def plot_distribution(data: Dataset, path: str | Path) -> Path:
     """Images per class in each split, as grouped bars."""
     counts = data.class_counts()
     n = data.num_classes
-    fig, ax = plt.subplots(figsize=(max(7, 0.22 * n * len(counts) + 2), 4.5))
+    fig, ax = _subplots(figsize=(max(7, 0.22 * n * len(counts) + 2), 4.5))
     width = 0.8 / max(len(counts), 1)
     colors = {"train": TRAIN_COLOR, "val": VAL_COLOR, "test": "#8250df"}
     for k, (split, values) in enumerate(counts.items()):

@@ -8,6 +8,7 @@ checkpoint, the metrics and the model after every epoch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -29,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
-from imgclf.config import RunConfig, make_config
+from imgclf.config import RunConfig, apply_overrides, make_config
 from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
@@ -57,7 +58,10 @@ class TrainResult:
     history: list[dict[str, float]]  # the metrics.csv rows
     summary: dict[str, Any]  # the summary.json content
     reused: bool = False  # True when an identical finished run was found and nothing was trained
-    model: torch.nn.Module | None = None  # the trained net in memory (None when reused: load_model(run_dir))
+    model: torch.nn.Module | None = None  # the trained net in memory, in eval mode (None when reused)
+
+    def __fspath__(self) -> str:  # evaluate(result), load_model(result), ...: the result stands for its run folder
+        return str(self.run_dir)
 
 
 @dataclass
@@ -163,18 +167,28 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
           on_epoch: Callable[[dict[str, float]], None] | None = None, **overrides: Any) -> TrainResult:
     """Train a model and return its run folder and metrics.
 
-    Either pass a RunConfig, or build one from a recipe and/or flat options, e.g.
-    `train(dataset="mnist", model="mlp", epochs=1, out="runs/mnist-mlp")`.
-    A Dataset object may be passed as `dataset` to skip loading (its name is recorded).
+    Either pass a RunConfig (flat options then change it), or build one from a recipe and/or flat options,
+    e.g. `train(dataset="mnist", model="mlp", epochs=1, out="runs/mnist-mlp")`.
+    A Dataset object may be passed as `dataset` to skip loading (its name is recorded; the data options that
+    load_dataset takes, such as subset or val_split, are then its own and refused here).
     `report=True` writes RUN/report.html when training ends; RUN/figures/curves.png is redrawn every epoch.
     `tensorboard=True` also logs the epoch metrics to RUN/tensorboard/ (needs the tensorboard package).
     `on_epoch(row)` is called with each epoch's metrics once they are saved (tuning reports them to its pruner;
     an exception it raises stops training, and the checkpoint of that epoch stays resumable).
     """
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
+    loading = sorted({"subset", "val_split", "image_size", "grayscale"} & overrides.keys())
+    if dataset_obj is not None and loading:
+        raise ImgclfError(f"{', '.join(loading)} would be ignored: the Dataset passed is already loaded; give "
+                          "them to load_dataset instead")
     if config is None:
         name = dataset_obj.name if dataset_obj else dataset
         config = make_config(recipe=recipe, model=model, dataset=name, **overrides)
+    elif recipe or model:
+        raise ImgclfError("pass a RunConfig or recipe= / model=, not both (set config.model.name to change its model)")
+    else:  # options given beside a config change it, as they would change a recipe
+        dataset_name = dataset_obj.name if dataset_obj else dataset
+        config = apply_overrides(copy.deepcopy(config), **overrides, **({"dataset": dataset_name} if dataset else {}))
     world_size = distributed.world_size()  # checked before joining: then no rank has a process group to tear down
     if config.train.batch_size % world_size:
         raise ImgclfError(f"batch size {config.train.batch_size} does not split evenly over {world_size} processes; "
@@ -227,6 +241,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     config, run_dir, mode = _open_run(config, out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
+        recorded = read_json(run_dir / "model.json").get("train_digest")
+        if dataset_obj is not None and recorded and dataset_obj.train.digest() != recorded:
+            raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
+                              "the Dataset passed; choose another out (or delete the folder) to train on these")
         reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
                              reused=True)  # read first: a damaged file is said before "reusing"
         say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
@@ -335,11 +353,13 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     def evaluation_net() -> torch.nn.Module:
         return ema.module if ema is not None else net
 
+    val_digest = data.val.digest() if data.val is not None and len(data.val) else None
+    train_digest = data.train.digest()  # a Dataset object trained into this folder again must be the same data
+
     def save_weights() -> None:
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
-                   tta_margin=cfg.tta_margin, precision=precision,
-                   val_digest=data.val.digest() if data.val is not None and len(data.val) else None)
+                   tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest)
 
     def draw_curves() -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
@@ -426,7 +446,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
     }
     if not ctx.is_main:
-        return TrainResult(run_dir, history, summary, model=evaluation_net())
+        return TrainResult(run_dir, history, summary, model=evaluation_net().eval())
     save_weights()  # the final weights: lookahead's slow weights or early stopping's best epoch
     if quiet and history:
         draw_curves()
@@ -439,7 +459,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if report:
         from imgclf.report import write_report
         say(f"report: {escape(str(write_report(run_dir)))}")
-    return TrainResult(run_dir, history, summary, model=evaluation_net())
+    return TrainResult(run_dir, history, summary, model=evaluation_net().eval())
 
 
 def _check_progressive(net: torch.nn.Module, name: str, size: int, shape: tuple[int, int, int],

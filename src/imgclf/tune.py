@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -311,6 +312,20 @@ class TuneResult:
     best_recipe: Path | None
 
 
+def _keeps_process_state(run):
+    """A study sets torch's threads and Optuna's log level for its trials; its caller (a notebook) keeps its own."""
+    @functools.wraps(run)
+    def kept(*args, **kwargs):
+        threads, verbosity = torch.get_num_threads(), optuna.logging.get_verbosity()
+        try:
+            return run(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            optuna.logging.set_verbosity(verbosity)
+    return kept
+
+
+@_keeps_process_state
 def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe", pruner: str = "median",
          trials: int | None = None, timeout: float | None = None, epochs: int | None = None, executions: int = 1,
          subset: int | None = None, workers: int = 1, storage: str | None = None, study: str | None = None,
@@ -644,27 +659,30 @@ def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
-    from imgclf.report import save_figure  # also switches matplotlib to files only (Agg)
+    from imgclf.report import save_figure
 
-    drawn = {}
+    drawn, opened = {}, set(plt.get_fignums())  # a notebook's own figures stay open
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    for name, (title, function) in PLOTS.items():
-        if len(complete) < (2 if name == "importances" else 1):
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-            try:
-                axes = getattr(vis, function)(study)
-            except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances of a parameter that never varied
-                plt.close("all")
+    try:
+        for name, (title, function) in PLOTS.items():
+            if len(complete) < (2 if name == "importances" else 1):
                 continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        if name == "slice":
-            figure.set_size_inches(min(max(6, 3.2 * len(figure.axes)), 24), 4)
-        else:
-            figure.set_size_inches(9, 5)
-        save_figure(figure, folder / f"{name}.png")
-        drawn[name] = title
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                try:
+                    axes = getattr(vis, function)(study)
+                except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances of a fixed parameter
+                    continue
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            if name == "slice":
+                figure.set_size_inches(min(max(6, 3.2 * len(figure.axes)), 24), 4)
+            else:
+                figure.set_size_inches(9, 5)
+            save_figure(figure, folder / f"{name}.png")
+            drawn[name] = title
+    finally:
+        for number in set(plt.get_fignums()) - opened:  # Optuna draws with pyplot, which keeps figures until closed
+            plt.close(number)
     return drawn
 
 
