@@ -386,3 +386,26 @@ def test_a_dataset_object_with_other_images_is_not_reused(tmp_path):
     train(dataset=load_dataset("digits", subset=100), model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
     with pytest.raises(ImgclfError, match="trained on other images than the Dataset passed"):
         train(dataset=load_dataset("digits"), model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
+
+
+def test_a_full_disk_is_said_in_one_line_naming_the_file_and_keeps_what_was_written(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from imgclf.errors import unexpected
+    from imgclf.runs import atomic_write, held_folder
+
+    atomic_write(tmp_path / "kept.json", "old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "kept.json", "new")
+    assert e.value.filename == str(tmp_path / "kept.json") and (tmp_path / "kept.json").read_text() == "old"
+    assert unexpected(e.value).startswith(f"error: {tmp_path / 'kept.json'}: no space left on the device; free")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]  # no temporary file left
+    (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half")  # as a kill during a write leaves it
+    with held_folder(tmp_path, "busy"):
+        assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]

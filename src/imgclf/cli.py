@@ -29,7 +29,7 @@ from imgclf.config import (
     make_config,
     parse_settings,
 )
-from imgclf.errors import ImgclfError, PeerLost, UsageError
+from imgclf.errors import ImgclfError, PeerLost, UsageError, one_line_warning, unexpected
 
 console = Console(highlight=False, soft_wrap=True)
 # How long a rank other than 0 waits, on an error, for rank 0 to say it first (see main).
@@ -467,17 +467,13 @@ class _QuietWhenPipeCloses:
         return getattr(self._stream, name)
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"imgclf: warning: {message}", file=sys.stderr)  # not Python's two lines naming our source file
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, stray = parser.parse_known_args(argv)
     if stray:
         args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    warnings.showwarning = _one_line_warning
+    warnings.showwarning = one_line_warning
     if args.command in ("train", "tune"):
         sys.stdout = _QuietWhenPipeCloses(sys.stdout)
     try:
@@ -501,12 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: keep it to one line unless asked
         if os.environ.get("IMGCLF_DEBUG"):
             raise
-        if isinstance(e, OSError) and e.filename is not None:  # a path the system refused: bad input after all
-            print(f"imgclf: error: {e.filename}: {e.strerror or e}; check the path (--out?) and its permissions",
-                  file=sys.stderr)
-            return 1
-        print(f"imgclf: internal error: {type(e).__name__}: {e} (rerun with IMGCLF_DEBUG=1 for the traceback "
-              "and please report it)", file=sys.stderr)
+        print(f"imgclf: {unexpected(e)}", file=sys.stderr)
         return 1
     return 0
 

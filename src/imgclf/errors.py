@@ -1,7 +1,11 @@
 """The exception types that reach users as a one-line message, and a spelling hint for its messages."""
 
 import difflib
+import errno
+import shutil
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class ImgclfError(Exception):
@@ -15,6 +19,31 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
     """' (did you mean 'lr'?)' for a misspelt name close to one of the choices, else ''."""
     close = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def disk_full(folder: str | Path) -> bool:
+    """Whether the disk of `folder` is (nearly) full: a failure there is likely that, whatever a library raised."""
+    try:
+        return shutil.disk_usage(folder).free < 64 << 20
+    except OSError:
+        return False
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"imgclf: warning: {message}", file=sys.stderr)  # not Python's two lines naming our source file
+
+
+def unexpected(e: Exception) -> str:
+    """The one line for an exception that is not an ImgclfError: a refused path or a full disk is still the
+    user's to fix; anything else is a bug, to report."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f"{e.filename}: " if e.filename else ""
+        return (f"error: {where}no space left on the device; free some space and run again (what was written "
+                "before is kept: each file is replaced whole or not at all)")
+    if isinstance(e, OSError) and e.filename is not None:  # a path the system refused: bad input after all
+        return f"error: {e.filename}: {e.strerror or e}; check the path (--out?) and its permissions"
+    return (f"internal error: {type(e).__name__}: {e} (rerun with IMGCLF_DEBUG=1 for the traceback and please "
+            "report it)")
 
 
 class PeerLost(ImgclfError):

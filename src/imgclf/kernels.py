@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from imgclf.errors import disk_full
+
 _SOURCE = r"""
 #include <math.h>
 #include <omp.h>
@@ -311,6 +313,8 @@ def library() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:
                 lib = _load(cc, Path(scratch) / path.name)
     except (OSError, subprocess.SubprocessError) as e:
+        if disk_full(path.parent):  # not the compiler's fault: try again once there is room
+            return None
         try:
             failed.write_text(getattr(e, "stderr", b"").decode(errors="replace") or str(e))
         except OSError:

@@ -69,6 +69,8 @@ def held_folder(path: Path, busy: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ImgclfError(busy) from None
+        for stale in path.rglob(".*.tmp"):  # what a kill during atomic_write left: no other process writes here now
+            stale.unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)
@@ -90,8 +92,10 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, tmp):  # name the file meant, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime
+import errno
 import functools
 import hashlib
 import io
@@ -39,7 +40,7 @@ from rich.table import Table
 
 from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describe_settings, override_path
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_dataset
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, disk_full, one_line_warning, unexpected
 from imgclf.models import check_model_options
 from imgclf.runs import atomic_write, natural_key, output_folder
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
@@ -256,6 +257,7 @@ def _redundant(trial: optuna.Trial, job: Job) -> str | None:
 
 
 def _worker_process(job: Job, n_trials: int, seed: int, tag: str) -> None:
+    warnings.showwarning = one_line_warning  # a new process: as the CLI says them
     try:
         run_worker(job, n_trials, seed, tag=tag)
     except ImgclfError as e:
@@ -263,6 +265,14 @@ def _worker_process(job: Job, n_trials: int, seed: int, tag: str) -> None:
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except Exception:  # one line, as the CLI says it: not multiprocessing's traceback of the worker
+        if os.environ.get("IMGCLF_DEBUG"):
+            raise
+        journal = "://" not in job.storage and Path(job.storage).parent
+        if journal and disk_full(journal):  # Optuna's journal fails on a full disk with an AssertionError
+            e = OSError(errno.ENOSPC, "No space left on device", job.storage)
+        print(f"imgclf: {unexpected(e).replace(': ', f': {tag}', 1)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def fail_lost_trials(study: optuna.Study) -> int:
