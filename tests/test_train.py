@@ -409,3 +409,20 @@ def test_a_full_disk_is_said_in_one_line_naming_the_file_and_keeps_what_was_writ
     (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half")  # as a kill during a write leaves it
     with held_folder(tmp_path, "busy"):
         assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]
+
+
+def test_odd_things_a_notebook_passes_get_one_line(tmp_path):
+    from PIL import Image
+
+    from imgclf import compare_runs, load_dataset, predict
+
+    with pytest.raises(ImgclfError, match="train's first argument is a RunConfig, not 'mnist-fast'; for a recipe"):
+        train("mnist-fast")
+    with pytest.raises(ImgclfError, match="on_epoch must be a function"):
+        train(dataset="digits", model="mlp", on_epoch="x", out=tmp_path / "no")
+    run = train(out=tmp_path / "run", epochs=1, **FAST)
+    with pytest.raises(ImgclfError, match="not a PIL.Image.Image"):
+        predict(run, [Image.new("L", (8, 8))])
+    assert len(predict(run, load_dataset("digits").test.images[:2].numpy())) == 2  # a numpy array as a tensor
+    with pytest.raises(ImgclfError, match="holds a training run; give the comparison a folder of its own"):
+        compare_runs([run.run_dir], run.run_dir)

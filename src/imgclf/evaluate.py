@@ -360,9 +360,15 @@ def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[s
     if top_k < 1:
         raise ImgclfError(f"top-k {top_k}: ask for 1 or more labels per image")
     model, _ = as_model(run_or_model)
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
-        one = isinstance(images, str | Path)  # one file or folder, not a sequence of one-letter names
-        images = read_images(image_files([images] if one else list(images)), model.input_shape)
+        # one file or folder (not a sequence of one-letter names), or a list of them
+        paths = list(images) if isinstance(images, list | tuple) else [images]
+        if odd := [p for p in paths if not isinstance(p, str | Path)]:  # a PIL image, say: not "does not exist"
+            raise ImgclfError(f"images: give image files, folders, or a uint8 tensor (N, C, H, W), not a "
+                              f"{type(odd[0]).__module__}.{type(odd[0]).__name__}")
+        images = read_images(image_files(paths), model.input_shape)
     elif images.dtype != torch.uint8 or tuple(images.shape[1:]) != tuple(model.input_shape):
         # floats in [0, 1] would be scaled as 0..255 pixels, and predicted wrong without a word
         raise ImgclfError(f"images are a {images.dtype} tensor of shape {tuple(images.shape)}; give uint8 pixels "

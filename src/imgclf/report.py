@@ -415,6 +415,8 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
     if not run_dirs:
         raise ImgclfError("no runs to compare; give one or more run folders")
     out_dir = output_folder(out_dir, "the comparison")
+    if (out_dir / "config.yaml").exists():  # its figures and report would mix with the run's own
+        raise ImgclfError(f"--out {out_dir} holds a training run; give the comparison a folder of its own")
     named: dict[Path, tuple[Path, str]] = {}  # resolved run folder (a run given twice is one) -> (folder, name)
     for given in map(Path, run_dirs):
         if not given.is_dir() or (given / "config.yaml").exists():

@@ -176,6 +176,11 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     `on_epoch(row)` is called with each epoch's metrics once they are saved (tuning reports them to its pruner;
     an exception it raises stops training, and the checkpoint of that epoch stays resumable).
     """
+    if config is not None and not isinstance(config, RunConfig):
+        raise ImgclfError(f"train's first argument is a RunConfig, not {config!r}; for a recipe: "
+                          f"train(recipe={str(config)!r}, ...)")
+    if on_epoch is not None and not callable(on_epoch):  # else it would fail only after the first epoch
+        raise ImgclfError(f"on_epoch must be a function of the epoch's metrics, not {on_epoch!r}")
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
     loading = sorted({"subset", "val_split", "image_size", "grayscale"} & overrides.keys())
     if dataset_obj is not None and loading:
