@@ -426,3 +426,6 @@ def test_odd_things_a_notebook_passes_get_one_line(tmp_path):
     assert len(predict(run, load_dataset("digits").test.images[:2].numpy())) == 2  # a numpy array as a tensor
     with pytest.raises(ImgclfError, match="holds a training run; give the comparison a folder of its own"):
         compare_runs([run.run_dir], run.run_dir)
+    with pytest.raises(ImgclfError, match="batch_size 0: give a whole number of images"):
+        evaluate(run, batch_size=0)
+    assert train(out=tmp_path / "tuple", epochs=1, augment=("crop", "flip"), **FAST).summary["epochs_run"] == 1

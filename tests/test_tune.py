@@ -319,8 +319,8 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--sampler", "grid"], "grid search needs categorical parameters, but conv_layers is int"),
     (["--storage", "redis://localhost/0"], "storage 'redis://localhost/0' is not supported"),
     (["--storage", "postgresql://me:secret@127.0.0.1:1/db"], "cannot open storage 'postgresql://me:***@127.0.0.1:1/db'"),
-    (["--trials", "0"], "trials must be positive"),
-    (["--timeout", "nan"], "timeout must be positive, got nan"),
+    (["--trials", "0"], "trials must be a positive whole number, got 0"),
+    (["--timeout", "nan"], "timeout must be a positive number, got nan"),
     (["--study", " "], "--study is empty"),
     (["--set", "train.lr=0.1"], "train.lr is searched by space cnn-small"),
     (["--set", "epochs=3"], "pass --epochs instead"),
@@ -476,3 +476,5 @@ def test_the_api_names_an_unknown_sampler_or_pruner(tmp_path):
         tune("digits", sampler="bayes", out=tmp_path / "out")
     with pytest.raises(ImgclfError, match="unknown pruner 'asha'"):
         tune("digits", pruner="asha", out=tmp_path / "out")
+    with pytest.raises(ImgclfError, match="trials must be a positive whole number, got 1.5"):
+        tune("digits", trials=1.5, out=tmp_path / "out")

@@ -233,6 +233,8 @@ def typed_option(name: str, kind: str, value: Any, source: str) -> Any:
         expected = "a list of names"
         if isinstance(value, str):  # "crop,flip" (or "none") as on the command line
             value = [a for a in value.split(",") if a and a != "none"]
+        elif isinstance(value, tuple):  # ("crop", "flip") from Python
+            value = list(value)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
     else:

@@ -353,8 +353,11 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"unknown pruner '{pruner}'; choose one of {', '.join(PRUNERS)}")
     for label, value in (("trials", trials), ("epochs", epochs), ("executions per trial", executions),
                          ("workers", workers), ("subset", subset), ("timeout", timeout)):
-        if value is not None and not value > 0:  # not `<= 0`: NaN passes that and would mean no limit at all
-            raise ImgclfError(f"{label} must be positive, got {value}")
+        whole = label == "timeout" or isinstance(value, int) and not isinstance(value, bool)
+        # not `<= 0`: NaN passes that and would mean no limit at all
+        if value is not None and not (whole and isinstance(value, int | float) and value > 0):
+            raise ImgclfError(f"{label} must be a positive {'number' if label == 'timeout' else 'whole number'}, "
+                              f"got {value!r}")
     say = (lambda *a: None) if quiet else console.print
     space_obj = load_space(space)
     base = RunConfig.from_dict(space_obj.base, source=f"search space {space_obj.name}: base")
