@@ -5,6 +5,7 @@ Everything runs on scikit-learn's 8x8 digits (offline, a second per trial), in s
 
 import csv
 import glob
+import importlib
 import json
 import os
 import pwd
@@ -478,3 +479,19 @@ def test_the_api_names_an_unknown_sampler_or_pruner(tmp_path):
         tune("digits", pruner="asha", out=tmp_path / "out")
     with pytest.raises(ImgclfError, match="trials must be a positive whole number, got 1.5"):
         tune("digits", trials=1.5, out=tmp_path / "out")
+
+
+def test_a_worker_process_says_any_failure_in_one_line(monkeypatch, capsys):
+    tune_module = importlib.import_module("imgclf.tune")  # the module, not the function imgclf.tune
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tune_module, "run_worker", broken)
+    job = tune_module.Job("sqlite:///x.db", "study", None, None, "random", "none", 1, 1, Path("out"), None, 1, True)
+    with pytest.raises(SystemExit) as exited:
+        tune_module._worker_process(job, 1, 0, "worker 1: ")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 1 and err == [
+        "imgclf: internal error: worker 1: RuntimeError: boom (rerun with IMGCLF_DEBUG=1 for the traceback and "
+        "please report it)"]

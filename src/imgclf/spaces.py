@@ -23,6 +23,7 @@ from imgclf.errors import ImgclfError
 from imgclf.models import MODELS
 
 SPEC_KEYS = {"type", "low", "high", "step", "log", "choices", "value", "per_layer", "set"}
+TRAIN_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}  # what a train.X value must be
 
 
 @dataclass
@@ -117,20 +118,19 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         if section == "data":  # trials train on the data the study loaded once: a sampled value would be ignored
             raise ImgclfError(f"{where}: {path} cannot be searched, as every trial trains on the same data; set it "
                               "in the space's base, or with tune's --subset, --val-split or --dataset")
-        fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)} if section == "train" else {}
-        valid = set(fields) if section == "train" else None
+        valid = set(TRAIN_TYPES) if section == "train" else None
         if section == "model":
             valid = {"name"} | set(inspect.signature(MODELS[model].builder).parameters) if model in MODELS else {key}
         if valid is None or key not in valid:
             raise ImgclfError(f"{where}: '{path}' is not a config path; use train.X (see `imgclf train --help`) "
                               f"or model.X with an option of model {model} (see README, Models)")
-        if key in fields and not isinstance(spec, list):  # each value a trial may take, typed as the recipe's
+        if section == "train" and not isinstance(spec, list):  # each value a trial may take, typed as a recipe's
             if not isinstance(spec, dict):
                 values = [spec]
             else:
                 values = [spec["value"]] if "value" in spec else spec.get("choices") or []
             for value in values:
-                typed_option(key, fields[key], value, where)
+                typed_option(key, TRAIN_TYPES[key], value, where)
 
 
 def _is_int(spec: Any) -> bool:
@@ -211,7 +211,6 @@ def trial_config(base: RunConfig, space: Space, values: dict[str, Any]) -> RunCo
             elif section == "model":
                 config.model.options[key] = value
             else:  # a sampled float for an int setting fails here, in one line, as a recipe's would
-                kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[key]
-                setattr(config.train, key, typed_option(key, kind, value, f"trial parameter {name}"))
+                setattr(config.train, key, typed_option(key, TRAIN_TYPES[key], value, f"trial parameter {name}"))
     config.validate("trial config")
     return config

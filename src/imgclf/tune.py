@@ -265,13 +265,14 @@ def _worker_process(job: Job, n_trials: int, seed: int, tag: str) -> None:
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except Exception:  # one line, as the CLI says it: not multiprocessing's traceback of the worker
+    except Exception as e:  # one line, as the CLI says it: not multiprocessing's traceback of the worker
         if os.environ.get("IMGCLF_DEBUG"):
             raise
         journal = "://" not in job.storage and Path(job.storage).parent
-        if journal and disk_full(journal):  # Optuna's journal fails on a full disk with an AssertionError
-            e = OSError(errno.ENOSPC, "No space left on device", job.storage)
-        print(f"imgclf: {unexpected(e).replace(': ', f': {tag}', 1)}", file=sys.stderr, flush=True)
+        # Optuna's journal fails on a full disk with an AssertionError
+        full = journal and disk_full(journal)
+        failure = OSError(errno.ENOSPC, "No space left on device", job.storage) if full else e
+        print(f"imgclf: {unexpected(failure).replace(': ', f': {tag}', 1)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 
@@ -351,12 +352,11 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
     if pruner not in PRUNERS:
         raise ImgclfError(f"unknown pruner '{pruner}'; choose one of {', '.join(PRUNERS)}")
-    for label, value in (("trials", trials), ("epochs", epochs), ("executions per trial", executions),
-                         ("workers", workers), ("subset", subset), ("timeout", timeout)):
-        whole = label == "timeout" or isinstance(value, int) and not isinstance(value, bool)
+    for label, value, kind in (("trials", trials, int), ("epochs", epochs, int), ("executions per trial", executions,
+                               int), ("workers", workers, int), ("subset", subset, int), ("timeout", timeout, float)):
         # not `<= 0`: NaN passes that and would mean no limit at all
-        if value is not None and not (whole and isinstance(value, int | float) and value > 0):
-            raise ImgclfError(f"{label} must be a positive {'number' if label == 'timeout' else 'whole number'}, "
+        if value is not None and not (isinstance(value, int | kind) and not isinstance(value, bool) and value > 0):
+            raise ImgclfError(f"{label} must be a positive {'number' if kind is float else 'whole number'}, "
                               f"got {value!r}")
     say = (lambda *a: None) if quiet else console.print
     space_obj = load_space(space)
