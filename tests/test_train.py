@@ -388,6 +388,46 @@ def test_a_dataset_object_with_other_images_is_not_reused(tmp_path):
         train(dataset=load_dataset("digits"), model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
 
 
+def test_a_changed_image_folder_is_trained_again_not_reused(tmp_path, write_shapes, monkeypatch):
+    monkeypatch.setenv("IMGCLF_DATA", str(tmp_path / "cache"))
+    folder = write_shapes(tmp_path / "shapes", n=40)
+    options = dict(dataset=str(folder), model="mlp", epochs=1, val_split=0.25, out=tmp_path / "run", quiet=True)
+    first = train(**options)
+    assert train(**options).reused  # unchanged: the model is reused
+    write_shapes(tmp_path / "shapes", n=60)  # 20 more images
+    with pytest.raises(ImgclfError, match=r"shapes changed \(images added, removed or rewritten\) since .*run was "
+                                          "trained on it; choose another --out"):
+        train(**options)
+    assert train(**{**options, "out": tmp_path / "new"}).summary["train_images"] != first.summary["train_images"]
+
+
+def test_api_arguments_of_the_wrong_type_are_one_line_errors(tmp_path):
+    import numpy as np
+
+    from imgclf import create_model, load_dataset, load_model, predict
+
+    run = train(dataset="digits", model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
+    for call, message in (
+            (lambda: train(dataset="digits", model="mlp", out=5), "out is the run folder, a path"),
+            (lambda: train(dataset="digits", model="mlp", model_options=[8]), "model_options is a dict"),
+            (lambda: predict(run, load_dataset("digits").test.images[:2], top_k="3"), "top-k '3'"),
+            (lambda: load_model(run, device="gpu"), "unknown device 'gpu'; use one of auto, cpu, cuda"),
+            (lambda: load_dataset("digits", val_split="0.1"), "val_split must be a number in"),
+            (lambda: load_dataset("digits", subset="50"), "invalid subset '50'"),
+            (lambda: load_dataset("digits", image_size=8.5), "invalid image size 8.5")):
+        with pytest.raises(ImgclfError, match=message):
+            call()
+    assert create_model("mlp", num_classes=np.int64(10), image_size=np.int32(8), in_channels=1)
+
+
+def test_train_gives_the_callers_random_stream_back(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(dataset="digits", model="mlp", epochs=1, out=tmp_path / "run", quiet=True, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_a_full_disk_is_said_in_one_line_naming_the_file_and_keeps_what_was_written(tmp_path, monkeypatch):
     import errno
     import os
@@ -405,7 +445,9 @@ def test_a_full_disk_is_said_in_one_line_naming_the_file_and_keeps_what_was_writ
         atomic_write(tmp_path / "kept.json", "new")
     assert e.value.filename == str(tmp_path / "kept.json") and (tmp_path / "kept.json").read_text() == "old"
     assert unexpected(e.value).startswith(f"error: {tmp_path / 'kept.json'}: no space left on the device; free")
-    assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]  # no temporary file left
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "new" / "deeper" / "model.onnx", "data")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]  # no temporary file nor folder left
     (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half")  # as a kill during a write leaves it
     with held_folder(tmp_path, "busy"):
         assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]

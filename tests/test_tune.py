@@ -495,3 +495,16 @@ def test_a_worker_process_says_any_failure_in_one_line(monkeypatch, capsys):
     assert exited.value.code == 1 and err == [
         "imgclf: internal error: worker 1: RuntimeError: boom (rerun with IMGCLF_DEBUG=1 for the traceback and "
         "please report it)"]
+
+
+def test_a_full_disk_under_the_journal_is_said_as_one(monkeypatch, tmp_path):
+    tune_module = importlib.import_module("imgclf.tune")
+
+    def journal_full(*args, **kwargs):
+        raise AssertionError("Should not reach")  # what Optuna's journal raises when its write fails
+
+    monkeypatch.setattr(tune_module, "run_worker", journal_full)
+    monkeypatch.setattr(tune_module, "disk_full", lambda folder: True)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        tune("digits", space="cnn-small", trials=1, epochs=1, out=tmp_path / "out", quiet=True)
+    assert e.value.filename.endswith("study.log")

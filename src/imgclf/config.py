@@ -389,7 +389,11 @@ def override_path(key: str) -> str:
 
 def apply_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
     """`config` with flat overrides (see make_config) written in, checked and typed; changes it in place."""
-    config.model.options.update(overrides.pop("model_options", None) or {})
+    model_options = overrides.pop("model_options", None) or {}
+    if not isinstance(model_options, dict):
+        raise ImgclfError(f"model_options is a dict of the model's options, e.g. {{'widths': [64, 128, 256]}}, "
+                          f"not {model_options!r}")
+    config.model.options.update(model_options)
     for key, value in overrides.items():
         if value is None:
             continue

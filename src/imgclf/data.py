@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import multiprocessing
+import numbers
 import os
 import pickle
 import shutil
@@ -148,6 +149,7 @@ class Dataset:
     test: Split | None
     mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] pixel units
     std: tuple[float, ...]
+    folder_stamp: str | None = None  # an image folder's files as loaded (folder_stamp()), None for a named dataset
 
     @property
     def num_classes(self) -> int:
@@ -652,15 +654,29 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
 
+def _stamp(class_names: list[str], files: dict[str, list[tuple[str, str]]]) -> str:
+    return _digest([class_names, [(p, *_file_stamp(p)) for entries in files.values() for p, _ in entries]])[:32]
+
+
+def folder_stamp(root: str | Path) -> str | None:
+    """Of an image folder's classes and files (paths, sizes, times), without decoding them: tells whether its
+    images changed since a run was trained on it. None when it is no longer an image folder."""
+    try:
+        class_names, files, _ = _scan_folder(Path(root).resolve())
+    except (ImgclfError, OSError):
+        return None
+    return _stamp(class_names, files)
+
+
 def _load_folder(root: Path, cache_root: Path, channels: int | None,
-                 image_size: int | None) -> tuple[list[str], Arrays]:
+                 image_size: int | None) -> tuple[list[str], Arrays, str]:
     class_names, files, split_dirs = _scan_folder(root.resolve())
-    stats = [(p, *_file_stamp(p)) for entries in files.values() for p, _ in entries]
+    stamp = _stamp(class_names, files)
     # Absolute paths: a moved folder decodes again. The class list: cached labels index it, and an empty class
     # folder added or removed changes it without changing any file. Named <folder>-<contents>, so that a new
     # version of a folder's cache replaces the old one instead of piling up beside it.
     folder_key = _digest(["v5", str(root.resolve()), channels, image_size])[:16]
-    cache = cache_root / "folder-cache" / f"{folder_key}-{_digest([class_names, stats])[:32]}.npz"
+    cache = cache_root / "folder-cache" / f"{folder_key}-{stamp}.npz"
     needed = {"skipped"} | {f"{s}_{part}" for s in files for part in ("images", "labels", "files")}
     try:
         with np.load(cache) as z:
@@ -694,7 +710,7 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
         raise ImgclfError(f"class folder{'s' if several else ''} {', '.join(empty[:5])} in {where} "
                           f"hold{'' if several else 's'} no readable training images; add images or remove "
                           f"the folder{'s' if several else ''}")
-    return class_names, splits
+    return class_names, splits, stamp
 
 
 # ---- common processing ----
@@ -765,25 +781,27 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                  image_size: int | None = None, channels: int | None = None) -> Dataset:
     """Load a named dataset (see DATASETS) or an image folder. A name wins over a same-named folder in the
     working directory (write ./mnist for the folder). A folder's own val/ is used whatever val_split says."""
-    if not 0 <= val_split < 1:
-        raise ImgclfError(f"val_split must be in [0, 1), got {val_split}; use e.g. --val-split 0.1, or 0")
+    if not isinstance(val_split, numbers.Real) or isinstance(val_split, bool) or not 0 <= val_split < 1:
+        raise ImgclfError(f"val_split must be a number in [0, 1), got {val_split!r}; use e.g. --val-split 0.1, "
+                          "or 0")
     if channels not in (None, 1, 3):
         raise ImgclfError(f"channels must be 1 or 3, got {channels}; pass channels=1 or channels=3")
     if grayscale and channels == 3:
         raise ImgclfError("grayscale means 1 channel but channels=3; drop grayscale or channels")
-    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:  # as RunConfig.validate says it
+    if image_size is not None and (not isinstance(image_size, numbers.Integral) or isinstance(image_size, bool)
+                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):  # as RunConfig.validate says it
         raise ImgclfError(f"invalid image size {image_size}; use 1 to {MAX_IMAGE_SIZE} pixels (small-image "
                           "classifiers)")
-    if subset is not None and subset < 1:
-        raise ImgclfError(f"invalid subset {subset}; use a positive number of images")
+    if subset is not None and (not isinstance(subset, numbers.Integral) or isinstance(subset, bool) or subset < 1):
+        raise ImgclfError(f"invalid subset {subset!r}; use a positive whole number of images")
     channels = 1 if grayscale else channels
     root = data_root(data_dir)
     if name in DATASETS:
         spec = DATASETS[name]
         folder = _ensure_files(name, root, download) if spec["files"] else root / spec["folder"]
-        class_names, arrays = _LOADERS[spec["kind"]](name, folder)
+        (class_names, arrays), stamp = _LOADERS[spec["kind"]](name, folder), None
     elif Path(name).expanduser().is_dir():
-        class_names, arrays = _load_folder(Path(name).expanduser(), root, channels, image_size)
+        class_names, arrays, stamp = _load_folder(Path(name).expanduser(), root, channels, image_size)
     else:
         raise _unknown(name)
 
@@ -806,4 +824,4 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                           "training on all of them", stacklevel=2)
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
-    return Dataset(name, class_names, Split(images, labels), val, test, mean, std)
+    return Dataset(name, class_names, Split(images, labels), val, test, mean, std, stamp)

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import functools
 import itertools
+import numbers
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,8 +360,8 @@ def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[s
             top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image file (a folder: each image below it, as image_files
     lists them) or for each image of a uint8 (N, C, H, W) tensor."""
-    if top_k < 1:
-        raise ImgclfError(f"top-k {top_k}: ask for 1 or more labels per image")
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
+        raise ImgclfError(f"top-k {top_k!r}: ask for 1 or more labels per image (a whole number)")
     model, _ = as_model(run_or_model)
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)

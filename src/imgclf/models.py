@@ -7,6 +7,7 @@ instead of a shape error deep inside torch.
 
 import functools
 import inspect
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,10 +83,10 @@ def create_model(
     defaults = check_model_options(name, options)
     builder = MODELS[name].builder
     for arg, value in zip(_SHAPE_ARGS, (num_classes, in_channels, image_size), strict=True):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:  # numpy's ints too
             raise ImgclfError(f"{arg} must be a positive integer, got {value!r}")
     try:
-        model = builder(num_classes, in_channels, image_size, **options)
+        model = builder(int(num_classes), int(in_channels), int(image_size), **options)
     except ImgclfError as e:
         raise ImgclfError(f"model {name}: {e}") from None
     # The state dict carries any loaded weights, so a rebuild must not need the original file.

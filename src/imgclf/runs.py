@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 
 from imgclf import __version__
+from imgclf.config import DEVICES
 from imgclf.errors import ImgclfError
 from imgclf.models import create_model
 
@@ -81,6 +82,7 @@ def held_folder(path: Path, busy: str):
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -94,6 +96,9 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        for folder in made:  # a failed write (a full disk) leaves no empty folder behind either
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if isinstance(e, OSError) and e.filename in (None, tmp):  # name the file meant, not the temporary one
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
@@ -188,8 +193,20 @@ def save_model(run_dir: Path, net: torch.nn.Module, class_names: list[str], mean
     atomic_write(run_dir / "model.json", json.dumps(meta, indent=2))
 
 
-def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' is the GPU where there is one; 'cuda:1' names one of several."""
+    if str(name).split(":")[0] not in DEVICES:
+        raise ImgclfError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ImgclfError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild a trained net from a run folder, reading only JSON and safetensors."""
+    device = resolve_device(device)
     run_dir = Path(run_dir)
     meta_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
     if not run_dir.is_dir():

@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
 from imgclf.config import RunConfig, apply_overrides, make_config
-from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, load_dataset
+from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, folder_stamp, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
@@ -44,6 +44,7 @@ from imgclf.runs import (
     output_folder,
     read_json,
     read_metrics,
+    resolve_device,
     save_checkpoint,
     save_model,
     write_metrics,
@@ -87,14 +88,6 @@ class TrainImages:
 
 
 # ---- choices made from the config and the machine ---------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ImgclfError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
 
 def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module) -> str:
     if precision != "auto":
@@ -179,6 +172,8 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     if config is not None and not isinstance(config, RunConfig):
         raise ImgclfError(f"train's first argument is a RunConfig, not {config!r}; for a recipe: "
                           f"train(recipe={str(config)!r}, ...)")
+    if out is not None and not isinstance(out, str | os.PathLike):
+        raise ImgclfError(f"out is the run folder, a path such as 'runs/mnist-mlp', not {out!r}")
     if on_epoch is not None and not callable(on_epoch):  # else it would fail only after the first epoch
         raise ImgclfError(f"on_epoch must be a function of the epoch's metrics, not {on_epoch!r}")
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
@@ -201,7 +196,9 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     ctx, rank_device = distributed.setup(config.train.device)
     threads, finished = torch.get_num_threads(), False
     try:
-        with contextlib.ExitStack() as held:  # the run folder, while this process trains in it
+        # `held`: the run folder, while this process trains in it. The run seeds torch's global generator (weight
+        # init, dropout); fork_rng gives the caller (a notebook) its own stream back afterwards.
+        with contextlib.ExitStack() as held, torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             result = _train(config, out, resume, dataset_obj, quiet or not ctx.is_main, report, tensorboard,
                             on_epoch, ctx, rank_device, held)
         finished = True
@@ -246,10 +243,16 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     config, run_dir, mode = _open_run(config, out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
-        recorded = read_json(run_dir / "model.json").get("train_digest")
-        if dataset_obj is not None and recorded and dataset_obj.train.digest() != recorded:
+        recorded = read_json(run_dir / "model.json")
+        if dataset_obj is not None and recorded.get("train_digest") and dataset_obj.train.digest() != recorded[
+                "train_digest"]:
             raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
                               "the Dataset passed; choose another out (or delete the folder) to train on these")
+        folder = config.data.dataset
+        if (dataset_obj is None and recorded.get("folder_stamp") and Path(folder).is_dir()
+                and folder_stamp(folder) != recorded["folder_stamp"]):
+            raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
+                              "on it; choose another --out (or delete that run) to train on the folder as it is now")
         reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
                              reused=True)  # read first: a damaged file is said before "reusing"
         say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
@@ -359,14 +362,16 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         return ema.module if ema is not None else net
 
     val_digest = data.val.digest() if data.val is not None and len(data.val) else None
-    # Only a Dataset object is compared when it is trained into this folder again (a named dataset or folder is
-    # known by its config), so only then is the training split hashed (0.2 s for CIFAR's).
+    # Only a Dataset object is compared by its pixels when it is trained into this folder again (a named dataset is
+    # known by its config, an image folder by its files' stamp), so only then is the training split hashed (0.2 s
+    # for CIFAR's).
     train_digest = data.train.digest() if dataset_obj is not None else None
 
     def save_weights() -> None:
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
-                   tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest)
+                   tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest,
+                   folder_stamp=data.folder_stamp)
 
     def draw_curves() -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far

@@ -268,12 +268,15 @@ def _worker_process(job: Job, n_trials: int, seed: int, tag: str) -> None:
     except Exception as e:  # one line, as the CLI says it: not multiprocessing's traceback of the worker
         if os.environ.get("IMGCLF_DEBUG"):
             raise
-        journal = "://" not in job.storage and Path(job.storage).parent
-        # Optuna's journal fails on a full disk with an AssertionError
-        full = journal and disk_full(journal)
-        failure = OSError(errno.ENOSPC, "No space left on device", job.storage) if full else e
-        print(f"imgclf: {unexpected(failure).replace(': ', f': {tag}', 1)}", file=sys.stderr, flush=True)
+        print(f"imgclf: {unexpected(_as_disk_full(job, e)).replace(': ', f': {tag}', 1)}", file=sys.stderr,
+              flush=True)
         raise SystemExit(1) from None
+
+
+def _as_disk_full(job: Job, e: Exception) -> Exception:
+    """Optuna's journal fails on a full disk with an AssertionError ("Should not reach"): say it as a full disk."""
+    journal = "://" not in job.storage and Path(job.storage).parent
+    return OSError(errno.ENOSPC, "No space left on device", job.storage) if journal and disk_full(journal) else e
 
 
 def fail_lost_trials(study: optuna.Study) -> int:
@@ -430,7 +433,10 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
                   max(1, cores // processes), quiet)
         seed = len(study_obj.trials)  # a re-run samples new points, yet each run is reproducible
         if processes == 1:
-            run_worker(job, n_trials, seed, data)
+            try:
+                run_worker(job, n_trials, seed, data)
+            except AssertionError as e:
+                raise _as_disk_full(job, e) from None
         else:
             failed_workers = _run_processes(job, n_trials, processes, seed)
             fail_lost_trials(study_obj)  # a worker that died left its trial running
