@@ -197,8 +197,9 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     threads, finished = torch.get_num_threads(), False
     try:
         # `held`: the run folder, while this process trains in it. The run seeds torch's global generator (weight
-        # init, dropout); fork_rng gives the caller (a notebook) its own stream back afterwards.
-        with contextlib.ExitStack() as held, torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        # init, dropout); fork_rng gives the caller (a notebook) its CPU stream back afterwards. Not the GPUs':
+        # saving theirs would start a CUDA context on every GPU, in every DDP rank.
+        with contextlib.ExitStack() as held, torch.random.fork_rng(devices=[]):
             result = _train(config, out, resume, dataset_obj, quiet or not ctx.is_main, report, tensorboard,
                             on_epoch, ctx, rank_device, held)
         finished = True
