@@ -245,13 +245,11 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
         recorded = read_json(run_dir / "model.json")
-        if dataset_obj is not None and recorded.get("train_digest") and dataset_obj.train.digest() != recorded[
-                "train_digest"]:
+        digest, stamp, folder = recorded.get("train_digest"), recorded.get("folder_stamp"), config.data.dataset
+        if dataset_obj is not None and digest and dataset_obj.train.digest() != digest:
             raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
                               "the Dataset passed; choose another out (or delete the folder) to train on these")
-        folder = config.data.dataset
-        if (dataset_obj is None and recorded.get("folder_stamp") and Path(folder).is_dir()
-                and folder_stamp(folder) != recorded["folder_stamp"]):
+        if dataset_obj is None and stamp and Path(folder).is_dir() and folder_stamp(folder) != stamp:
             raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
                               "on it; choose another --out (or delete that run) to train on the folder as it is now")
         reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
