@@ -1,6 +1,7 @@
 """The command line, as a user runs it: exit codes, one-line errors, JSON outputs."""
 
 import importlib
+import io
 import json
 import os
 import subprocess
@@ -68,19 +69,34 @@ def test_predict_a_folder_predicts_each_image_below_it(digits_run, tmp_path, cap
         Image.fromarray(test.images[i, 0].numpy()).convert("RGB").save(tmp_path / "imgs" / name)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     (tmp_path / "imgs" / "corrupt.png").write_bytes(b"\x89PNG not really")  # skipped, as training skips it
+    whole = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(whole, "JPEG")
+    (tmp_path / "imgs" / "cut.jpg").write_bytes(whole.getvalue()[:300])  # its header reads, its pixels do not
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "imgs" / "float.tif")  # 32-bit pixels
     (tmp_path / "empty").mkdir()
     one = tmp_path / "one.png"
     Image.fromarray(test.images[3, 0].numpy()).save(one)
     assert main(["predict", str(digits_run), str(tmp_path / "imgs"), str(one), "--json"]) == 0
     out, err = capsys.readouterr()
-    assert "skipped 1 unreadable image file(s), e.g. " in err and "corrupt.png" in err
+    assert "skipped 2 unreadable image file(s), e.g. " in err and "corrupt.png" in err and "float.tif" in err
+    assert "skipped 1 image file(s) that could not be decoded" in err and "cut.jpg" in err
     names = [r["image"] for r in json.loads(out)]
     assert names == [str(tmp_path / "imgs" / n) for n in ("a.JPG", "b.png", "more/c.bmp")] + [str(one)]
-    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+    with pytest.warns(UserWarning, match="could not be decoded"):
         assert len(imgclf.predict(digits_run, tmp_path / "imgs")) == 3
     assert len(imgclf.predict(digits_run, str(one))) == 1
     assert main(["predict", str(digits_run), str(tmp_path / "empty")]) == 1
     assert "holds no readable image files" in capsys.readouterr().err
+    assert main(["predict", str(digits_run), str(tmp_path / "imgs" / "cut.jpg")]) == 1  # named: must read
+    assert "cut.jpg is not an image that can be read" in capsys.readouterr().err
+    digits = load_dataset("digits").test.images
+    for call, message in ((lambda: imgclf.predict(digits_run, []), "no images given"),
+                          (lambda: imgclf.predict(digits_run, digits, tta="false"), "tta is True, False or None"),
+                          (lambda: imgclf.predict(digits_run, digits, tta_margin="0.5"), "TTA margin '0.5'"),
+                          (lambda: imgclf.predict(5, digits), "give a run folder .* not 5")):
+        with pytest.raises(imgclf.ImgclfError, match=message):
+            call()
+    assert imgclf.predict(digits_run, digits[:0]) == []
 
 
 def test_set_reaches_any_setting_and_model_option(tmp_path, capsys):
@@ -350,8 +366,13 @@ def test_tta_of_a_run_without_crops_or_flips_is_not_claimed(tmp_path, capsys):
     assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(out), "--tta"]) == 0
-    printed = capsys.readouterr().out
-    assert "TTA has no views to average" in printed and "with TTA" not in printed
+    printed = capsys.readouterr()
+    assert "TTA has no views to average" in printed.err and "with TTA" not in printed.out
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8)).save(image)
+    for args in (["predict", str(out), str(image), "--tta"], ["export", str(out), "--tta"]):
+        assert main(args) == 0
+        assert capsys.readouterr().err.count("TTA has no views to average") == 1
     assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--out", str(out), "--report"]) == 0
     assert "reusing its model" in capsys.readouterr().out and (out / "report.html").exists()
 

@@ -1,6 +1,7 @@
 """ONNX export: every registered model exports, and onnxruntime gives the logits PyTorch gives."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -73,8 +74,15 @@ def test_bad_targets_are_one_line_errors(tmp_path):
         export_onnx(run, tmp_path / "m.txt")
     assert not (tmp_path / "m.txt").exists()
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(ImgclfError, match="cannot write"):
+    with pytest.raises(ImgclfError, match="afile is a file, not a folder, so .* cannot be written there"):
         export_onnx(run, tmp_path / "afile" / "model.onnx")
+    with pytest.raises(ImgclfError, match="out is where to write the .onnx file"):
+        export_onnx(run, 5)
+    assert export_onnx(run, tmp_path / "UPPER.ONNX").path.exists()
+    (tmp_path / "readonly").mkdir(mode=0o555)
+    if os.geteuid() != 0:  # root writes anyway
+        with pytest.raises(ImgclfError, match="cannot write"):
+            export_onnx(run, tmp_path / "readonly" / "model.onnx")
 
 
 def test_tta_without_views_is_plain_and_the_run_precision_is_recorded(tmp_path):

@@ -115,6 +115,18 @@ def test_bad_uploads_get_a_clear_4xx(client, monkeypatch):
     assert response.status_code == 413 and "at most 1" in response.json()["detail"]
 
 
+def test_a_large_request_is_refused_as_it_arrives_and_unknown_parameters_are_named(run, monkeypatch):
+    monkeypatch.setattr(serve_module, "MAX_REQUEST_BYTES", 3000)  # read when the app is made
+    client = TestClient(create_app(run))
+    response = client.post("/predict", files=[("files", ("a.png", png(0), "image/png"))])  # a 4.9 KB PNG
+    assert response.status_code == 413
+    response = client.post("/predict", params={"topk": 1}, files=[("files", ("a.png", png(0, 8), "image/png"))])
+    assert response.status_code == 422 and response.json()["detail"] == (
+        "unknown query parameter topk (did you mean 'top_k'?); use top_k and tta")
+    assert client.get("/info").json()["run"] == run.name  # not the server's folders
+    assert list(client.get("/openapi.json").json()["paths"]["/health"]) == ["get"]  # HEAD works, unlisted
+
+
 def test_cli_serves_until_stopped(run):
     server = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(run), "--port", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

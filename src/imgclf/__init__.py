@@ -11,6 +11,7 @@ The Python API:
     write_report(run_dir)            -> Path of RUN/report.html (figures inside)
     compare_runs(run_dirs, out_dir)  -> one row of metrics per run; writes a table, charts and an HTML page
     tune(dataset, space, ...)        -> TuneResult (an Optuna study, trials.csv, best.yaml)
+    ImgclfError                      the exception of every problem the user can fix (its message says how)
 """
 
 import importlib
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 _API = {"load_dataset": "imgclf.data", "create_model": "imgclf.models", "train": "imgclf.train",
         "evaluate": "imgclf.evaluate", "predict": "imgclf.evaluate", "load_model": "imgclf.runs",
         "export_onnx": "imgclf.export", "write_report": "imgclf.report", "compare_runs": "imgclf.report",
-        "tune": "imgclf.tune"}
+        "tune": "imgclf.tune", "ImgclfError": "imgclf.errors"}
 
 __all__ = [*_API, "__version__"]
 

@@ -94,9 +94,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(metrics))
         return
-    if args.tta and not metrics["tta"]:
-        console.print("note: this run trained without crops or flips, so TTA has no views to average")
-    elif args.tta_margin is not None and not metrics["tta"]:
+    if args.tta_margin is not None and not metrics["tta"] and not args.tta:  # with --tta, evaluate warned
         console.print("note: --tta-margin changes nothing without TTA")
     top5 = metrics["top5_accuracy"]
     console.print(f"{escape(metrics['dataset'])} {metrics['split']} split, {metrics['num_images']:,} images"
@@ -115,10 +113,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from imgclf.evaluate import image_files, predict, predictions_json
+    from imgclf.evaluate import predict_files, predictions_json
 
-    files = image_files(args.images)
-    results = predict(args.run, files, top_k=args.top_k, tta=args.tta, tta_margin=args.tta_margin)
+    files, results = predict_files(args.run, args.images, top_k=args.top_k, tta=args.tta, tta_margin=args.tta_margin)
     if args.json:
         print(json.dumps(predictions_json(files, results)))
         return
@@ -130,9 +127,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from imgclf.export import export_onnx
 
-    result = export_onnx(args.run, args.out, tta=args.tta)
-    if args.tta and not result.tta:
-        console.print("note: this run trained without crops or flips, so TTA has no views to average")
+    result = export_onnx(args.run, args.out, tta=args.tta)  # warns when the run has no TTA views
     views = f", {result.views}-view TTA inside" if result.tta else ""
     bf16 = (f"; the run predicts in {result.run_precision}, the graph in float32, so probabilities differ slightly"
             if result.run_precision != "fp32" else "")

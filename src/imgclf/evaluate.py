@@ -7,6 +7,7 @@ import ctypes
 import functools
 import itertools
 import numbers
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,9 +253,11 @@ def prediction_options(model: TrainedModel, tta: bool | None,
                        tta_margin: float | None = None) -> tuple[bool, dict[str, Any]]:
     """(tta, predict_logits keywords) for a run: `tta=None` and `tta_margin=None` use its recipe's settings
     (tta_margin 1: every image gets every view); its precision, where the device has it (prediction_precision)."""
-    if tta_margin is not None and not 0 < tta_margin <= 1:
-        raise ImgclfError(f"TTA margin {tta_margin}: use a probability in (0, 1]; 1 gives every image every view")
-    tta = bool(model.info.get("tta", False)) if tta is None else tta
+    if tta is not None and not isinstance(tta, bool):  # "false" would be true
+        raise ImgclfError(f"tta is True, False or None (the run's recipe setting), not {tta!r}")
+    if tta_margin is not None and (not isinstance(tta_margin, numbers.Real) or not 0 < tta_margin <= 1):
+        raise ImgclfError(f"TTA margin {tta_margin!r}: use a probability in (0, 1]; 1 gives every image every view")
+    asked, tta = tta, bool(model.info.get("tta", False)) if tta is None else tta
     device = next(model.net.parameters()).device
     options = {"precision": prediction_precision(model.info.get("precision", "fp32"), device)}
     if tta:
@@ -263,6 +266,9 @@ def prediction_options(model: TrainedModel, tta: bool | None,
         # A run trained without flips or crops has only the image itself: say so rather than claim TTA.
         tta = tta_view_count(views["tta_augment"], views["tta_shift"]) > 1
         options.update(views if tta else {})
+        if asked and not tta:
+            warnings.warn("this run trained without crops or flips, so TTA has no views to average: predicting "
+                          "each image as it is", stacklevel=3)
     return tta, options
 
 
@@ -330,9 +336,10 @@ def read_images(sources: list[str | Path | BinaryIO], input_shape: tuple[int, in
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # picked out of a folder
 
 
-def image_files(sources: list[str | Path]) -> list[str]:
-    """The files to predict: each file as given, and for each folder the image files below it, sorted."""
-    out = []
+def image_files(sources: list[str | Path]) -> tuple[list[str], set[str]]:
+    """The files to predict, and which of them were found in folders: each file as given, and for each folder
+    the image files below it, sorted."""
+    out, listed = [], set()
     for source in map(str, sources):
         if not Path(source).is_dir():
             out.append(source)
@@ -347,7 +354,8 @@ def image_files(sources: list[str | Path]) -> list[str]:
             raise ImgclfError(f"folder {source} holds no readable image files ({', '.join(IMAGE_SUFFIXES)}); "
                               "give image files or a folder of them")
         out += found
-    return out
+        listed.update(found)
+    return out, listed
 
 
 def predictions_json(names: list[str], results: list[list[tuple[str, float]]]) -> list[dict[str, Any]]:
@@ -356,30 +364,63 @@ def predictions_json(names: list[str], results: list[list[tuple[str, float]]]) -
             for name, top in zip(names, results, strict=True)]
 
 
-def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[str | Path] | torch.Tensor, *,
-            top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None) -> list[list[tuple[str, float]]]:
-    """Top-k (class name, probability) for each image file (a folder: each image below it, as image_files
-    lists them) or for each image of a uint8 (N, C, H, W) tensor."""
+def _check_top_k(top_k) -> None:
     if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
         raise ImgclfError(f"top-k {top_k!r}: ask for 1 or more labels per image (a whole number)")
+
+
+def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[str | Path] | torch.Tensor, *,
+            top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None) -> list[list[tuple[str, float]]]:
+    """Top-k (class name, probability) for each image file (a folder: each readable image below it, in the order
+    predict_files names them) or for each image of a uint8 (N, C, H, W) tensor or numpy array."""
+    _check_top_k(top_k)
     model, _ = as_model(run_or_model)
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
-        # one file or folder (not a sequence of one-letter names), or a list of them
-        paths = list(images) if isinstance(images, list | tuple) else [images]
-        if odd := [p for p in paths if not isinstance(p, str | Path)]:  # a PIL image, say: not "does not exist"
-            raise ImgclfError(f"images: give image files, folders, or a uint8 tensor (N, C, H, W), not a "
-                              f"{type(odd[0]).__module__}.{type(odd[0]).__name__}")
-        images = read_images(image_files(paths), model.input_shape)
-    elif images.dtype != torch.uint8 or tuple(images.shape[1:]) != tuple(model.input_shape):
+        return predict_files(model, images, top_k=top_k, tta=tta, tta_margin=tta_margin)[1]
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != tuple(model.input_shape):
         # floats in [0, 1] would be scaled as 0..255 pixels, and predicted wrong without a word
         raise ImgclfError(f"images are a {images.dtype} tensor of shape {tuple(images.shape)}; give uint8 pixels "
                           f"(0..255) of shape (N, {', '.join(map(str, model.input_shape))}), e.g. "
                           "(x * 255).round().to(torch.uint8) for floats in [0, 1]")
+    if not len(images):
+        return []
     logits = predict_logits(model.net, images, model.mean, model.std, **prediction_options(model, tta, tta_margin)[1])
     probabilities = logits.softmax(1)
     k = max(1, min(top_k, model.num_classes))
     top = probabilities.topk(k, dim=1)
     return [[(model.class_names[i], float(p)) for p, i in zip(ps.tolist(), idx.tolist(), strict=True)]
             for ps, idx in zip(top.values, top.indices, strict=True)]
+
+
+def predict_files(run_or_model: str | Path | TrainedModel, sources: str | Path | list[str | Path], *,
+                  top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None
+                  ) -> tuple[list[str], list[list[tuple[str, float]]]]:
+    """(the files predicted, the top-k labels of each) for image files and folders. An image in a folder that
+    cannot be decoded is skipped with a warning, as training skips it; a file named itself is an error."""
+    _check_top_k(top_k)  # before any image is decoded
+    model, _ = as_model(run_or_model)
+    paths = list(sources) if isinstance(sources, list | tuple) else [sources]  # not a name's letters
+    if odd := [p for p in paths if not isinstance(p, str | os.PathLike)]:  # a PIL image, say: not "does not exist"
+        raise ImgclfError(f"images: give image files, folders, or a uint8 tensor (N, C, H, W), not a "
+                          f"{type(odd[0]).__module__}.{type(odd[0]).__name__}")
+    if not paths:
+        raise ImgclfError("no images given; give one or more image files or folders")
+    files, listed = image_files(paths)
+    decoded, kept, skipped = [], [], []
+    for file in files:
+        try:
+            decoded.append(read_images([file], model.input_shape))
+            kept.append(file)
+        except ImgclfError:
+            if file not in listed:
+                raise
+            skipped.append(file)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} image file(s) that could not be decoded (truncated, or 32-bit "
+                      f"pixels), e.g. {', '.join(skipped[:3])}", stacklevel=2)
+    if not kept:
+        raise ImgclfError(f"none of the {len(files)} image files could be decoded; give PNG, JPEG, BMP, WebP, GIF "
+                          "or TIFF files")
+    return kept, predict(model, torch.cat(decoded), top_k=top_k, tta=tta, tta_margin=tta_margin)

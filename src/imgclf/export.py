@@ -93,6 +93,8 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     """
     onnx, onnxruntime = _import_onnx()
     model, run_dir = as_model(run_or_model)
+    if out is not None and not isinstance(out, str | os.PathLike):
+        raise ImgclfError(f"out is where to write the .onnx file, a path such as 'model.onnx', not {out!r}")
     if out is None:
         if run_dir is None:
             raise ImgclfError("give `out`: where to write the .onnx file of a model that was not loaded from a run")
@@ -100,9 +102,11 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     if Path(out).is_dir() or str(out).endswith(("/", os.sep)):  # a folder, as for cp: the file goes inside it
         out = Path(out) / "model.onnx"
     out = Path(out)
-    if out.suffix != ".onnx":  # an existing photo or notes file would be overwritten; a new m.txt misnamed
+    if out.suffix.lower() != ".onnx":  # an existing photo or notes file would be overwritten; a new m.txt misnamed
         raise ImgclfError(f"{out} is not an .onnx file name; give --out a path ending in .onnx, or a folder "
                           "ending in / (nothing was written)")
+    if file := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise ImgclfError(f"{file} is a file, not a folder, so {out} cannot be written there; choose another --out")
     tta, options = prediction_options(model, tta)
     # prediction_options turns TTA off for a run trained without flips or crops: only the image itself.
     views = tta_view_count(options["tta_augment"], options["tta_shift"]) if tta else 1
@@ -124,7 +128,8 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     onnx.helper.set_model_props(proto, {
         "imgclf_version": __version__,
         "class_names": json.dumps(model.class_names),
-        "input": f"images: uint8 (N, {', '.join(map(str, model.input_shape))}), N any; output logits: float32 "
+        "input": f"images: uint8 (N, {', '.join(map(str, model.input_shape))}), N any, channels in RGB order (not "
+                 f"OpenCV's BGR) or one gray channel; output logits: float32 "
                  f"(N, {model.num_classes}), softmax gives probabilities",
         "input_shape": json.dumps(list(model.input_shape)),
         "architecture": json.dumps(arch),

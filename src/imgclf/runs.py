@@ -206,6 +206,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild a trained net from a run folder, reading only JSON and safetensors."""
+    if not isinstance(run_dir, str | os.PathLike):
+        raise ImgclfError(f"give a run folder (the --out of `imgclf train`) or a loaded model, not {run_dir!r}")
     device = resolve_device(device)
     run_dir = Path(run_dir)
     meta_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"

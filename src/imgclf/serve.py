@@ -20,14 +20,16 @@ from typing import Any
 import torch
 
 from imgclf import __version__
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, did_you_mean
 from imgclf.evaluate import predict, prediction_options, predictions_json, read_images
 from imgclf.runs import load_model, warn_if_unfinished
 
 MAX_IMAGE_BYTES = 20 * 2**20  # a larger upload is refused before it is decoded
+MAX_REQUEST_BYTES = 256 * 2**20  # all of a request's uploads: refused as it arrives, before it fills the disk
 MAX_IMAGES = 256  # per request: bounds the memory one request can take
-MAX_PIXELS = 40_000_000  # per image once decoded (JPEGs first at a reduced scale): a 450 KB PNG of 12,000 x
-# 12,000 pixels would otherwise be decoded in full, 432 MB of RGB
+MAX_PIXELS = 16_000_000  # per image once decoded (JPEGs first at a reduced scale, so any phone photo passes): a
+# 170 KB PNG of 6,300 x 6,300 pixels took 6.5 s to decode, while every other request waited
+QUERY_PARAMETERS = ("top_k", "tta")  # of /predict: another one (a typo such as topk) is refused, not ignored
 
 
 def _import_fastapi():
@@ -45,22 +47,25 @@ def _import_fastapi():
 def create_app(run_dir: str | Path):
     """The FastAPI application serving the trained model in `run_dir`."""
     fastapi, _ = _import_fastapi()
-    from fastapi import File, HTTPException, Query, UploadFile
+    from fastapi import File, HTTPException, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
     model = load_model(run_dir)
     warn_if_unfinished(run_dir)
     arch = model.info.get("architecture", {})
-    about = {"run": str(run_dir), "model": arch.get("name"), "dataset": model.info.get("dataset"),
-             "classes": model.class_names, "input_shape": list(model.input_shape),
-             "tta": bool(model.info.get("tta", False)), "precision": prediction_options(model, None)[1]["precision"],
-             "imgclf_version": __version__}
+    run_tta, run_options = prediction_options(model, None)
+    # The run folder's name, not its path: with --host 0.0.0.0 anyone on the network reads /info.
+    dataset = model.info.get("dataset")
+    about = {"run": Path(run_dir).name, "model": arch.get("name"),
+             "dataset": Path(dataset).name if dataset and "/" in str(dataset) else dataset,
+             "classes": model.class_names, "input_shape": list(model.input_shape), "tta": run_tta,
+             "precision": run_options["precision"], "imgclf_version": __version__}
     # One request decodes and predicts at a time: a prediction already uses every core, and decoding the
     # uploads of many requests at once would only multiply the memory they take.
     one_at_a_time = threading.Lock()
     app = fastapi.FastAPI(title="imgclf prediction server", version=__version__,
-                          description=f"{about['model']} trained on {about['dataset']}, from {run_dir}")
+                          description=f"{about['model']} trained on {about['dataset']}, from {about['run']}")
 
     @app.exception_handler(RequestValidationError)
     def one_line_validation_error(request, error: RequestValidationError):
@@ -84,20 +89,25 @@ def create_app(run_dir: str | Path):
         """A plain page (no scripts, so it works offline) that says what is served and uploads images."""
         return home_page
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
-    def health() -> dict[str, str]:
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)  # one operation in the schema, not two of the same id
+    async def health() -> dict[str, str]:  # async: on the event loop, so queued predictions do not delay it
         return {"status": "ok"}
 
     @app.get("/info")
     def info() -> dict[str, Any]:
         return about
 
-    @app.post("/predict")
-    def predict_files(files: list[UploadFile] = File(..., description="one or more image files"),  # noqa: B008
+    @app.post("/predict", max_body_size=MAX_REQUEST_BYTES)
+    def predict_uploads(request: Request,
+                      files: list[UploadFile] = File(..., description="one or more image files"),  # noqa: B008
                       top_k: int = Query(3, ge=1, description="how many labels per image"),
                       tta: bool | None = Query(None, description="average the test-time augmentation views "
                                                "(default: the run's recipe setting, in /info)"),
                       ) -> list[dict[str, Any]]:
+        if unknown := [key for key in request.query_params if key not in QUERY_PARAMETERS]:
+            raise HTTPException(422, f"unknown query parameter {unknown[0]}{did_you_mean(unknown[0], QUERY_PARAMETERS)}"
+                                f"; use {' and '.join(QUERY_PARAMETERS)}")
         if len(files) > MAX_IMAGES:
             raise HTTPException(413, f"{len(files)} images in one request; send at most {MAX_IMAGES} at a time")
         names = [upload.filename or f"image {i + 1}" for i, upload in enumerate(files)]
