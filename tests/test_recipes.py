@@ -1,8 +1,9 @@
 """Every shipped reference recipe rebuilds its Keras architecture with the exact parameter count."""
 
 import pytest
+import torch
 
-from imgclf.config import describe_settings, list_recipes, load_recipe, parse_settings
+from imgclf.config import DEFAULT, describe_settings, list_recipes, load_recipe, parse_settings
 from imgclf.data import dataset_info
 from imgclf.errors import ImgclfError
 from imgclf.models import count_params, create_model
@@ -151,4 +152,60 @@ def test_a_recipe_value_of_the_wrong_type_or_range_is_a_one_line_error(tmp_path,
 def test_settings_are_described_as_set_takes_them():
     assert describe_settings({"subset": None, "tta": True, "lr": 0.003162, "model.filters": [8, 16]}) == (
         "subset=null tta=true lr=0.00316 model.filters=[8,16]")
-    assert parse_settings(["subset=null", "tta=true"]) == {"subset": None, "tta": True}
+    assert parse_settings(["subset=null", "tta=true"]) == {"subset": DEFAULT, "tta": True}  # the default: None
+
+
+def test_an_empty_section_over_a_base_changes_nothing(tmp_path):
+    (tmp_path / "my.yaml").write_text("base: mnist-fast\ndata: {dataset: digits}\nmodel:\n  # widths: [8]\n"
+                                      "train:\n  # epochs: 1\n")
+    config, base = load_recipe(tmp_path / "my.yaml"), load_recipe("mnist-fast")
+    assert (config.model, config.train, config.data.dataset) == (base.model, base.train, "digits")
+
+
+def test_set_null_means_the_default_and_drops_a_model_option():
+    from imgclf.config import TrainConfig, make_config
+
+    settings = parse_settings(["early_stopping=null", "lr=null", "model.weights=null", "model.dense=[7]"])
+    config = make_config("ref-cifar100-vgg16-transfer", **settings)
+    assert config.train.early_stopping is None and config.train.lr == TrainConfig().lr
+    assert "weights" not in config.model.options and config.model.options["dense"] == [7]
+    assert make_config("cifar10-fast", model="cnn", **parse_settings(["whiten_bias_epochs=null"]))
+
+
+def test_a_yaml_error_says_where(tmp_path):
+    (tmp_path / "tabs.yaml").write_text("data:\n  dataset: digits\n\tepochs: 1\n")
+    with pytest.raises(ImgclfError, match=r"not valid YAML at line 3, column 1: found character '\\t'"):
+        load_recipe(tmp_path / "tabs.yaml")
+    (tmp_path / "keys.yaml").write_text("model: {name: cnn, 1: 2}\n")
+    with pytest.raises(ImgclfError, match="model option 1 is not an option name"):
+        load_recipe(tmp_path / "keys.yaml")
+
+
+def test_model_options_read_like_train_options():
+    assert create_model("mlp", dropout="1e-1", image_size=8, in_channels=1)  # YAML 1.1 leaves 1e-1 a string
+    for options, message in (({"bn_momentum": "abc"}, "option bn_momentum must be in"),
+                             ({"logit_scale": 0}, "option logit_scale must be a positive number")):
+        with pytest.raises(ImgclfError, match=message):
+            create_model("fastnet", **options)
+
+
+def test_vgg_transfer_from_a_run_with_weights_beside_the_recipe(tmp_path, monkeypatch):
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from imgclf import train
+
+    source = create_model("vgg", layout=[8, "M", 16, "M"], num_classes=3, in_channels=1, image_size=8)
+    save_file(source.state_dict(), tmp_path / "run_weights.safetensors")  # features.* and the head, as a run's
+    (tmp_path / "transfer.yaml").write_text(
+        "data: {dataset: digits}\nmodel: {name: vgg, layout: [8, M, 16, M], freeze_features: true, dense: [],\n"
+        "  weights: run_weights.safetensors}\ntrain: {epochs: 1}\n")
+    monkeypatch.chdir(tmp_path.parent)  # the weights are found beside the recipe, not in the working folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "random frozen base" warning: the base has weights
+        run = train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "run", quiet=True)
+    assert torch.equal(run.model.features[0].weight, source.features[0].weight)
+    with pytest.warns(UserWarning, match="freeze_features without weights: the frozen conv base is random"):
+        train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "random", quiet=True,
+              model_options={"weights": None})

@@ -148,9 +148,10 @@ def _summary(args: argparse.Namespace) -> None:
 
     if not args.recipe and not args.model:
         raise UsageError("give --model NAME or --recipe NAME_OR_YAML")
-    config = make_config(recipe=args.recipe, model=args.model)  # --model replaces the recipe's, as in train
+    # --model replaces the recipe's, as in train; --image-size is checked as train checks it
+    config = make_config(recipe=args.recipe, model=args.model, image_size=args.image_size)
     name, options, grayscale = config.model.name, config.model.options, config.data.grayscale
-    image_size = args.image_size or config.data.image_size
+    image_size = config.data.image_size
     dataset = args.dataset or (config.data.dataset if args.recipe else "cifar10")
     info = dataset_info(dataset)
     if info.image_size is None:  # an image folder: its shape is known once decoded (cached)

@@ -128,6 +128,9 @@ class RunConfig:
         if not isinstance(name, str):  # a list or number would fail as an internal error in the model registry
             raise ImgclfError(f"{source}: model name {name!r} is not a name; write e.g. name: cnn "
                               "(see `imgclf models`)")
+        if odd := [key for key in model if not isinstance(key, str)]:
+            raise ImgclfError(f"{source}: model option {odd[0]!r} is not an option name; write e.g. widths: [32, 64] "
+                              f"(see `imgclf summary {name}`)")
         for key in ("recipe", "description"):  # written to each run's config.yaml and shown as text
             if not isinstance(raw.get(key) or "", str):
                 raise ImgclfError(f"{source}: {key} {raw[key]!r} is not text; write e.g. {key}: my-recipe")
@@ -278,7 +281,10 @@ def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> t
     except FileNotFoundError:
         raise ImgclfError(f"{kind} file {path} does not exist; check the path") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ImgclfError(f"{kind} {path} is not valid YAML ({type(e).__name__}); fix or replace the file") from None
+        mark = getattr(e, "problem_mark", None)  # PyYAML's: where it stopped, counted from 0
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = f": {e.problem}" if getattr(e, "problem", None) else f" ({type(e).__name__})"
+        raise ImgclfError(f"{kind} {path} is not valid YAML{where}{problem}; fix or replace the file") from None
 
 
 def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple[Path, dict[str, Any]]:
@@ -288,6 +294,9 @@ def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple
         raise ImgclfError(f"recipe {path} must be a YAML mapping with data/model/train sections")
     if "base" in raw and path.resolve() in seen:
         raise ImgclfError(f"recipe {path} is its own base (through base: {raw['base']}); break the cycle")
+    weights = (raw.get("model") or {}).get("weights") if isinstance(raw.get("model"), dict) else None
+    if isinstance(weights, str) and not Path(weights).expanduser().is_absolute():  # as base: is, from the file
+        raw = {**raw, "model": {**raw["model"], "weights": str((path.parent / weights).resolve())}}
     return path, over_base(raw, path.parent, (*seen, path.resolve()))
 
 
@@ -304,7 +313,7 @@ def over_base(raw: dict[str, Any], folder: Path, seen: tuple[Path, ...] = ()) ->
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in merged.items()
               if key in ("data", "model", "train")}
     for key, value in raw.items():
-        if key == "base":
+        if key == "base" or (value is None and key in merged):  # `train:` with every line commented out
             continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             if key == "model" and value.get("name", merged[key].get("name")) != merged[key].get("name"):
@@ -323,6 +332,16 @@ def load_recipe(name_or_path: str | Path) -> RunConfig:
     return config
 
 
+class _Default:
+    """`--set KEY=null`: the setting's default, where a None override means "not given"."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+DEFAULT = _Default()
+
+
 def parse_settings(settings: list[str]) -> dict[str, Any]:
     """make_config() overrides from KEY=VALUE strings, values in YAML: `lr=0.5`, `train.lr=0.5`,
     `augment=[crop,flip]`, `model.widths=[32,64,128]` (a model option)."""
@@ -339,7 +358,7 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise ImgclfError(f"setting '{setting}': its value is not valid YAML; quote it, e.g. "
                               "--set 'KEY=[1, 2]'") from None
-        key = key.strip()
+        parsed, key = DEFAULT if parsed is None else parsed, key.strip()
         if key == "model.name":  # options belong to one model, so a new model starts from its own defaults
             raise ImgclfError("a model is chosen with --model NAME (train) or the search space's base (tune), "
                               "not --set model.name")
@@ -369,8 +388,8 @@ def make_config(recipe: str | Path | None = None, model: str | None = None, **ov
     """Build a RunConfig from an optional recipe, then apply flat overrides.
 
     Override names are the fields of DataConfig and TrainConfig (e.g. dataset=, epochs=, lr=);
-    None means "not given". `model` replaces the recipe's model (and its options).
-    `model_options` merges into the model's options.
+    None means "not given", DEFAULT (`--set lr=null`) the field's default. `model` replaces the recipe's model
+    (and its options). `model_options` merges into the model's options (DEFAULT drops one: the model's default).
     """
     config = load_recipe(recipe) if recipe else RunConfig()
     if model:
@@ -393,12 +412,18 @@ def apply_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
     if not isinstance(model_options, dict):
         raise ImgclfError(f"model_options is a dict of the model's options, e.g. {{'widths': [64, 128, 256]}}, "
                           f"not {model_options!r}")
-    config.model.options.update(model_options)
+    for key, value in model_options.items():
+        if value is DEFAULT:
+            config.model.options.pop(key, None)
+        else:
+            config.model.options[key] = value
     for key, value in overrides.items():
         if value is None:
             continue
         section = getattr(config, override_path(key).split(".")[0])
-        kind = {f.name: f.type for f in dataclasses.fields(section)}[key]
-        setattr(section, key, typed_option(key, kind, value, "settings"))
+        spec = next(f for f in dataclasses.fields(section) if f.name == key)
+        if value is DEFAULT:
+            value = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        setattr(section, key, typed_option(key, spec.type, value, "settings"))
     config.validate()
     return config

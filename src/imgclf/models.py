@@ -7,6 +7,7 @@ instead of a shape error deep inside torch.
 
 import functools
 import inspect
+import math
 import numbers
 from collections import OrderedDict
 from collections.abc import Callable
@@ -130,10 +131,23 @@ def _check_bool(option: str, value: Any) -> bool:
     return value
 
 
-def _check_dropout(option: str, value: Any) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
-        raise ImgclfError(f"option {option} must be a dropout rate in [0, 1); got {value!r}")
+def _number(option: str, value: Any, expected: str) -> float:
+    """A finite number, also from YAML 1.1's string for 1e-1 (no dot), which a recipe's train options take too."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ImgclfError(f"option {option} must be {expected}; got {value!r}")
     return float(value)
+
+
+def _check_dropout(option: str, value: Any) -> float:
+    value = _number(option, value, "a dropout rate in [0, 1)")
+    if not 0 <= value < 1:
+        raise ImgclfError(f"option {option} must be a dropout rate in [0, 1); got {value!r}")
+    return value
 
 
 def _per_layer(option: str, value: Any, n: int, layers: str = "filters", kind: str = "conv") -> list[Any]:
@@ -336,6 +350,8 @@ def _load_features(features: nn.Module, path: str) -> None:
         raise ImgclfError(
             f"cannot read weights file {path!r} ({e}); it must be a .safetensors file"
         ) from None
+    if any(key.startswith("features.") for key in loaded):  # a whole vgg's weights (a run's model.safetensors)
+        loaded = {key.removeprefix("features."): t for key, t in loaded.items() if key.startswith("features.")}
     expected = features.state_dict()
     missing = sorted(expected.keys() - loaded.keys())
     unexpected = sorted(loaded.keys() - expected.keys())
@@ -723,7 +739,11 @@ def fastnet(
     if whiten_kernel >= image_size + 2 * input_pad:  # the whitening conv sees the padded image
         raise ImgclfError(f"option whiten_kernel {whiten_kernel} must be smaller than the image "
                           f"({image_size} + 2 x input_pad {input_pad})")
+    bn_momentum = _number("bn_momentum", bn_momentum, "in (0, 1], the weight of each new batch")
     if not 0 < bn_momentum <= 1:
         raise ImgclfError(f"option bn_momentum must be in (0, 1], the weight of each new batch; got {bn_momentum}")
-    return FastNet(num_classes, in_channels, image_size, widths, whiten_kernel, float(logit_scale),
-                   float(bn_momentum), _check_int("block_convs", block_convs), input_pad)
+    logit_scale = _number("logit_scale", logit_scale, "a positive number (fastnet's is 1/9)")
+    if logit_scale <= 0:  # 0 gives every class the same logit: nothing trains
+        raise ImgclfError(f"option logit_scale must be a positive number (fastnet's is 1/9); got {logit_scale}")
+    return FastNet(num_classes, in_channels, image_size, widths, whiten_kernel, logit_scale,
+                   bn_momentum, _check_int("block_convs", block_convs), input_pad)

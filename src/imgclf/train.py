@@ -285,8 +285,14 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         raise ImgclfError(f"early stopping watches the val accuracy, and {data.name} has no val split here; "
                           "set --val-split above 0, or drop --early-stopping")
     c, h, w = data.train.images.shape[1:]
+    # A resumed run's checkpoint holds every weight: the file it started from may be gone.
+    options = {k: v for k, v in config.model.options.items() if not (k == "weights" and mode == "resume")}
     net = create_model(config.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
-                       **config.model.options).to(device)
+                       **options).to(device)
+    if getattr(net, "freeze_features", False) and not config.model.options.get("weights") and mode == "new":
+        warnings.warn("freeze_features without weights: the frozen conv base is random and only the head learns; "
+                      "give the base's weights with --set model.weights=FILE.safetensors (a vgg run's "
+                      "model.safetensors will do)", stacklevel=3)
     if cfg.whiten_bias_epochs is not None and whitening_bias(net) is None:
         raise ImgclfError(f"whiten_bias_epochs is for nets with a patch-whitening layer (fastnet); "
                           f"{config.model.name} has none: remove it from the recipe")
