@@ -206,6 +206,11 @@ def test_vgg_transfer_from_a_run_with_weights_beside_the_recipe(tmp_path, monkey
         warnings.simplefilter("error")  # no "random frozen base" warning: the base has weights
         run = train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "run", quiet=True)
     assert torch.equal(run.model.features[0].weight, source.features[0].weight)
+    relative = f"{tmp_path.name}/run_weights.safetensors"  # from the working folder, as --set gives it
+    again = train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "rel", quiet=True,
+                  model_options={"weights": relative})
+    assert load_recipe(again.run_dir / "config.yaml").model.options["weights"] == str(
+        tmp_path / "run_weights.safetensors")  # recorded absolute: the run reads the same file from anywhere
     with pytest.warns(UserWarning, match="freeze_features without weights: the frozen conv base is random"):
         train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "random", quiet=True,
               model_options={"weights": None})

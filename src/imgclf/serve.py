@@ -100,11 +100,11 @@ def create_app(run_dir: str | Path):
 
     @app.post("/predict", max_body_size=MAX_REQUEST_BYTES)
     def predict_uploads(request: Request,
-                      files: list[UploadFile] = File(..., description="one or more image files"),  # noqa: B008
-                      top_k: int = Query(3, ge=1, description="how many labels per image"),
-                      tta: bool | None = Query(None, description="average the test-time augmentation views "
-                                               "(default: the run's recipe setting, in /info)"),
-                      ) -> list[dict[str, Any]]:
+                        files: list[UploadFile] = File(..., description="one or more image files"),  # noqa: B008
+                        top_k: int = Query(3, ge=1, description="how many labels per image"),
+                        tta: bool | None = Query(None, description="average the test-time augmentation views "
+                                                 "(default: the run's recipe setting, in /info)"),
+                        ) -> list[dict[str, Any]]:
         if unknown := [key for key in request.query_params if key not in QUERY_PARAMETERS]:
             raise HTTPException(422, f"unknown query parameter {unknown[0]}{did_you_mean(unknown[0], QUERY_PARAMETERS)}"
                                 f"; use {' and '.join(QUERY_PARAMETERS)}")

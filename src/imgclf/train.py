@@ -241,6 +241,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     # finds them from any folder.
     config = dataclasses.replace(config, data=dataclasses.replace(
         config.data, dataset=canonical_dataset(config.data.dataset), data_dir=canonical_data_dir(config.data.data_dir)))
+    if isinstance(weights := config.model.options.get("weights"), str):  # a transfer base: from any folder too
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, options={**config.model.options, "weights": str(Path(weights).expanduser().resolve())}))
     config, run_dir, mode = _open_run(config, out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
     if mode == "reuse":
