@@ -128,6 +128,9 @@ def test_summary_model_replaces_the_recipe_model_and_uses_its_image_size(tmp_pat
     assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 14, 14]
     assert main(["summary", "--recipe", "mnist-fast", "--model", "mlp", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "mlp"
+    assert main(["summary", "--model", "cnn", "--set", "model.filters=[4]", "--set", "grayscale=true", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["input_shape"] == [1, 32, 32] and shown["layers"][0]["output_shape"][0] == 4
     for size in ("0", "5000"):  # as train checks it (0 was ignored, 5000 an internal error)
         assert main(["summary", "--model", "mlp", "--image-size", size]) == 1
         assert f"invalid image size {size}; use 1 to 1024" in capsys.readouterr().err

@@ -176,6 +176,11 @@ def test_a_yaml_error_says_where(tmp_path):
     (tmp_path / "tabs.yaml").write_text("data:\n  dataset: digits\n\tepochs: 1\n")
     with pytest.raises(ImgclfError, match=r"not valid YAML at line 3, column 1: found character '\\t'"):
         load_recipe(tmp_path / "tabs.yaml")
+    (tmp_path / "twice.yaml").write_text("data: {dataset: digits}\nmodel: {name: mlp}\ndata: {dataset: mnist}\n")
+    with pytest.raises(ImgclfError, match="not valid YAML at line 3, column 1: found the key 'data' twice"):
+        load_recipe(tmp_path / "twice.yaml")
+    (tmp_path / "merged.yaml").write_text("data: {<<: {dataset: digits, val_split: 0.2}, dataset: mnist}\n")
+    assert load_recipe(tmp_path / "merged.yaml").data.dataset == "mnist"  # a merge key's keys may be given again
     (tmp_path / "keys.yaml").write_text("model: {name: cnn, 1: 2}\n")
     with pytest.raises(ImgclfError, match="model option 1 is not an option name"):
         load_recipe(tmp_path / "keys.yaml")

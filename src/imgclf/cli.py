@@ -148,8 +148,11 @@ def _summary(args: argparse.Namespace) -> None:
 
     if not args.recipe and not args.model:
         raise UsageError("give --model NAME or --recipe NAME_OR_YAML")
-    # --model replaces the recipe's, as in train; --image-size is checked as train checks it
-    config = make_config(recipe=args.recipe, model=args.model, image_size=args.image_size)
+    # --model replaces the recipe's, as in train; --image-size and --set are checked as train checks them
+    settings = parse_settings(args.set)
+    if args.image_size is not None and "image_size" in settings:
+        raise UsageError("image_size given both as a flag and in --set; give it once")
+    config = make_config(recipe=args.recipe, model=args.model, **{"image_size": args.image_size, **settings})
     name, options, grayscale = config.model.name, config.model.options, config.data.grayscale
     image_size = config.data.image_size
     dataset = args.dataset or (config.data.dataset if args.recipe else "cifar10")
@@ -366,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="input shape and classes from this dataset (default: the recipe's)")
     p.add_argument("--data-dir", type=_path, help="where an image folder's decoded cache goes (as for train)")
     p.add_argument("--image-size", type=int, help="the images resized to this size in pixels, as train's option")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe setting or model option, as for train: --set model.widths=[32,64]")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_summary)
 

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import numbers
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -261,6 +262,24 @@ def list_recipes() -> list[tuple[str, str]]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML where a mapping that names a key twice is an error, not its last value (a second `data:` section
+    silently replaced the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be given again
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"found the key {key!r} twice",
+                                                        key_node.start_mark)
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> tuple[Path, Any]:
     """(path, parsed YAML) of a shipped file by name (e.g. a recipe in `folder`) or of a YAML path."""
     path = Path(name_or_path)
@@ -277,7 +296,7 @@ def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> t
         run = ", or a run folder (its config.yaml)" if kind == "recipe" else ""
         raise ImgclfError(f"{kind} {path} is a folder, not a YAML file{best}; give the file{run}")
     try:
-        return path, yaml.safe_load(path.read_text())
+        return path, yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ImgclfError(f"{kind} file {path} does not exist; check the path") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
