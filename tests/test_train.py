@@ -420,6 +420,13 @@ def test_api_arguments_of_the_wrong_type_are_one_line_errors(tmp_path):
     assert create_model("mlp", num_classes=np.int64(10), image_size=np.int32(8), in_channels=1)
 
 
+def test_settings_the_configuration_never_reads_are_warned_of(tmp_path):
+    with pytest.warns(UserWarning, match=r"momentum \(with optimizer adam\), step_size \(with schedule constant\): "
+                                         "not used by this configuration"):
+        train(dataset="digits", model="mlp", epochs=1, optimizer="adam", momentum=0.5, step_size=3,
+              out=tmp_path / "run", quiet=True)
+
+
 def test_train_gives_the_callers_random_stream_back(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)

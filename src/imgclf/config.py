@@ -205,6 +205,21 @@ def _build(cls: type, values: dict[str, Any], source: str) -> Any:
     return cls(**{name: typed_option(name, names[name].type, value, source) for name, value in values.items()})
 
 
+def unused_settings(t: TrainConfig) -> list[str]:
+    """Settings changed from their default that this configuration never reads (momentum with adam, say)."""
+    optimizer, schedule = f"optimizer {t.optimizer}", f"schedule {t.schedule}"
+    augment = f"augment {','.join(t.augment) or 'none'}"
+    reads = {"momentum": (t.optimizer in ("sgd", "nesterov", "muon", "rmsprop"), optimizer),
+             "muon_lr": (t.optimizer == "muon", optimizer), "muon_momentum": (t.optimizer == "muon", optimizer),
+             "final_lr_fraction": (t.schedule == "linear", schedule), "step_size": (t.schedule == "step", schedule),
+             "step_gamma": (t.schedule == "step", schedule), "crop_padding": ("crop" in t.augment, augment),
+             "cutout_size": ("cutout" in t.augment, augment),
+             "progressive_epochs": (t.progressive_size is not None, "no progressive_size")}
+    default = TrainConfig()
+    return [f"{key} (with {why})" for key, (read, why) in reads.items()
+            if not read and getattr(t, key) != getattr(default, key)]
+
+
 def typed_option(name: str, kind: str, value: Any, source: str) -> Any:
     """A recipe value as its field's type (`kind`, e.g. "float | None"), or a one-line error naming it."""
     optional, base = kind.endswith(" | None"), kind.removesuffix(" | None")

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
-from imgclf.config import RunConfig, apply_overrides, make_config
+from imgclf.config import RunConfig, apply_overrides, make_config, unused_settings
 from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, folder_stamp, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
@@ -276,6 +276,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:  # fine for a quick try of a recipe, not for a result
         warnings.warn(f"the warm-up ({cfg.warmup_epochs:g} epochs) lasts the whole {cfg.epochs}-epoch run, so the "
                       f"learning rate never reaches its peak {cfg.lr:g}; use fewer --warmup-epochs", stacklevel=3)
+    if mode == "new" and (unused := unused_settings(cfg)):  # accepted and recorded, yet they would change nothing
+        warnings.warn(f"{', '.join(unused)}: not used by this configuration, so they change nothing; drop them or "
+                      "change what they go with", stacklevel=3)
     if threads or ctx.enabled:
         torch.set_num_threads(threads or distributed.threads_per_rank(ctx))
     torch.manual_seed(cfg.seed)
