@@ -181,6 +181,9 @@ def test_a_yaml_error_says_where(tmp_path):
         load_recipe(tmp_path / "twice.yaml")
     (tmp_path / "merged.yaml").write_text("data: {<<: {dataset: digits, val_split: 0.2}, dataset: mnist}\n")
     assert load_recipe(tmp_path / "merged.yaml").data.dataset == "mnist"  # a merge key's keys may be given again
+    with pytest.raises(ImgclfError, match=r"mnist-fast.yaml does not exist; check the path \(the shipped recipe is "
+                                          r"mnist-fast, without .yaml\)"):
+        load_recipe("mnist-fast.yaml")
     (tmp_path / "keys.yaml").write_text("model: {name: cnn, 1: 2}\n")
     with pytest.raises(ImgclfError, match="model option 1 is not an option name"):
         load_recipe(tmp_path / "keys.yaml")

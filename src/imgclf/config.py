@@ -313,7 +313,8 @@ def read_shipped_or_file(name_or_path: str | Path, folder: Path, kind: str) -> t
     try:
         return path, yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
-        raise ImgclfError(f"{kind} file {path} does not exist; check the path") from None
+        shipped = f" (the shipped {kind} is {path.stem}, without .yaml)" if (folder / path.name).exists() else ""
+        raise ImgclfError(f"{kind} file {path} does not exist; check the path{shipped}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)  # PyYAML's: where it stopped, counted from 0
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
