@@ -26,7 +26,6 @@ from imgclf.data import (
     canonical_dataset,
     files_under,
     load_dataset,
-    read_header,
     read_image,
 )
 from imgclf.errors import ImgclfError
@@ -344,12 +343,7 @@ def image_files(sources: list[str | Path]) -> tuple[list[str], set[str]]:
         if not Path(source).is_dir():
             out.append(source)
             continue
-        named = [f for f in files_under(Path(source)) if f.lower().endswith(IMAGE_SUFFIXES)]
-        found = [f for f in named if read_header(f) is not None]  # as training skips them; a named file is an error
-        if len(found) < len(named):
-            bad = sorted(set(named) - set(found))
-            warnings.warn(f"{source}: skipped {len(bad)} unreadable image file(s), e.g. {', '.join(bad[:3])}",
-                          stacklevel=2)
+        found = [f for f in files_under(Path(source)) if f.lower().endswith(IMAGE_SUFFIXES)]
         if not found:
             raise ImgclfError(f"folder {source} holds no readable image files ({', '.join(IMAGE_SUFFIXES)}); "
                               "give image files or a folder of them")
@@ -397,8 +391,9 @@ def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[s
 def predict_files(run_or_model: str | Path | TrainedModel, sources: str | Path | list[str | Path], *,
                   top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None
                   ) -> tuple[list[str], list[list[tuple[str, float]]]]:
-    """(the files predicted, the top-k labels of each) for image files and folders. An image in a folder that
-    cannot be decoded is skipped with a warning, as training skips it; a file named itself is an error."""
+    """(the files predicted, the top-k labels of each) for image files and folders. A file in a folder that does
+    not decode (not an image, truncated, 32-bit pixels) is skipped with a warning, as training skips it; a file
+    named itself is an error."""
     _check_top_k(top_k)  # before any image is decoded
     model, _ = as_model(run_or_model)
     paths = list(sources) if isinstance(sources, list | tuple) else [sources]  # not a name's letters
@@ -418,8 +413,8 @@ def predict_files(run_or_model: str | Path | TrainedModel, sources: str | Path |
                 raise
             skipped.append(file)
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} image file(s) that could not be decoded (truncated, or 32-bit "
-                      f"pixels), e.g. {', '.join(skipped[:3])}", stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s), e.g. {', '.join(sorted(skipped)[:3])}",
+                      stacklevel=2)
     if not kept:
         raise ImgclfError(f"none of the {len(files)} image files could be decoded; give PNG, JPEG, BMP, WebP, GIF "
                           "or TIFF files")

@@ -105,8 +105,6 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     if out.suffix.lower() != ".onnx":  # an existing photo or notes file would be overwritten; a new m.txt misnamed
         raise ImgclfError(f"{out} is not an .onnx file name; give --out a path ending in .onnx, or a folder "
                           "ending in / (nothing was written)")
-    if file := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
-        raise ImgclfError(f"{file} is a file, not a folder, so {out} cannot be written there; choose another --out")
     tta, options = prediction_options(model, tta)
     # prediction_options turns TTA off for a run trained without flips or crops: only the image itself.
     views = tta_view_count(options["tta_augment"], options["tta_shift"]) if tta else 1

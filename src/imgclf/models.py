@@ -7,7 +7,6 @@ instead of a shape error deep inside torch.
 
 import functools
 import inspect
-import math
 import numbers
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from rich.table import Table
 from torch import nn
 
 from imgclf import kernels
+from imgclf.config import typed_option
 from imgclf.errors import ImgclfError, did_you_mean
 
 Builder = Callable[..., nn.Module]
@@ -132,15 +132,11 @@ def _check_bool(option: str, value: Any) -> bool:
 
 
 def _number(option: str, value: Any, expected: str) -> float:
-    """A finite number, also from YAML 1.1's string for 1e-1 (no dot), which a recipe's train options take too."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ImgclfError(f"option {option} must be {expected}; got {value!r}")
-    return float(value)
+    """A finite number read as a recipe's train options are (YAML 1.1 leaves 1e-1, without a dot, a string)."""
+    try:
+        return typed_option(option, "float", value, "model")
+    except ImgclfError:
+        raise ImgclfError(f"option {option} must be {expected}; got {value!r}") from None
 
 
 def _check_dropout(option: str, value: Any) -> float:

@@ -82,8 +82,14 @@ def held_folder(path: Path, busy: str):
 
 def atomic_write(path: Path, data: bytes | str) -> None:
     path = Path(path)
-    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The folders this write makes, deepest first: a failed write leaves none of them behind.
+    made = [] if path.parent.is_dir() else [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder should be: name it, not "File exists"
+        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), path.parent)
+        raise ImgclfError(f"{blocker} is a file, not a folder, so {path} cannot be written there; choose "
+                          "another --out") from None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         umask = os.umask(0)
@@ -96,7 +102,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        for folder in made:  # a failed write (a full disk) leaves no empty folder behind either
+        for folder in made:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(e, OSError) and e.filename in (None, tmp):  # name the file meant, not the temporary one
