@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from imgclf import data
+from imgclf.cli import main
 from imgclf.data import DATASETS, dataset_info, list_datasets, load_dataset
 from imgclf.errors import ImgclfError
 
@@ -551,6 +552,20 @@ def test_dataset_info_and_list(tmp_path, mnist):
     listed = {d["name"]: d for d in list_datasets()}
     assert listed["mnist"]["present"] and not listed["cifar10"]["present"] and listed["digits"]["present"]
     assert listed["cifar10"]["shape"] == (3, 32, 32) and listed["cifar100"]["classes"] == 100
+
+
+def test_a_damaged_file_is_listed_as_damaged(mnist, capsys):
+    """Loading refuses a file failing its md5 check and downloads do not replace it: the listing says so."""
+    root, _ = mnist
+    with open(root / "mnist" / "t10k-labels-idx1-ubyte.gz", "ab") as f:
+        f.write(b"\0")
+    listed = {d["name"]: d for d in list_datasets()}
+    assert not listed["mnist"]["present"]
+    assert "t10k-labels-idx1-ubyte.gz fails its md5 check" in listed["mnist"]["damaged"]
+    assert listed["cifar10"]["damaged"] is None and listed["digits"]["present"]
+    assert main(["datasets"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "damaged" in out and "fails its md5 check; delete it" in out
 
 
 @pytest.mark.skipif(not (REAL_DATA / "mnist").is_dir(), reason="needs the real MNIST files")

@@ -218,10 +218,14 @@ def _datasets(args: argparse.Namespace) -> None:
         console.print(escape(data.summary()))
         return
     table = Table("dataset", "classes", "image", "train", "test", "present")
-    for d in list_datasets(args.data_dir):
+    listed = list_datasets(args.data_dir)
+    for d in listed:
         table.add_row(d["name"], str(d["classes"]), "x".join(map(str, d["shape"])), f"{d['train']:,}",
-                      f"{d['test']:,}" if d["test"] else "-", "yes" if d["present"] else "no (downloads)")
+                      f"{d['test']:,}" if d["test"] else "-",
+                      "yes" if d["present"] else "damaged" if d["damaged"] else "no (downloads)")
     console.print(table)
+    for problem in dict.fromkeys(d["damaged"] for d in listed if d["damaged"]):  # cifar100's is coarse's too
+        console.print(escape(problem))
     console.print("Any folder of images (one sub-folder per class) works as a dataset too: --dataset PATH")
 
 

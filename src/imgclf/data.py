@@ -256,11 +256,21 @@ def canonical_data_dir(data_dir: str | Path | None) -> str | None:
 
 
 def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
+    """Each named dataset; `present` when all its files are there and pass their md5 checks (as loading needs),
+    `damaged` says which file is there but fails its check (a download does not replace it), or is None."""
     root = data_root(data_dir)
-    return [{"name": name, "classes": len(d["classes"]), "shape": d["shape"], "train": d["train_size"],
-             "test": d["test_size"], "description": d["description"],
-             "present": all((root / d["folder"] / f).is_file() for f in d["files"])}
-            for name, d in DATASETS.items()]
+    passes: dict[Path, bool] = {}  # cifar100 and cifar100-coarse share their files: each is read once
+    listed = []
+    for name, d in DATASETS.items():
+        paths = {root / d["folder"] / f: md5 for f, md5 in d["files"].items()}
+        for path, md5 in paths.items():
+            if path not in passes and path.is_file():
+                passes[path] = _md5(path) == md5
+        damaged = next((f"{path} fails its md5 check; {_FIX}" for path in paths if passes.get(path) is False), None)
+        listed.append({"name": name, "classes": len(d["classes"]), "shape": d["shape"], "train": d["train_size"],
+                       "test": d["test_size"], "description": d["description"], "damaged": damaged,
+                       "present": all(passes.get(path) for path in paths)})
+    return listed
 
 
 # ---- downloads and checksums ----
