@@ -1,5 +1,8 @@
 """Every shipped reference recipe rebuilds its Keras architecture with the exact parameter count."""
 
+import importlib
+import json
+
 import pytest
 import torch
 
@@ -214,6 +217,30 @@ def test_vgg_transfer_from_a_run_with_weights_beside_the_recipe(tmp_path, monkey
         warnings.simplefilter("error")  # no "random frozen base" warning: the base has weights
         run = train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "run", quiet=True)
     assert torch.equal(run.model.features[0].weight, source.features[0].weight)
+    assert train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "run", quiet=True).reused
+    source.features[0].weight.data += 1  # a new base in the same file: the same command must not reuse the run
+    save_file(source.state_dict(), tmp_path / "run_weights.safetensors")
+    with pytest.raises(ImgclfError, match="run_weights.safetensors changed since .* was trained from it"):
+        train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "run", quiet=True)
+    interrupted = {"calls": 0}
+
+    def stop_in_epoch_2(*args, **kwargs):
+        interrupted["calls"] += 1
+        if interrupted["calls"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    train_module = importlib.import_module("imgclf.train")
+    real_epoch = train_module.train_one_epoch
+    monkeypatch.setattr(train_module, "train_one_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "stopped", quiet=True, epochs=2)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    started_from = json.loads((tmp_path / "stopped" / "model.json").read_text())["weights_md5"]
+    (tmp_path / "run_weights.safetensors").rename(tmp_path / "moved.safetensors")  # resuming needs no base
+    train(out=tmp_path / "stopped", resume=True, quiet=True)
+    assert json.loads((tmp_path / "stopped" / "model.json").read_text())["weights_md5"] == started_from
+    (tmp_path / "moved.safetensors").rename(tmp_path / "run_weights.safetensors")
     relative = f"{tmp_path.name}/run_weights.safetensors"  # from the working folder, as --set gives it
     again = train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "rel", quiet=True,
                   model_options={"weights": relative})

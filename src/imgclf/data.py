@@ -265,7 +265,7 @@ def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
         paths = {root / d["folder"] / f: md5 for f, md5 in d["files"].items()}
         for path, md5 in paths.items():
             if path not in passes and path.is_file():
-                passes[path] = _md5(path) == md5
+                passes[path] = file_md5(path) == md5
         damaged = next((f"{path} fails its md5 check; {_FIX}" for path in paths if passes.get(path) is False), None)
         listed.append({"name": name, "classes": len(d["classes"]), "shape": d["shape"], "train": d["train_size"],
                        "test": d["test_size"], "description": d["description"], "damaged": damaged,
@@ -275,13 +275,13 @@ def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
 
 # ---- downloads and checksums ----
 
-def _md5(path: Path | str) -> str:
+def file_md5(path: Path | str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _verify(name: str, path: Path, md5: str) -> None:
-    if (got := _md5(path)) != md5:
+    if (got := file_md5(path)) != md5:
         raise ImgclfError(f"{name}: {path} failed its md5 check (got {got}, want {md5}); {_FIX}")
 
 
@@ -297,7 +297,7 @@ def _download(urls: list[str], dest: Path, md5: str) -> None:
                 size = int(response.headers.get("Content-Length") or 0)
                 print(f"downloading {url} ({size / 1e6:.1f} MB)", file=sys.stderr, flush=True)
                 shutil.copyfileobj(response, out, 1 << 20)
-            if (got := _md5(tmp)) == md5:
+            if (got := file_md5(tmp)) == md5:
                 os.chmod(tmp, 0o644)  # mkstemp makes files private; datasets are meant to be shared
                 os.replace(tmp, dest)
                 return

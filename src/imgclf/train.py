@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
 from imgclf.config import RunConfig, apply_overrides, make_config, unused_settings
-from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, folder_stamp, load_dataset
+from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, file_md5, folder_stamp, load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
@@ -255,6 +255,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         if dataset_obj is None and stamp and Path(folder).is_dir() and folder_stamp(folder) != stamp:
             raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
                               "on it; choose another --out (or delete that run) to train on the folder as it is now")
+        weights, weights_md5 = config.model.options.get("weights"), recorded.get("weights_md5")
+        if weights_md5 and Path(weights).is_file() and file_md5(weights) != weights_md5:
+            raise ImgclfError(f"{weights} changed since {run_dir} was trained from it; choose another --out (or "
+                              "delete that run) to train from the file as it is now")
         reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
                              reused=True)  # read first: a damaged file is said before "reusing"
         say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
@@ -295,6 +299,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     options = {k: v for k, v in config.model.options.items() if not (k == "weights" and mode == "resume")}
     net = create_model(config.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
                        **options).to(device)
+    # Of the transfer base as read, so that the same command after the file changed trains again, not reuses.
+    weights_md5 = (read_json(run_dir / "model.json").get("weights_md5") if mode == "resume"
+                   else options.get("weights") and file_md5(options["weights"]))
     if getattr(net, "freeze_features", False) and not config.model.options.get("weights") and mode == "new":
         warnings.warn("freeze_features without weights: the frozen conv base is random and only the head learns; "
                       "give the base's weights with --set model.weights=FILE.safetensors (a vgg run's "
@@ -382,7 +389,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
                    tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest,
-                   folder_stamp=data.folder_stamp)
+                   folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None)
 
     def draw_curves() -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
