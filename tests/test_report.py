@@ -2,17 +2,30 @@
 
 import base64
 import csv
+import importlib
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import imgclf
 from imgclf.cli import main
 from imgclf.errors import ImgclfError
-from imgclf.report import compare_runs, config_differences, most_confused_pairs, plot_examples, write_report
+from imgclf.evaluate import classification_metrics
+from imgclf.report import (
+    compare_runs,
+    config_differences,
+    example_grids,
+    most_confused_pairs,
+    plot_accuracy_bars,
+    plot_accuracy_vs_time,
+    plot_examples,
+    plot_per_class,
+    write_report,
+)
 
 FIGURES = ["curves", "confusion", "correct", "wrong", "top_losses", "per_class"]
 
@@ -159,3 +172,45 @@ def test_train_report_flag_and_live_curves(tmp_path):
     assert (out / "figures" / "curves.png").stat().st_size > 1000
     assert (out / "report.html").exists()
     assert oct((out / "report.html").stat().st_mode & 0o777) != oct(0o600)  # readable by a web server
+
+
+def test_top_losses_are_mistakes_by_loss():
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [1.0, 0.0], [3.0, 0.0], [0.0, 0.5]])
+    labels = torch.tensor([0, 0, 1, 1, 1])  # right, wrong (loss 4), wrong (1.3), wrong (3.0), right
+    grids = example_grids(logits, labels)
+    assert grids["top_losses"][1].tolist() == [1, 3, 2]  # only the mistakes, highest loss first
+    assert sorted(grids["correct"][1].tolist()) == [0, 4]
+    assert example_grids(logits[[0, 4]], labels[[0, 4]])["top_losses"][1].tolist() == []  # no mistakes: none
+
+
+def test_a_class_the_split_lacks_has_no_f1_and_stays_out_of_the_mean(tmp_path):
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]])
+    metrics = classification_metrics(logits, torch.tensor([0, 1, 1, 0]), ["a", "b", "c"])
+    assert metrics["per_class"]["c"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
+    assert metrics["per_class"]["a"]["f1"] == 1.0
+    assert_png(plot_per_class(metrics["per_class"], tmp_path / "f1.png"), min_side=100)
+
+
+def test_early_stopping_marks_the_epoch_it_kept(tmp_path, monkeypatch):
+    train_module = importlib.import_module("imgclf.train")
+    scores = iter([0.9, 0.5, 0.4, 0.3])  # epoch 1 is the best: the run stops after epoch 2
+
+    def validate(*args):
+        return {"val_loss": 1.0, "val_acc": next(scores)}
+
+    monkeypatch.setattr(train_module, "validate", validate)
+    run = imgclf.train(dataset="digits", model="mlp", epochs=4, early_stopping=1, out=tmp_path / "run", quiet=True)
+    assert run.summary["epochs_run"] == 2 and run.summary["kept_epoch"] == 1
+    monkeypatch.undo()
+    assert "2 (early stopping kept the weights of epoch 1, the best val accuracy)" in write_report(
+        run.run_dir).read_text()
+    plain = imgclf.train(dataset="digits", model="mlp", epochs=1, out=tmp_path / "plain", quiet=True)
+    assert plain.summary["kept_epoch"] == 1
+
+
+def test_compare_bars_of_mixed_splits_and_long_names(tmp_path):
+    rows = [{"run": f"a-rather-long-run-folder-name-{i}", "model": "cnn", "dataset": dataset, "split": split,
+             "accuracy": accuracy, "minutes": 0.5 + i} for i, (dataset, split, accuracy) in enumerate(
+                 [("digits", "test", 0.9), ("/data/my_folder", "val", 1.0), ("digits", "test", 0.8)])]
+    assert_png(plot_accuracy_bars(rows, tmp_path / "bars.png"))
+    assert_png(plot_accuracy_vs_time(rows, tmp_path / "time.png"))

@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -103,7 +104,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     table = Table("class", "precision", "recall", "F1", "support")
     for i, (name, m) in enumerate(metrics["per_class"].items()):
         label = escape(name) if name == str(i) else f"{i} {escape(name)}"  # i: its row in the confusion matrix
-        table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+        table.add_row(label, *("-" if m[k] is None else f"{m[k]:.3f}" for k in ("precision", "recall", "f1")),
+                      str(m["support"]))
     console.print(table)
     if len(metrics["confusion_matrix"]) <= 20:
         matrix = Table("true \\ predicted", *[str(i) for i in range(len(metrics["confusion_matrix"]))])
@@ -242,20 +244,34 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from imgclf.data import dataset_label
     from imgclf.report import compare_runs
 
     rows = compare_runs(args.runs, args.out)
-    table = Table("dataset", "model", "params", "epochs", "accuracy", "top-5", "minutes")
-    table.add_column("run", overflow="fold")  # wrap a long folder name rather than cut it
-    differs = any(r["differs"] for r in rows)
-    if differs:
-        table.add_column("differs", overflow="fold")
-    for r in rows:
-        top5 = "-" if r["top5"] is None else f"{r['top5']:.2%}"
-        table.add_row(escape(r["dataset"]), r["model"], f"{r['params']:,}", str(r["epochs"]),
-                      f"{r['accuracy']:.2%}" + (" (val)" if r["split"] == "val" else ""), top5, f"{r['minutes']:.2f}",
-                      escape(r["run"]), *([escape(r["differs"])] if differs else []))
+    cells = {"run": [escape(r["run"]) for r in rows],
+             "dataset": [escape(str(dataset_label(r["dataset"]))) for r in rows],
+             "model": [r["model"] for r in rows], "params": [f"{r['params']:,}" for r in rows],
+             "epochs": [str(r["epochs"]) for r in rows],
+             "accuracy": [f"{r['accuracy']:.2%}" + (" val" if r["split"] == "val" else "") for r in rows],
+             "top-5": ["-" if r["top5"] is None else f"{r['top5']:.2%}" for r in rows],
+             "minutes": [f"{r['minutes']:.2f}" for r in rows]}
+    differs = [(name, escape(r["differs"])) for name, r in zip(cells["run"], rows, strict=True) if r["differs"]]
+    beside = differs and console.width >= 120  # else listed under the table: a narrow column of it is unreadable
+    if beside:
+        cells["differs"] = [escape(r["differs"]) for r in rows]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name, column in cells.items():  # a narrow terminal wraps names and settings, never cuts a number
+        text = name in ("run", "dataset", "model", "differs")
+        widest = max(len(name), *map(len, column))
+        table.add_column(name, overflow="fold", justify="left" if text else "right", no_wrap=not text,
+                         min_width=min(widest, 10) if text else widest)
+    for row in zip(*cells.values(), strict=True):
+        table.add_row(*row)
     console.print(table)
+    if differs and not beside:
+        console.print("differs (from the other runs):")
+        for name, settings in differs:
+            console.print(f"  {name}: {settings}")
     console.print(f"wrote {escape(str(Path(args.out) / 'compare.html'))}, compare.csv, accuracy.png, "
                   "accuracy_vs_time.png")
 

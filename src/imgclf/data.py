@@ -250,6 +250,11 @@ def canonical_dataset(name: str) -> str:
     return str(Path(name).expanduser().resolve())
 
 
+def dataset_label(name: str | None) -> str | None:
+    """A dataset's name as shown: an image folder's own name, not the absolute path its runs record."""
+    return Path(name).name if name and "/" in str(name) else name
+
+
 def canonical_data_dir(data_dir: str | Path | None) -> str | None:
     """A data folder's absolute path; None (the default cache) stays None."""
     return data_dir and str(Path(data_dir).expanduser().resolve())

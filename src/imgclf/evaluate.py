@@ -184,17 +184,24 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
     k = min(5, len(class_names))
     top5 = (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
     classes = list(range(len(class_names)))
+    # A class never predicted has no precision, one absent from the split no recall or F1: None, not a 0 that
+    # would pull a mean F1 down for classes the split cannot score.
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels.numpy(), predicted.numpy(), labels=classes, zero_division=0)
+        labels.numpy(), predicted.numpy(), labels=classes, zero_division=np.nan)
     return {
         "accuracy": (predicted == labels).float().mean().item(),
         "top5_accuracy": top5 if len(class_names) >= 10 else None,
         "loss": F.cross_entropy(logits, labels).item(),
         "num_images": len(labels),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        "per_class": {name: {"precision": _defined(p), "recall": _defined(r), "f1": None if s == 0 else _defined(f),
+                             "support": int(s)}
                       for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)},
         "confusion_matrix": confusion_matrix(labels.numpy(), predicted.numpy(), labels=classes).tolist(),
     }
+
+
+def _defined(value) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def as_model(run_or_model: str | Path | TrainedModel) -> tuple[TrainedModel, Path | None]:

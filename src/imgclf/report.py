@@ -1,7 +1,7 @@
 """Reports: figures and an HTML page for a trained run, a comparison of runs, and pictures of a dataset.
 
-Every figure is a PNG written atomically; the HTML pages use only inline CSS and relative image paths,
-so a run folder (or a comparison folder) can be zipped and opened anywhere.
+Every figure is a PNG written atomically; the HTML pages hold their CSS and images inline, so a page can be
+mailed or moved on its own.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import html
 import io
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from imgclf.config import describe_settings
-from imgclf.data import Dataset
+from imgclf.data import Dataset, dataset_label
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import evaluate_with_logits, load_run_dataset
 from imgclf.runs import (
@@ -77,8 +78,9 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 # ---- single figures ----
 
 @_styled
-def plot_curves(metrics_rows: list[dict[str, float]], path: str | Path) -> Path:
-    """Loss and accuracy per epoch, train vs validation, with the learning rate underneath."""
+def plot_curves(metrics_rows: list[dict[str, float]], path: str | Path, kept_epoch: int | None = None) -> Path:
+    """Loss and accuracy per epoch, train vs validation, with the learning rate underneath; `kept_epoch` marks
+    an earlier epoch whose weights the model holds (early stopping)."""
     fig = Figure(figsize=(10, 6.2))
     grid = fig.add_gridspec(2, 2, height_ratios=[3, 1.3], hspace=0.45, wspace=0.25)
     loss_ax, acc_ax, lr_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
@@ -96,6 +98,9 @@ def plot_curves(metrics_rows: list[dict[str, float]], path: str | Path) -> Path:
                 values = [v * 100 for v in values] if key == "acc" else values
                 ax.plot(epochs, values, color=color, marker=marker, markersize=4, label=label)
         ax.set(title=title, xlabel="epoch", ylabel="accuracy (%)" if key == "acc" else "cross-entropy")
+        if kept_epoch is not None and epochs and kept_epoch != epochs[-1]:
+            ax.axvline(kept_epoch, color="#6e7781", linestyle="--", linewidth=1,
+                       label=f"weights kept (epoch {kept_epoch})")
         ax.legend(frameon=False)
     lrs = series("lr")
     if lrs is not None:
@@ -108,7 +113,7 @@ def plot_curves(metrics_rows: list[dict[str, float]], path: str | Path) -> Path:
 
 
 @_styled
-def plot_confusion(confusion, class_names: list[str], path: str | Path) -> Path:
+def plot_confusion(confusion, class_names: list[str], path: str | Path, split: str | None = None) -> Path:
     """Heat-map of the confusion matrix, coloured by row (the fraction of each true class)."""
     counts = np.asarray(confusion)
     n = len(class_names)
@@ -129,8 +134,11 @@ def plot_confusion(confusion, class_names: list[str], path: str | Path) -> Path:
                 if counts[i, j]:  # blank zeros keep the eye on the mistakes that happen
                     ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if normalized[i, j] > 0.5 else "black")
-    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set(xlabel="predicted class", ylabel="true class",
+           title=f"Confusion matrix{f', {split} split' if split else ''}"
+                 + ("" if small else " (image counts; colour: each row's fraction)"))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+                 label="fraction of the true class" + (" (square-root scale)" if small else ""))
     return save_figure(fig, path)
 
 
@@ -155,6 +163,11 @@ def most_confused_pairs(confusion, class_names: list[str], k: int = 10) -> list[
     return [(class_names[i], class_names[j], c) for c, i, j in pairs[:k]]
 
 
+def _short(name: str, length: int) -> str:
+    """A class name cut to fit a small title: the start says most (and the tables have it whole)."""
+    return name if len(name) <= length else name[:length - 1] + "…"
+
+
 def _show_image(ax: Axes, image) -> None:
     array = np.asarray(image)
     if array.shape[0] == 1:
@@ -173,29 +186,31 @@ def plot_examples(images_uint8, true, pred, confidence, class_names: list[str], 
     n = len(images_uint8)
     cols = max(1, min(8, n))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = _subplots(rows, cols, figsize=(1.75 * cols, 1.95 * rows + 0.5), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(1.75 * cols, 2.1 * rows + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, t, p, c in zip(axes.flat, images_uint8, true, pred, confidence, strict=False):
         _show_image(ax, image)
         ax.axis("on")
         color = GREEN if int(t) == int(p) else RED
-        ax.set_title(f"{class_names[int(t)]} / {class_names[int(p)]} ({float(c):.0%})", fontsize=8, color=color,
-                     fontweight="normal")
+        ax.set_title(f"true: {_short(class_names[int(t)], 20)}\npred: {_short(class_names[int(p)], 15)} "
+                     f"({float(c):.0%})", fontsize=7.5, color=color, fontweight="normal", loc="left")
         for spine in ax.spines.values():
             spine.set(visible=True, color=color, linewidth=2)
     if n == 0:  # e.g. no wrong predictions: say so rather than write an empty image
         axes[0, 0].text(0.5, 0.5, "no images", ha="center", va="center", fontsize=12, color="#6e7781")
-    fig.suptitle(f"{title}: true / predicted (confidence)", fontweight="bold")
+    fig.suptitle(f"{title}: true and predicted class (the prediction's probability)", fontweight="bold")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
 @_styled
 def plot_per_class(per_class_metrics: dict[str, dict[str, float]], path: str | Path) -> Path:
-    """Horizontal bars of per-class F1, in class order, with the mean F1 as a dashed line."""
+    """Horizontal bars of per-class F1, in class order, with the mean F1 as a dashed line. A class the split
+    has no images of has no F1: marked n/a and left out of the mean."""
     names = list(per_class_metrics)
-    f1 = [per_class_metrics[c]["f1"] for c in names]
+    scored = [per_class_metrics[c]["f1"] for c in names]
+    f1 = [0.0 if v is None else v for v in scored]
     n = len(names)
     fig, ax = _subplots(figsize=(8, max(3, 0.28 * n + 1) if n <= 30 else 0.14 * n + 1))
     # red to green, skipping the pale ends
@@ -203,14 +218,17 @@ def plot_per_class(per_class_metrics: dict[str, dict[str, float]], path: str | P
     ax.barh(range(n), f1, color=colors)
     ax.set_yticks(range(n), names, fontsize=9 if n <= 30 else 5)
     ax.invert_yaxis()  # first class on top, as in the tables
-    ax.set(xlim=(0, 1.08), xlabel="F1 score", title="F1 per class")
+    ax.set(xlim=(0, 1.08), xlabel="F1 score")
     ax.grid(axis="y", visible=False)
-    mean = float(np.mean(f1)) if f1 else 0.0
-    ax.axvline(mean, color="#6e7781", linestyle="--", linewidth=1, label=f"mean {mean:.3f}")
+    defined = [v for v in scored if v is not None]
+    mean = float(np.mean(defined)) if defined else 0.0
+    unscored = len(scored) - len(defined)
+    ax.axvline(mean, color="#6e7781", linestyle="--", linewidth=1)
+    ax.set_title(f"F1 per class (dashed: mean {mean:.3f}"
+                 + (f" of {len(defined)}; {unscored} classes with no images here are n/a)" if unscored else ")"))
     if n <= 30:
-        for i, v in enumerate(f1):
-            ax.text(v + 0.01, i, f"{v:.2f}", va="center", fontsize=8)
-    ax.legend(loc="lower right", frameon=True, fontsize=8)
+        for i, v in enumerate(scored):
+            ax.text((v or 0) + 0.01, i, "n/a" if v is None else f"{v:.2f}", va="center", fontsize=8)
     return save_figure(fig, path)
 
 
@@ -265,6 +283,19 @@ def _pick(indices: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     return indices[order[:k]].sort().values
 
 
+def example_grids(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
+    """{figure name: (title, image indices)}: some right, some wrong, and the mistakes of highest loss."""
+    right = logits.argmax(1) == labels
+    wrong = torch.nonzero(~right).flatten()
+    losses = F.cross_entropy(logits[wrong], labels[wrong], reduction="none")
+    return {
+        "correct": ("Correct predictions", _pick(torch.nonzero(right).flatten(), NUM_EXAMPLES)),
+        "wrong": ("Wrong predictions", _pick(wrong, NUM_EXAMPLES)),
+        "top_losses": ("Top losses (most confidently wrong)",
+                       wrong[torch.argsort(losses, descending=True, stable=True)][:NUM_EXAMPLES]),
+    }
+
+
 def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None = None) -> Path:
     """Figures in RUN/figures/ and RUN/report.html for a finished run; returns the HTML path."""
     run_dir = _finished_run(run_dir)
@@ -273,26 +304,18 @@ def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None
     # One inference pass gives both the metrics and the example grids, from the same tensors.
     metrics, logits, labels = _evaluate_default_split(model, data, split, tta)
     chosen = data.split(metrics["split"])
-    probabilities = logits.softmax(1)
-    confidence, predicted = probabilities.max(1)
-    losses = F.cross_entropy(logits, labels, reduction="none")
-    right = predicted == labels
-    wrong_by_loss = torch.argsort(losses, descending=True, stable=True)
-    grids = {
-        "correct": ("Correct predictions", _pick(torch.nonzero(right).flatten(), NUM_EXAMPLES)),
-        "wrong": ("Wrong predictions", _pick(torch.nonzero(~right).flatten(), NUM_EXAMPLES)),
-        "top_losses": ("Top losses (most confidently wrong)", wrong_by_loss[:NUM_EXAMPLES]),
-    }
+    confidence, predicted = logits.softmax(1).max(1)
+    grids = example_grids(logits, labels)
 
+    summary = read_json(run_dir / "summary.json")
     figures = run_dir / "figures"
-    plot_curves(read_metrics(run_dir / "metrics.csv"), figures / "curves.png")
-    plot_confusion(metrics["confusion_matrix"], model.class_names, figures / "confusion.png")
+    plot_curves(read_metrics(run_dir / "metrics.csv"), figures / "curves.png", summary.get("kept_epoch"))
+    plot_confusion(metrics["confusion_matrix"], model.class_names, figures / "confusion.png", metrics["split"])
     for name, (title, idx) in grids.items():
         plot_examples(chosen.images[idx], labels[idx], predicted[idx], confidence[idx], model.class_names,
                       figures / f"{name}.png", title)
     plot_per_class(metrics["per_class"], figures / "per_class.png")
 
-    summary = read_json(run_dir / "summary.json")
     pairs = most_confused_pairs(metrics["confusion_matrix"], model.class_names)
     page = _report_html(run_dir, summary, metrics, pairs, (run_dir / "config.yaml").read_text())
     atomic_write(run_dir / "report.html", page)
@@ -321,7 +344,8 @@ pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: 12px; overflow-x:
 def html_table(header: list[str] | None, rows: list[list[Any]]) -> str:
     """An escaped HTML table; numbers are right-aligned and formatted (1,234 and 0.123)."""
     def cell(v: Any) -> str:
-        numeric = isinstance(v, int | float) and not isinstance(v, bool)
+        numeric = isinstance(v, int | float) and not isinstance(v, bool) or isinstance(v, str) and bool(
+            re.fullmatch(r"-?[\d,.]+%", v))  # _pct's percentages line up as numbers too
         return f"<td class=num>{html.escape(_fmt(v))}</td>" if numeric else f"<td>{html.escape(_fmt(v))}</td>"
 
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
@@ -346,6 +370,13 @@ def html_page(title: str, body: str) -> str:
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
 
 
+def _epochs(summary: dict[str, Any]) -> Any:
+    run, kept = summary.get("epochs_run"), summary.get("kept_epoch")
+    if kept is None or kept == run:
+        return run
+    return f"{run} (early stopping kept the weights of epoch {kept}, the best val accuracy)"
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2%}"
 
@@ -357,7 +388,7 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
     facts = [
         ["dataset", summary.get("dataset")], ["model", summary.get("model")],
         ["recipe", summary.get("recipe") or "(none: flags only)"],
-        ["trainable parameters", summary.get("trainable_params")], ["epochs", summary.get("epochs_run")],
+        ["trainable parameters", summary.get("trainable_params")], ["epochs", _epochs(summary)],
         ["precision", summary.get("precision")],
         ["device / threads", f"{summary.get('device')} / {summary.get('threads')}"],
         ["wall time", f"{seconds:.1f} s" if isinstance(seconds, int | float) else "-"],
@@ -375,7 +406,8 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
 
     body = f"""
 <h1>{e(run_dir.name)}</h1>
-<p class=sub>{e(str(summary.get('dataset')))} &middot; {e(str(summary.get('model')))} &middot; {e(split)}</p>
+<p class=sub>{e(str(dataset_label(summary.get('dataset'))))} &middot; {e(str(summary.get('model')))} &middot;
+{e(split)}</p>
 <h2>Final metrics</h2>
 <div class=cards>{cards}</div>
 <h2>Run</h2>
@@ -497,8 +529,10 @@ def _dataset_colors(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {d: matplotlib.colormaps["tab10"](i % 10) for i, d in enumerate(datasets)}
 
 
-def _run_label(row: dict[str, Any]) -> str:
-    return row["model"] if row["run"] == row["model"] else f"{row['model']}\n{row['run']}"
+def _run_label(row: dict[str, Any], one_line: bool = False) -> str:
+    if row["run"] == row["model"]:
+        return row["model"]
+    return f"{row['run']} ({row['model']})" if one_line else f"{row['model']}\n{row['run']}"
 
 
 @_styled
@@ -508,15 +542,24 @@ def plot_accuracy_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ordered = sorted(rows, key=lambda r: list(colors).index(r["dataset"]))  # stable: runs keep their order
     fig, ax = _subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.8))
     x = np.arange(len(ordered))
+    splits = sorted({r["split"] for r in rows}, key=["test", "val", "train"].index)
+    # Scores of different splits side by side: the bars not scored on the first split are hatched and labelled.
     bars = ax.bar(x, [r["accuracy"] * 100 for r in ordered], color=[colors[r["dataset"]] for r in ordered],
-                  width=0.65)
-    ax.bar_label(bars, labels=[f"{r['accuracy']:.1%}" for r in ordered], padding=2, fontsize=9)
-    ax.set_xticks(x, [_run_label(r) for r in ordered], fontsize=8)
-    ax.set(ylim=(0, 108), ylabel=f"accuracy (%), {' / '.join(sorted({r['split'] for r in rows}))} split",
-           title="Accuracy per run")
+                  width=0.65, hatch=[None if r["split"] == splits[0] else "//" for r in ordered], edgecolor="white")
+    ax.bar_label(bars, labels=[f"{r['accuracy']:.1%}" + ("" if len(splits) == 1 else f"\n{r['split']}")
+                               for r in ordered], padding=2, fontsize=9)
+    slanted = max(len(r["run"]) for r in ordered) > 14  # long names: one slanted line each
+    labels = [_run_label(r, one_line=slanted) for r in ordered]
+    ax.set_xticks(x, labels, fontsize=8, **({"rotation": 30, "ha": "right", "rotation_mode": "anchor"}
+                                            if slanted else {}))
+    ax.set(ylim=(0, 112), ylabel=f"accuracy (%), {' or '.join(splits)} split", title="Accuracy per run")
     ax.grid(axis="x", visible=False)
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, list(colors), title="dataset", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    names = [dataset_label(d) for d in colors]
+    if len(splits) > 1:
+        handles.append(Rectangle((0, 0), 1, 1, facecolor="#d0d7de", hatch="//", edgecolor="white"))
+        names.append(f"scored on {' or '.join(splits[1:])}")
+    ax.legend(handles, names, title="dataset", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
     return save_figure(fig, path)
 
 
@@ -528,9 +571,11 @@ def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: str | Path) -> Path:
     for dataset, color in colors.items():
         mine = [r for r in rows if r["dataset"] == dataset]
         ax.scatter([r["minutes"] for r in mine], [r["accuracy"] * 100 for r in mine], color=color, s=50,
-                   label=dataset, zorder=3)
+                   label=dataset_label(dataset), zorder=3)
+    splits = sorted({r["split"] for r in rows}, key=["test", "val", "train"].index)
     for r in rows:
-        ax.annotate(r["run"], (r["minutes"], r["accuracy"] * 100), textcoords="offset points", xytext=(6, 4),
+        label = r["run"] + ("" if r["split"] == splits[0] else f" ({r['split']} split)")
+        ax.annotate(label, (r["minutes"], r["accuracy"] * 100), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
     minutes = [r["minutes"] for r in rows if r["minutes"] > 0]
     if minutes and max(minutes) / min(minutes) > 20:  # seconds-long and hour-long runs on one readable axis
@@ -538,9 +583,12 @@ def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: str | Path) -> Path:
     else:
         ax.set_xlim(left=0, right=max(minutes, default=1) * 1.25)
     accuracies = [r["accuracy"] * 100 for r in rows]
-    ax.set_ylim(max(0, min(accuracies) - 5), min(100, max(accuracies) + 3) + 0.5)
-    ax.set(xlabel="wall time (minutes)", ylabel="accuracy (%)", title="Accuracy vs training time")
-    ax.legend(title="dataset", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set_ylim(max(0, min(accuracies) - 5), min(100, max(accuracies) + 3) + 2)  # a 100% point off the edge
+    ax.set(xlabel="wall time (minutes)", ylabel=f"accuracy (%), {' or '.join(splits)} split",
+           title="Accuracy vs training time")
+    # Below the axes: the point labels run to the right, where a legend would cover them.
+    ax.legend(title="dataset", frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=min(len(colors), 4))
     return save_figure(fig, path)
 
 
@@ -576,7 +624,7 @@ def plot_samples(data: Dataset, path: str | Path, per_class: int = 8, seed: int 
         for c, (ax, idx) in enumerate(zip(axes.flat, picks, strict=False)):
             if len(idx):
                 _show_image(ax, split.images[idx[0]])
-                ax.set_title(data.class_names[c], fontsize=7)
+                ax.set_title(_short(data.class_names[c], 16), fontsize=7)
     fig.suptitle(f"{data.name}: sample images per class", fontweight="bold")
     fig.tight_layout()
     return save_figure(fig, path)
@@ -587,7 +635,7 @@ def plot_distribution(data: Dataset, path: str | Path) -> Path:
     """Images per class in each split, as grouped bars."""
     counts = data.class_counts()
     n = data.num_classes
-    fig, ax = _subplots(figsize=(max(7, 0.22 * n * len(counts) + 2), 4.5))
+    fig, ax = _subplots(figsize=(min(max(7, 0.22 * n * len(counts) + 2), 24), 4.5))  # 100 classes: 24 inches
     width = 0.8 / max(len(counts), 1)
     colors = {"train": TRAIN_COLOR, "val": VAL_COLOR, "test": "#8250df"}
     for k, (split, values) in enumerate(counts.items()):
@@ -595,6 +643,7 @@ def plot_distribution(data: Dataset, path: str | Path) -> Path:
                label=f"{split} ({sum(values):,})")
     _class_ticks(ax, "x", data.class_names, 9 if n <= 20 else 6)
     ax.set(ylabel="images", title=f"{data.name}: images per class")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.grid(axis="x", visible=False)
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
     return save_figure(fig, path)

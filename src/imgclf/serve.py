@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from imgclf import __version__
+from imgclf.data import dataset_label
 from imgclf.errors import ImgclfError, did_you_mean
 from imgclf.evaluate import predict, prediction_options, predictions_json, read_images
 from imgclf.runs import load_model, warn_if_unfinished
@@ -56,9 +57,8 @@ def create_app(run_dir: str | Path):
     arch = model.info.get("architecture", {})
     run_tta, run_options = prediction_options(model, None)
     # The run folder's name, not its path: with --host 0.0.0.0 anyone on the network reads /info.
-    dataset = model.info.get("dataset")
     about = {"run": Path(run_dir).name, "model": arch.get("name"),
-             "dataset": Path(dataset).name if dataset and "/" in str(dataset) else dataset,
+             "dataset": dataset_label(model.info.get("dataset")),
              "classes": model.class_names, "input_shape": list(model.input_shape), "tta": run_tta,
              "precision": run_options["precision"], "imgclf_version": __version__}
     # One request decodes and predicts at a time: a prediction already uses every core, and decoding the

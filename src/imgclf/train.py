@@ -391,9 +391,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                    tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest,
                    folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None)
 
-    def draw_curves() -> None:
+    def draw_curves(kept_epoch: int | None = None) -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
-        plot_curves(history, run_dir / "figures" / "curves.png")
+        plot_curves(history, run_dir / "figures" / "curves.png", kept_epoch)
 
     def save_all(epoch: int) -> None:
         nonlocal checkpointed
@@ -459,8 +459,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
 
     if lookahead is not None:
         lookahead.step(net, 1.0)  # end on the slow weights
+    kept_epoch = history[-1]["epoch"] if history else 0  # the epoch whose weights the model holds
     if cfg.early_stopping and best["state"] is not None:
         evaluation_net().load_state_dict(best["state"])
+        kept_epoch = best["epoch"]
     seconds = earlier_seconds + time.perf_counter() - started  # a resumed run counts all of its training
     summary = {
         "imgclf_version": __version__, "torch_version": torch.__version__, "dataset": data.name,
@@ -472,14 +474,14 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         "train_images": len(train_images),
         "train_images_per_s": round(steps_per_epoch * cfg.batch_size * len(history)
                                     / max(sum(r["seconds"] for r in history), 1e-9), 1),
-        "final": history[-1] if history else {},
+        "final": history[-1] if history else {}, "kept_epoch": kept_epoch,
         "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
     }
     if not ctx.is_main:
         return TrainResult(run_dir, history, summary, model=evaluation_net().eval())
     save_weights()  # the final weights: lookahead's slow weights or early stopping's best epoch
-    if quiet and history:
-        draw_curves()
+    if history and (quiet or kept_epoch != history[-1]["epoch"]):  # early stopping's epoch marked
+        draw_curves(kept_epoch)
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"done in {seconds:.1f}s: model saved to {escape(str(run_dir))}")
     if cfg.tta and any("val_acc" in r for r in history):  # one view per epoch keeps the epochs cheap

@@ -695,8 +695,13 @@ def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             if name == "slice":
                 figure.set_size_inches(min(max(6, 3.2 * len(figure.axes)), 24), 4)
+                for ax in figure.axes:  # log-scale and category ticks run into each other at 3 inches
+                    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
             else:
                 figure.set_size_inches(9, 5)
+            if name == "history":  # Optuna's "Objective Value" and half-trial ticks
+                axes.set_ylabel("validation accuracy")
+                axes.xaxis.get_major_locator().set_params(integer=True)
             save_figure(figure, folder / f"{name}.png")
             drawn[name] = title
     finally:
@@ -718,11 +723,13 @@ def _report_html(study: optuna.Study, storage: str, counts: dict[str, int], rank
              ["subset", setup.get("base", {}).get("data", {}).get("subset")],
              ["executions per trial", setup.get("executions")],
              ["trials", ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n)]]
-    best = [[t.number, f"{t.value:.2%}", round(t.duration.total_seconds(), 1),
+    best = [[t.number, f"{t.value:.2%}", round(t.duration.total_seconds()),
              describe_settings(t.user_attrs.get("values", t.params))] for t in ranked]
     failed = [[t.number, _fail_reason(t)] for t in trials if t.state == TrialState.FAIL]
-    images = "".join(f"<h2>{e(title)}</h2>" + embedded_png(figure_dir / f"{name}.png", title)
-                     for name, title in figures.items())
+    few = counts.get("COMPLETE", 0) < 20  # importances of a handful of trials are mostly noise
+    images = "".join(f"<h2>{e(title)}</h2>" + (f"<p class=sub>from {counts.get('COMPLETE', 0)} complete trials: a "
+                     "rough guide, not a measurement</p>" if name == "importances" and few else "")
+                     + embedded_png(figure_dir / f"{name}.png", title) for name, title in figures.items())
     body = f"""
 <h1>Tuning: {e(study.study_name)}</h1>
 <p class=sub>objective: validation accuracy &middot; all trials in trials.csv &middot; the best as a recipe in
