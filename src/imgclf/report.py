@@ -401,6 +401,8 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
         (f"{metrics['loss']:.4f}", "loss")))
     per_class = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()]
 
+    many = len(metrics["per_class"]) > 30  # the page shrinks the matrix past reading its class names
+
     def figure(name: str, alt: str) -> str:
         return embedded_png(run_dir / "figures" / f"{name}.png", alt)
 
@@ -415,7 +417,7 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
 <h2>Training curves</h2>
 {figure("curves", "loss, accuracy and learning rate per epoch")}
 <h2>Confusion matrix</h2>
-{figure("confusion", "confusion matrix")}
+{figure("confusion", "confusion matrix")}{"<p class=sub>At full size: figures/confusion.png</p>" if many else ""}
 <h2>Most confused pairs</h2>
 {html_table(["true", "predicted", "count"], [list(p) for p in pairs]) if pairs else "<p>No mistakes.</p>"}
 <h2>Per class</h2>
