@@ -478,3 +478,33 @@ def test_odd_things_a_notebook_passes_get_one_line(tmp_path):
     with pytest.raises(ImgclfError, match="batch_size 0: give a whole number of images"):
         evaluate(run, batch_size=0)
     assert train(out=tmp_path / "tuple", epochs=1, augment=("crop", "flip"), **FAST).summary["epochs_run"] == 1
+
+
+def test_an_early_stopped_run_killed_while_saving_resumes_without_more_epochs(tmp_path, monkeypatch):
+    train_module = importlib.import_module("imgclf.train")
+    scores = iter([0.9, 0.5, 0.4, 0.3])  # epoch 1 is the best: early stopping ends the run after epoch 2
+    monkeypatch.setattr(train_module, "validate", lambda *args: {"val_loss": 1.0, "val_acc": next(scores)})
+    run = train(epochs=4, early_stopping=1, out=tmp_path / "run", **FAST)
+    monkeypatch.undo()
+    (run.run_dir / "summary.json").unlink()  # as if killed after the last checkpoint, before the summary
+    resumed = train(out=tmp_path / "run", resume=True, quiet=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2] and resumed.summary["kept_epoch"] == 1
+
+
+def test_a_run_folder_left_by_a_kill_before_any_checkpoint_starts_over_clean(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".config.yaml.x1y2.tmp").write_text("half")  # killed during the very first write
+    train_module = importlib.import_module("imgclf.train")
+
+    def interrupted_epoch(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    first = train(epochs=1, out=out, **{**FAST, "model": "mlp"})
+    assert not (out / ".config.yaml.x1y2.tmp").exists()
+    (out / "checkpoint.pt").unlink()
+    (out / "summary.json").unlink()  # stopped after its model was written, before its first checkpoint
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(epochs=1, out=out, **FAST)  # a cnn now: the mlp's model must not stay beside the cnn's config
+    assert first.run_dir == out and not (out / "model.json").exists() and not (out / "metrics.csv").exists()

@@ -89,14 +89,14 @@ def launched_by_torchrun() -> bool:
     return world_size() > 1
 
 
-def _end_with_launcher() -> None:
-    """A rank of `imgclf train --nproc` ends when its launcher does, even killed (SIGKILL runs no handler that
-    could stop it): else it trains on, unseen, and writes the run folder beside the next command."""
-    launcher = os.environ.get(LAUNCHER_PID)
-    if not launcher or not sys.platform.startswith("linux"):
+def end_with_parent(parent: int) -> None:
+    """This process ends when its parent `parent` does, even killed (SIGKILL runs no handler that could stop
+    it): else a rank of `train --nproc` or a worker of `tune --workers` trains on, unseen, and writes its
+    folder beside the next command."""
+    if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != int(launcher):  # it ended before the line above took effect
+    if os.getppid() != parent:  # it ended before the line above took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -104,7 +104,8 @@ def setup(device_name: str) -> tuple[Context, torch.device | None]:
     """Join the process group when started by torchrun; returns the context and, on CUDA, this rank's GPU."""
     if not launched_by_torchrun():
         return Context(), None
-    _end_with_launcher()
+    if launcher := os.environ.get(LAUNCHER_PID):
+        end_with_parent(int(launcher))
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     backend = "nccl" if cuda else "gloo"
     device = None

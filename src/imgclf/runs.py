@@ -71,13 +71,19 @@ def held_folder(path: Path, busy: str):
         except BlockingIOError:
             raise ImgclfError(busy) from None
         for stale in path.rglob(".*.tmp"):  # what a kill during atomic_write left: no other process writes here now
-            stale.unlink(missing_ok=True)
+            if is_stray(stale):
+                stale.unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)
         for folder in made:  # a run refused before it wrote anything leaves no empty folders behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+def is_stray(path: Path) -> bool:
+    """A temporary file that atomic_write leaves when killed mid-write."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -90,7 +96,10 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), path.parent)
         raise ImgclfError(f"{blocker} is a file, not a folder, so {path} cannot be written there; choose "
                           "another --out") from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only folder, say: name the file meant, not a temporary name
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         umask = os.umask(0)
         os.umask(umask)

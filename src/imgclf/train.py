@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from imgclf.optim import Lookahead, build_optimizer, lr_factor
 from imgclf.runs import (
     atomic_write,
     held_folder,
+    is_stray,
     load_checkpoint,
     output_folder,
     read_json,
@@ -116,7 +118,7 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Run
     if not config_path.exists():
         if resume:
             raise ImgclfError(f"{run_dir} holds no run to resume; drop --resume to start a new run there")
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(not is_stray(p) for p in run_dir.iterdir()):  # a kill's leftovers: not a run
             raise ImgclfError(f"{run_dir} exists and is not an imgclf run folder; choose another --out")
         return config, "new"
     try:
@@ -348,8 +350,16 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         earlier_seconds = state.get("seconds", 0.0)  # checkpoints before 2026-12-07 lack it
         start_epoch = state["epoch"] + 1
         say(f"resuming {escape(str(run_dir))} after epoch {state['epoch']} of {cfg.epochs}")
+        if cfg.early_stopping and best["state"] is not None and state["epoch"] - best["epoch"] >= cfg.early_stopping:
+            start_epoch = cfg.epochs + 1  # it had stopped early and was killed while saving: no more epochs
+            say(f"early stopping had ended it: keeping the weights of epoch {best['epoch']}")
     else:
         if ctx.is_main:
+            # A run that stopped before its first checkpoint may have left its model and curves: they are not
+            # this configuration's, so evaluate must not find them.
+            for leftover in ("model.safetensors", "model.json", "metrics.csv", "report.html"):
+                (run_dir / leftover).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "figures", ignore_errors=True)
             atomic_write(run_dir / "config.yaml", config.to_yaml())
         if hasattr(net, "init_from_data"):  # e.g. fastnet's whitening filters
             sample = train_images[torch.randperm(len(train_images), generator=generator)[:5000]]

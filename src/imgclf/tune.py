@@ -40,6 +40,7 @@ from rich.table import Table
 
 from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describe_settings, override_path
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_dataset
+from imgclf.distributed import end_with_parent
 from imgclf.errors import ImgclfError, disk_full, one_line_warning, unexpected
 from imgclf.models import check_model_options
 from imgclf.runs import atomic_write, natural_key, output_folder
@@ -256,7 +257,8 @@ def _redundant(trial: optuna.Trial, job: Job) -> str | None:
     return None
 
 
-def _worker_process(job: Job, n_trials: int, seed: int, tag: str) -> None:
+def _worker_process(job: Job, n_trials: int, seed: int, tag: str, parent: int) -> None:
+    end_with_parent(parent)  # a killed `imgclf tune` leaves no workers training on
     warnings.showwarning = one_line_warning  # a new process: as the CLI says them
     try:
         run_worker(job, n_trials, seed, tag=tag)
@@ -493,7 +495,8 @@ def _run_processes(job: Job, n_trials: int, processes: int, seed: int) -> list[i
     # spawn, not fork: a forked copy of a process that already ran torch can deadlock in its thread pools
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // processes + (i < n_trials % processes) for i in range(processes)]
-    workers = [context.Process(target=_worker_process, args=(job, share, seed + 1000 * i, f"worker {i + 1}: "))
+    workers = [context.Process(target=_worker_process,
+                               args=(job, share, seed + 1000 * i, f"worker {i + 1}: ", os.getpid()))
                for i, share in enumerate(shares)]
     for w in workers:
         w.start()
