@@ -508,3 +508,21 @@ def test_a_run_folder_left_by_a_kill_before_any_checkpoint_starts_over_clean(tmp
     with pytest.raises(KeyboardInterrupt):
         train(epochs=1, out=out, **FAST)  # a cnn now: the mlp's model must not stay beside the cnn's config
     assert first.run_dir == out and not (out / "model.json").exists() and not (out / "metrics.csv").exists()
+
+
+def test_ctrl_c_while_saving_the_trained_model_says_resume(tmp_path, monkeypatch, capsys):
+    train_module = importlib.import_module("imgclf.train")
+    real_write = train_module.atomic_write
+
+    def interrupted_summary(path, data):
+        if path.name == "summary.json":
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(train_module, "atomic_write", interrupted_summary)
+    with pytest.raises(KeyboardInterrupt):
+        train(epochs=2, out=tmp_path / "run", **{**FAST, "quiet": False})
+    assert "interrupted while saving the trained model" in capsys.readouterr().out
+    monkeypatch.undo()
+    resumed = train(out=tmp_path / "run", resume=True, quiet=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2] and (tmp_path / "run" / "summary.json").exists()

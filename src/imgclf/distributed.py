@@ -193,4 +193,4 @@ def launch(nproc: int, argv: list[str]) -> None:
             raise SystemExit(failure.exitcode) from None
         raise ImgclfError(f"distributed training failed: rank {rank} ended with status {failure.exitcode} "
                           f"({failure.signal_name() if failure.exitcode < 0 else 'see its output above'}); "
-                          "the other ranks were stopped") from None
+                          "the other ranks were stopped; continue with --resume") from None

@@ -489,10 +489,15 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     }
     if not ctx.is_main:
         return TrainResult(run_dir, history, summary, model=evaluation_net().eval())
-    save_weights()  # the final weights: lookahead's slow weights or early stopping's best epoch
-    if history and (quiet or kept_epoch != history[-1]["epoch"]):  # early stopping's epoch marked
-        draw_curves(kept_epoch)
-    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    try:
+        save_weights()  # the final weights: lookahead's slow weights or early stopping's best epoch
+        if history and (quiet or kept_epoch != history[-1]["epoch"]):  # early stopping's epoch marked
+            draw_curves(kept_epoch)
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    except KeyboardInterrupt:
+        say(f"\ninterrupted while saving the trained model; `imgclf train --resume --out {escape(str(run_dir))}` "
+            "saves it without training again")
+        raise
     say(f"done in {seconds:.1f}s: model saved to {escape(str(run_dir))}")
     if cfg.tta and any("val_acc" in r for r in history):  # one view per epoch keeps the epochs cheap
         split = "" if data.test is not None and len(data.test) else " --split val"  # evaluate's default is test
