@@ -1,6 +1,7 @@
 import importlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -458,6 +459,13 @@ def test_a_full_disk_is_said_in_one_line_naming_the_file_and_keeps_what_was_writ
     (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half")  # as a kill during a write leaves it
     with held_folder(tmp_path, "busy"):
         assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]
+    monkeypatch.undo()
+    old, fresh = tmp_path / ".kept.json.a1b2.tmp", tmp_path / ".kept.json.c3d4.tmp"  # a killed write, another going on
+    old.write_text("half")
+    fresh.write_text("half")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    atomic_write(tmp_path / "kept.json", "newer")  # a later write of the same file sweeps the old one only
+    assert not old.exists() and fresh.exists() and (tmp_path / "kept.json").read_text() == "newer"
 
 
 def test_odd_things_a_notebook_passes_get_one_line(tmp_path):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
 import re
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,9 @@ def held_folder(path: Path, busy: str):
                 folder.rmdir()
 
 
+STRAY_SECONDS = 60  # a temporary file of atomic_write untouched this long was left by a killed write
+
+
 def is_stray(path: Path) -> bool:
     """A temporary file that atomic_write leaves when killed mid-write."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
@@ -109,6 +114,10 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for stray in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of this file's writes that were killed
+            with contextlib.suppress(OSError):  # a minute old: not another process's write still going on
+                if time.time() - stray.stat().st_mtime > STRAY_SECONDS:
+                    stray.unlink()
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         for folder in made:
