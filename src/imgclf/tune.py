@@ -257,8 +257,9 @@ def _redundant(trial: optuna.Trial, job: Job) -> str | None:
     return None
 
 
-def _worker_process(job: Job, n_trials: int, seed: int, tag: str, parent: int) -> None:
-    end_with_parent(parent)  # a killed `imgclf tune` leaves no workers training on
+def _worker_process(job: Job, n_trials: int, seed: int, tag: str, parent: int | None = None) -> None:
+    if parent is not None:  # a killed `imgclf tune` leaves no workers training on
+        end_with_parent(parent)
     warnings.showwarning = one_line_warning  # a new process: as the CLI says them
     try:
         run_worker(job, n_trials, seed, tag=tag)
