@@ -73,8 +73,7 @@ def held_folder(path: Path, busy: str):
         except BlockingIOError:
             raise ImgclfError(busy) from None
         for stale in path.rglob(".*.tmp"):  # what a kill during atomic_write left: no other process writes here now
-            if is_stray(stale):
-                stale.unlink(missing_ok=True)
+            stale.unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)
@@ -87,7 +86,7 @@ STRAY_SECONDS = 60  # a temporary file of atomic_write untouched this long was l
 
 
 def is_stray(path: Path) -> bool:
-    """A temporary file that atomic_write leaves when killed mid-write."""
+    """A temporary file that atomic_write leaves when killed mid-write (held_folder's .*.tmp)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 

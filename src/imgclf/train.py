@@ -336,6 +336,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     start_epoch = 1
     earlier_seconds = 0.0  # of the processes before a resume, up to the checkpoint each one left
 
+    def patience_spent(epoch: int) -> bool:
+        return bool(cfg.early_stopping) and epoch - best["epoch"] >= cfg.early_stopping
+
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if mode == "resume":  # rank 0 reads the checkpoint: other machines need no copy of the run folder
@@ -350,7 +353,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         earlier_seconds = state.get("seconds", 0.0)  # checkpoints before 2026-12-07 lack it
         start_epoch = state["epoch"] + 1
         say(f"resuming {escape(str(run_dir))} after epoch {state['epoch']} of {cfg.epochs}")
-        if cfg.early_stopping and best["state"] is not None and state["epoch"] - best["epoch"] >= cfg.early_stopping:
+        if patience_spent(state["epoch"]) and best["state"] is not None:
             start_epoch = cfg.epochs + 1  # it had stopped early and was killed while saving: no more epochs
             say(f"early stopping had ended it: keeping the weights of epoch {best['epoch']}")
     else:
@@ -454,7 +457,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                 save_all(epoch)
                 if on_epoch is not None:
                     on_epoch(row)
-                if cfg.early_stopping and epoch - best["epoch"] >= cfg.early_stopping and epoch < cfg.epochs:
+                if patience_spent(epoch) and epoch < cfg.epochs:
                     say(f"early stopping: no val accuracy gain for {cfg.early_stopping} epochs; "
                         f"keeping the weights of epoch {best['epoch']}")
                     break
