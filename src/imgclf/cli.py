@@ -255,10 +255,10 @@ def _compare(args: argparse.Namespace) -> None:
              "accuracy": [f"{r['accuracy']:.2%}" + (" val" if r["split"] == "val" else "") for r in rows],
              "top-5": ["-" if r["top5"] is None else f"{r['top5']:.2%}" for r in rows],
              "minutes": [f"{r['minutes']:.2f}" for r in rows]}
-    differs = [(name, escape(r["differs"])) for name, r in zip(cells["run"], rows, strict=True) if r["differs"]]
-    beside = differs and console.width >= 120  # else listed under the table: a narrow column of it is unreadable
+    differs = [escape(r["differs"]) for r in rows]
+    beside = any(differs) and console.width >= 120  # else listed under the table: a narrow column is unreadable
     if beside:
-        cells["differs"] = [escape(r["differs"]) for r in rows]
+        cells["differs"] = differs
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for name, column in cells.items():  # a narrow terminal wraps names and settings, never cuts a number
         text = name in ("run", "dataset", "model", "differs")
@@ -268,10 +268,11 @@ def _compare(args: argparse.Namespace) -> None:
     for row in zip(*cells.values(), strict=True):
         table.add_row(*row)
     console.print(table)
-    if differs and not beside:
+    if any(differs) and not beside:
         console.print("differs (from the other runs):")
-        for name, settings in differs:
-            console.print(f"  {name}: {settings}")
+        for name, settings in zip(cells["run"], differs, strict=True):
+            if settings:
+                console.print(f"  {name}: {settings}")
     console.print(f"wrote {escape(str(Path(args.out) / 'compare.html'))}, compare.csv, accuracy.png, "
                   "accuracy_vs_time.png")
 

@@ -252,7 +252,7 @@ def canonical_dataset(name: str) -> str:
 
 def dataset_label(name: str | None) -> str | None:
     """A dataset's name as shown: an image folder's own name, not the absolute path its runs record."""
-    return Path(name).name if name and "/" in str(name) else name
+    return Path(name).name if name and ("/" in str(name) or os.sep in str(name)) else name
 
 
 def canonical_data_dir(data_dir: str | Path | None) -> str | None:

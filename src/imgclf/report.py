@@ -531,6 +531,11 @@ def _dataset_colors(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {d: matplotlib.colormaps["tab10"](i % 10) for i, d in enumerate(datasets)}
 
 
+def _splits(rows: list[dict[str, Any]]) -> list[str]:
+    """The splits the runs were scored on, test first."""
+    return sorted({r["split"] for r in rows}, key=["test", "val", "train"].index)
+
+
 def _run_label(row: dict[str, Any], one_line: bool = False) -> str:
     if row["run"] == row["model"]:
         return row["model"]
@@ -544,7 +549,7 @@ def plot_accuracy_bars(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ordered = sorted(rows, key=lambda r: list(colors).index(r["dataset"]))  # stable: runs keep their order
     fig, ax = _subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.8))
     x = np.arange(len(ordered))
-    splits = sorted({r["split"] for r in rows}, key=["test", "val", "train"].index)
+    splits = _splits(rows)
     # Scores of different splits side by side: the bars not scored on the first split are hatched and labelled.
     bars = ax.bar(x, [r["accuracy"] * 100 for r in ordered], color=[colors[r["dataset"]] for r in ordered],
                   width=0.65, hatch=[None if r["split"] == splits[0] else "//" for r in ordered], edgecolor="white")
@@ -574,7 +579,7 @@ def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: str | Path) -> Path:
         mine = [r for r in rows if r["dataset"] == dataset]
         ax.scatter([r["minutes"] for r in mine], [r["accuracy"] * 100 for r in mine], color=color, s=50,
                    label=dataset_label(dataset), zorder=3)
-    splits = sorted({r["split"] for r in rows}, key=["test", "val", "train"].index)
+    splits = _splits(rows)
     for r in rows:
         label = r["run"] + ("" if r["split"] == splits[0] else f" ({r['split']} split)")
         ax.annotate(label, (r["minutes"], r["accuracy"] * 100), textcoords="offset points", xytext=(6, 4),

@@ -32,7 +32,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
 from imgclf.config import RunConfig, apply_overrides, make_config, unused_settings
-from imgclf.data import Dataset, canonical_data_dir, canonical_dataset, file_md5, folder_stamp, load_dataset
+from imgclf.data import (
+    Dataset,
+    canonical_data_dir,
+    canonical_dataset,
+    dataset_label,
+    file_md5,
+    folder_stamp,
+    load_dataset,
+)
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
@@ -107,8 +115,7 @@ def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module
 # ---- the run folder -----------------------------------------------------------------------------------
 
 def default_run_dir(config: RunConfig) -> Path:
-    dataset = Path(config.data.dataset).name if os.sep in config.data.dataset else config.data.dataset
-    return Path("runs") / f"{dataset}-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{dataset_label(config.data.dataset)}-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, str]:
