@@ -490,7 +490,7 @@ def test_a_worker_process_says_any_failure_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(tune_module, "run_worker", broken)
     job = tune_module.Job("sqlite:///x.db", "study", None, None, "random", "none", 1, 1, Path("out"), None, 1, True)
     with pytest.raises(SystemExit) as exited:
-        tune_module._worker_process(job, 1, 0, "worker 1: ")
+        tune_module._worker_process(job, 1, "worker 1: ")
     err = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 1 and err == [
         "imgclf: internal error: worker 1: RuntimeError: boom (rerun with IMGCLF_DEBUG=1 for the traceback and "
@@ -508,3 +508,47 @@ def test_a_full_disk_under_the_journal_is_said_as_one(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="No space left on device") as e:
         tune("digits", space="cnn-small", trials=1, epochs=1, out=tmp_path / "out", quiet=True)
     assert e.value.filename.endswith("study.log")
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_commands_starting_together_draw_different_points(tmp_path, sampler):
+    tune_module = importlib.import_module("imgclf.tune")
+    space = load_space(write_space(tmp_path, {"train.lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+                                              "model.filters": [{"type": "int", "low": 4, "high": 64}]}))
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    # Two machines: each loads the study with a sampler of its own, and both ask before either has a value.
+    first, second = (optuna.load_study(study_name="s", storage=storage, sampler=tune_module.make_sampler(sampler, 0))
+                     for _ in range(2))
+    values = tune_module.draw(first.ask(), sampler, space)
+    assert tune_module.draw(second.ask(), sampler, space) != values
+    again = optuna.create_study(storage=f"sqlite:///{tmp_path / 't.db'}", direction="maximize")
+    assert tune_module.draw(again.ask(), sampler, space) == values  # the same history draws the same point
+
+
+def test_a_command_finding_the_study_taken_by_another_neither_fails_nor_counts_failures(tmp_path, monkeypatch):
+    tune_module = importlib.import_module("imgclf.tune")
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.01, 0.02]}})
+    other = optuna.create_study(study_name="s", storage=storage, direction="maximize").ask()
+    other.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # another command's trial, running
+    # That command planned its trial at the same moment as this one, so this one plans one too.
+    monkeypatch.setattr(tune_module, "plan_trials", lambda study, target, grid: 1)
+    result = tune("digits", space, trials=1, storage=storage, study="s", out=tmp_path / "out", quiet=True)
+    assert result.counts["FAIL"] == 0 and result.counts["SKIPPED"] == 1 and result.counts["RUNNING"] == 1
+    rows = list(csv.DictReader((tmp_path / "out" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["RUNNING", "SKIPPED"] and rows[1]["fail_reason"].startswith("not run")
+    assert "Failed trials" not in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_ctrl_c_still_writes_the_study_so_far(tmp_path, monkeypatch):
+    tune_module = importlib.import_module("imgclf.tune")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_module, "run_worker", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune("digits", write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.01]}}), trials=1,
+             out=tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "trials.csv").exists() and (tmp_path / "out" / "report.html").exists()

@@ -143,6 +143,14 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def draw(trial: optuna.Trial, sampler: str, space: Space) -> dict[str, Any]:
+    """The trial's values, drawn by a sampler seeded by its number, which the storage gives to one trial only:
+    commands started at the same moment on one study (two machines) draw different points, a re-run draws new
+    ones, and the same history draws the same points again. The samplers keep nothing between trials."""
+    trial.study.sampler = make_sampler(sampler, trial.number)
+    return suggest(trial, space)
+
+
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
         return optuna.pruners.MedianPruner()
@@ -175,7 +183,7 @@ class NotRun(Exception):
     """A trial another worker made redundant (the study was full, or its grid point was taken)."""
 
 
-def run_worker(job: Job, n_trials: int, seed: int, dataset: Dataset | None = None, tag: str = "") -> None:
+def run_worker(job: Job, n_trials: int, dataset: Dataset | None = None, tag: str = "") -> None:
     """Run up to n_trials trials of the study here (fewer if the study reaches job.trials or time runs out)."""
     torch.set_num_threads(job.threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line of ours instead
@@ -183,14 +191,14 @@ def run_worker(job: Job, n_trials: int, seed: int, dataset: Dataset | None = Non
                                    subset=job.base.data.subset, grayscale=job.base.data.grayscale,
                                    seed=job.base.train.seed, image_size=job.base.data.image_size)
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage), sampler=make_sampler(
-        job.sampler, seed), pruner=make_pruner(job.pruner, job.base.train.epochs))
+        job.sampler, 0), pruner=make_pruner(job.pruner, job.base.train.epochs))
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial: optuna.Trial) -> float:
         from imgclf.train import train
 
         trial.set_user_attr("worker", worker)
-        values = suggest(trial, job.space)
+        values = draw(trial, job.sampler, job.space)
         trial.set_user_attr("values", values)
         reason = _redundant(trial, job)
         if reason:
@@ -211,6 +219,9 @@ def run_worker(job: Job, n_trials: int, seed: int, dataset: Dataset | None = Non
                 key = "best_val_acc" if run.train.early_stopping else None  # early stopping keeps its best epoch
                 scores.append(result.summary[key] if key else result.history[-1]["val_acc"])
         except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C) while it ran")
             raise
         except Exception as e:  # an invalid option, divergence, out of memory: this trial fails, the study goes on
             trial.set_user_attr("fail_reason", str(e) if isinstance(e, ImgclfError) else f"{type(e).__name__}: {e}")
@@ -257,12 +268,12 @@ def _redundant(trial: optuna.Trial, job: Job) -> str | None:
     return None
 
 
-def _worker_process(job: Job, n_trials: int, seed: int, tag: str, parent: int | None = None) -> None:
+def _worker_process(job: Job, n_trials: int, tag: str, parent: int | None = None) -> None:
     if parent is not None:  # a killed `imgclf tune` leaves no workers training on
         end_with_parent(parent)
     warnings.showwarning = one_line_warning  # a new process: as the CLI says them
     try:
-        run_worker(job, n_trials, seed, tag=tag)
+        run_worker(job, n_trials, tag=tag)
     except ImgclfError as e:
         print(f"imgclf: error: {tag}{e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
@@ -323,7 +334,8 @@ class TuneResult:
     out: Path
     study: str
     storage: str
-    counts: dict[str, int]  # trials per state: COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    counts: dict[str, int]  # trials per state: COMPLETE, PRUNED, FAIL, RUNNING, WAITING; SKIPPED: placeholders of a
+    # worker that asked when the study had its trials (not failures)
     best_value: float | None
     best_values: dict[str, Any] | None  # the best trial's sampled values
     best_recipe: Path | None
@@ -412,13 +424,14 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     _check_same_setup(study_obj, setup, storage, older_form={**setup, "dataset": dataset, "base": base.what()})
     lost = fail_lost_trials(study_obj)
     if lost:
-        say(f"{lost} trial(s) of a stopped worker marked failed; they will be run again")
+        say(f"{lost} trial(s) of a stopped worker marked failed; "
+            + ("their grid points will be run again" if grid is not None else "new trials take their place"))
     target = trials or (len(grid) if grid is not None else DEFAULT_TRIALS)
     if grid is not None and target > len(grid):
         say(f"the grid has {len(grid)} points, so the study holds at most {len(grid)} trials, not {target}")
         target = len(grid)
     n_trials = plan_trials(study_obj, target, grid)
-    counts = _counts(study_obj)
+    counts = _counts(study_obj.get_trials(deepcopy=False))
     say(f"study [bold]{escape(study_name)}[/] ({escape(_shown(storage))}): "
         f"{counts['COMPLETE'] + counts['PRUNED']} of {target} trials done, {counts['RUNNING']} running elsewhere; "
         f"running {n_trials} more on {escape(data.name)} "
@@ -434,19 +447,23 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
                           f"thread and they share the CPUs (use --workers {cores} or fewer)", stacklevel=2)
         job = Job(storage, study_name, space_obj, base, sampler, pruner, target, executions, out, timeout,
                   max(1, cores // processes), quiet)
-        seed = len(study_obj.trials)  # a re-run samples new points, yet each run is reproducible
-        if processes == 1:
-            try:
-                run_worker(job, n_trials, seed, data)
-            except AssertionError as e:
-                raise _as_disk_full(job, e) from None
-        else:
-            failed_workers = _run_processes(job, n_trials, processes, seed)
-            fail_lost_trials(study_obj)  # a worker that died left its trial running
+        try:
+            if processes == 1:
+                run_worker(job, n_trials, data)
+            else:
+                failed_workers = _run_processes(job, n_trials, processes)
+                fail_lost_trials(study_obj)  # a worker that died left its trial running
+        except AssertionError as e:
+            raise _as_disk_full(job, e) from None
+        except KeyboardInterrupt:  # what finished is in the study: show it before stopping
+            fail_lost_trials(study_obj)
+            write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
+            raise
     result = write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
-    if n_trials > 0 and not result.counts["COMPLETE"] + result.counts["PRUNED"]:
+    # Not when the study's trials were all taken by other commands (placeholders) or still run elsewhere.
+    if n_trials > 0 and result.counts["FAIL"] and not result.counts["COMPLETE"] + result.counts["PRUNED"]:
         reasons = [t.user_attrs.get("fail_reason") for t in study_obj.get_trials(deepcopy=False, states=(
-            TrialState.FAIL,)) if t.user_attrs.get("fail_reason")]
+            TrialState.FAIL,)) if t.user_attrs.get("fail_reason") and not _not_run(t)]
         raise ImgclfError(f"no trial of study '{study_name}' finished ({result.counts['FAIL']} failed"
                           f"{', e.g. ' + reasons[-1] if reasons else ''}); see {out / 'trials.csv'}, fix the "
                           "problem and re-run")
@@ -491,13 +508,13 @@ def plan_trials(study: optuna.Study, target: int, grid: list[dict[str, Any]] | N
     return min(n, waiting)
 
 
-def _run_processes(job: Job, n_trials: int, processes: int, seed: int) -> list[int]:
+def _run_processes(job: Job, n_trials: int, processes: int) -> list[int]:
     """Run the trials in worker processes; returns the numbers of the workers that failed."""
     # spawn, not fork: a forked copy of a process that already ran torch can deadlock in its thread pools
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // processes + (i < n_trials % processes) for i in range(processes)]
     workers = [context.Process(target=_worker_process,
-                               args=(job, share, seed + 1000 * i, f"worker {i + 1}: ", os.getpid()))
+                               args=(job, share, f"worker {i + 1}: ", os.getpid()))
                for i, share in enumerate(shares)]
     for w in workers:
         w.start()
@@ -591,10 +608,19 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _counts(study: optuna.Study) -> dict[str, int]:
-    counts = {state.name: 0 for state in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] += 1
+def _not_run(trial: optuna.trial.FrozenTrial) -> bool:
+    """A placeholder, not a failure: its worker asked for a trial the study no longer needed (see _redundant)."""
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason", "").startswith("not run")
+
+
+def _state(trial: optuna.trial.FrozenTrial) -> str:
+    return "SKIPPED" if _not_run(trial) else trial.state.name
+
+
+def _counts(trials: list[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    counts = {state.name: 0 for state in TrialState} | {"SKIPPED": 0}
+    for t in trials:
+        counts[_state(t)] += 1
     return counts
 
 
@@ -637,7 +663,7 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
                                   "# (it trained on data.subset images for train.epochs epochs: change them to "
                                   "train the winner longer)\n" + config.to_yaml())
     figures = plot_study(study, out / "figures")
-    counts = _counts(study)
+    counts = _counts(trials)  # the trials of the table and best.yaml, not a later look at the study
     atomic_write(out / "report.html", _report_html(study, storage, counts, ranked[:10], trials, figures,
                                                    out / "figures"))
     if not quiet:
@@ -648,7 +674,8 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
                           escape(describe_settings(t.user_attrs.get("values", t.params))))
         console.print(table)
         console.print(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
-                      + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
+                      + (f", {counts['RUNNING']} running elsewhere (re-run this command once they finish to "
+                         "bring these files up to date)" if counts["RUNNING"] else "")
                       + f": wrote {out / 'trials.csv'}, {out / 'report.html'}"
                       + (f", {best_recipe} (imgclf train --recipe {best_recipe})" if best_recipe else ""))
     return TuneResult(out, study.study_name, storage, counts, best.value if best else None,
@@ -662,7 +689,7 @@ def trials_csv(trials: list[optuna.trial.FrozenTrial]) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["number", "state", "value", "duration_s", "datetime_start", *names, "worker", "fail_reason"])
     for t in trials:
-        writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
+        writer.writerow([t.number, _state(t), "" if t.value is None else t.value,
                          "" if t.duration is None else round(t.duration.total_seconds(), 2),
                          t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else "",
                          *[t.params.get(n, "") for n in names], t.user_attrs.get("worker", ""), _fail_reason(t)])
@@ -729,7 +756,7 @@ def _report_html(study: optuna.Study, storage: str, counts: dict[str, int], rank
              ["trials", ", ".join(f"{n} {state.lower()}" for state, n in counts.items() if n)]]
     best = [[t.number, f"{t.value:.2%}", round(t.duration.total_seconds()),
              describe_settings(t.user_attrs.get("values", t.params))] for t in ranked]
-    failed = [[t.number, _fail_reason(t)] for t in trials if t.state == TrialState.FAIL]
+    failed = [[t.number, _fail_reason(t)] for t in trials if t.state == TrialState.FAIL and not _not_run(t)]
     few = counts.get("COMPLETE", 0) < 20  # importances of a handful of trials are mostly noise
     images = "".join(f"<h2>{e(title)}</h2>" + (f"<p class=sub>from {counts.get('COMPLETE', 0)} complete trials: a "
                      "rough guide, not a measurement</p>" if name == "importances" and few else "")
