@@ -9,6 +9,7 @@ import socket
 import struct
 import tarfile
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -344,6 +345,78 @@ def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch, server):
         load_dataset("mnist", tmp_path)
     left = [p.name for p in (tmp_path / "mnist").iterdir()]
     assert "train-labels-idx1-ubyte.gz" not in left and not [n for n in left if n.endswith(".part")]
+
+
+def test_a_cut_off_download_is_said_as_such_and_only_the_files_still_missing_are_asked_for(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    make_mnist(served)
+    trust(monkeypatch, "mnist", served)
+    cut = "train-labels-idx1-ubyte.gz"  # the second file to download, after the training images
+
+    class CutsOff(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = (served / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body) + 1000 if self.path.endswith(cut) else len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutsOff)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", [url])
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    killed = folder / f".{cut}.abc123.part"  # what a download killed earlier left
+    killed.write_bytes(b"partial")
+    os.utime(killed, (time.time() - 120,) * 2)
+    try:
+        with pytest.raises(ImgclfError) as e:
+            load_dataset("mnist", tmp_path / "data")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    message = str(e.value)
+    assert f"{url}{cut} was cut off after" in message and "md5" not in message
+    hint = message.split("; put ", 1)[1]
+    assert cut in hint and "train-images-idx3-ubyte.gz" not in hint  # that one arrived whole
+    assert not killed.exists() and not list(folder.glob(".*.part"))
+
+
+def test_processes_starting_together_download_each_file_once(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    make_mnist(served)
+    trust(monkeypatch, "mnist", served)
+    fetched = []
+
+    class Counts(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            fetched.append(self.path)
+            time.sleep(0.05)  # long enough for the other loader to want the same file
+            super().do_GET()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Counts, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", [f"http://127.0.0.1:{httpd.server_address[1]}/"])
+    sizes = []  # two ranks of --nproc, say (the lock is per open file, so threads stand in for processes)
+    loaders = [threading.Thread(target=lambda: sizes.append(len(load_dataset("mnist", tmp_path, val_split=0).train)))
+               for _ in range(2)]
+    try:
+        for loader in loaders:
+            loader.start()
+        for loader in loaders:
+            loader.join()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert sizes == [50, 50] and sorted(fetched) == sorted(f"/{f}" for f in DATASETS["mnist"]["files"])
 
 
 def test_offline_error_says_what_to_put_where(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ per-image DataLoader pipeline, so every source is decoded once into that form.
 """
 
 import contextlib
+import glob
 import gzip
 import hashlib
 import http.client
@@ -34,6 +35,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from imgclf.config import MAX_IMAGE_SIZE
 from imgclf.errors import ImgclfError, did_you_mean
+from imgclf.runs import sweep_stale
 
 SPLITS = ("train", "val", "test")
 # The names each split's folder goes by in the layouts users bring (Roboflow's valid/, Kaggle's Training/),
@@ -292,30 +294,46 @@ def _verify(name: str, path: Path, md5: str) -> None:
 
 def _download(urls: list[str], dest: Path, md5: str) -> None:
     """Fetch dest from the first url that answers; raise OSError naming every url's failure if none does."""
-    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(dest.parent, f".{glob.escape(dest.name)}.*.part")  # what a killed download of this file left
     failures = []
     for url in urls:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT) as response:
                 size = int(response.headers.get("Content-Length") or 0)
-                print(f"downloading {url} ({size / 1e6:.1f} MB)", file=sys.stderr, flush=True)
+                print(f"downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""), file=sys.stderr, flush=True)
                 shutil.copyfileobj(response, out, 1 << 20)
-            if (got := file_md5(tmp)) == md5:
+                received = out.tell()
+            if size and received < size:  # the server closed the connection early: say so, not "md5"
+                failures.append(f"{url} was cut off after {received:,} of its {size:,} bytes")
+            elif (got := file_md5(tmp)) == md5:
                 os.chmod(tmp, 0o644)  # mkstemp makes files private; datasets are meant to be shared
                 os.replace(tmp, dest)
                 return
-            # a damaged transfer, a changed mirror or a captive portal's page: the next mirror may do better
-            failures.append(f"{url} failed its md5 check (got {got}, want {md5})")
+            else:  # a damaged transfer, a changed mirror or a captive portal's page: the next mirror may do better
+                failures.append(f"{url} failed its md5 check (got {got}, want {md5})")
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
             failures.append(f"{url}: {e}")
         finally:
             Path(tmp).unlink(missing_ok=True)
-    for folder in made:  # a failed download leaves no empty folders behind (rmdir refuses non-empty ones)
-        with contextlib.suppress(OSError):
-            folder.rmdir()
     raise OSError(", ".join(failures))
+
+
+@contextlib.contextmanager
+def _one_download_at_a_time(folder: Path):
+    """Hold `folder` while downloading into it: processes that start together (the ranks of --nproc, tune's
+    workers, two commands) fetch each file once, the others waiting for it. The lock ends with its process."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: each process downloads for itself (each file still lands whole)
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _extract(name: str, archive: Path, folder: Path, wanted: list[str]) -> None:
@@ -336,24 +354,38 @@ def _extract(name: str, archive: Path, folder: Path, wanted: list[str]) -> None:
 def _ensure_files(name: str, root: Path, download: bool) -> Path:
     spec = DATASETS[name]
     folder = root / spec["folder"]
-    missing = [f for f in spec["files"] if not (folder / f).is_file()]
-    if missing:
+
+    def missing_files() -> list[str]:
+        return [f for f in spec["files"] if not (folder / f).is_file()]
+
+    if missing := missing_files():
         archive, archive_md5 = spec.get("archive") or (None, None)
-        need = f"{archive} (or its extracted {missing[0].split('/')[0]}/)" if archive else ", ".join(missing)
-        where = (f"put {need} in {folder}, or point --data-dir (or IMGCLF_DATA) at a folder that has "
-                 f"{spec['folder']}/ with them")
+
+        def where() -> str:  # the files still missing: a download may have fetched some before one failed
+            still = [f for f in missing if not (folder / f).is_file()]
+            need = f"{archive} (or its extracted {missing[0].split('/')[0]}/)" if archive else ", ".join(still)
+            return (f"put {need} in {folder}, or point --data-dir (or IMGCLF_DATA) at a folder that has "
+                    f"{spec['folder']}/ with them")
+
         if not download:
-            raise ImgclfError(f"{name}: {', '.join(missing)} missing from {folder}; {where}, "
+            raise ImgclfError(f"{name}: {', '.join(missing)} missing from {folder}; {where()}, "
                               "or allow downloads")
+        made = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
         try:
-            for f in [archive] if archive else missing:
-                if not (folder / f).is_file():
-                    _download([m + f for m in spec["mirrors"]], folder / f, archive_md5 or spec["files"][f])
+            folder.mkdir(parents=True, exist_ok=True)
+            with _one_download_at_a_time(folder):
+                if missing := missing_files():  # else another process fetched them while this one waited
+                    for f in [archive] if archive else missing:
+                        if not (folder / f).is_file():
+                            _download([m + f for m in spec["mirrors"]], folder / f, archive_md5 or spec["files"][f])
+                    if archive:
+                        _verify(name, folder / archive, archive_md5)
+                        _extract(name, folder / archive, folder, missing)
         except OSError as e:
-            raise ImgclfError(f"{name}: could not download ({e}); {where}") from e
-        if archive:
-            _verify(name, folder / archive, archive_md5)
-            _extract(name, folder / archive, folder, missing)
+            for made_folder in made:  # a failed download leaves no empty folders behind (rmdir refuses others)
+                with contextlib.suppress(OSError):
+                    made_folder.rmdir()
+            raise ImgclfError(f"{name}: could not download ({e}); {where()}") from e
     for f, md5 in spec["files"].items():
         _verify(name, folder / f, md5)
     return folder

@@ -82,12 +82,21 @@ def held_folder(path: Path, busy: str):
                 folder.rmdir()
 
 
-STRAY_SECONDS = 60  # a temporary file of atomic_write untouched this long was left by a killed write
+STRAY_SECONDS = 60  # a temporary file (of atomic_write, of a download) untouched this long was left by a kill
 
 
 def is_stray(path: Path) -> bool:
     """A temporary file that atomic_write leaves when killed mid-write (held_folder's .*.tmp)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def sweep_stale(folder: Path, pattern: str) -> None:
+    """Delete the temporary files matching `pattern` in `folder` that a killed write left: those untouched for a
+    minute (a write still going on, in another process, touches its file all the time)."""
+    for stray in folder.glob(pattern):
+        with contextlib.suppress(OSError):
+            if time.time() - stray.stat().st_mtime > STRAY_SECONDS:
+                stray.unlink()
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -113,10 +122,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        for stray in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of this file's writes that were killed
-            with contextlib.suppress(OSError):  # a minute old: not another process's write still going on
-                if time.time() - stray.stat().st_mtime > STRAY_SECONDS:
-                    stray.unlink()
+        sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")  # of this file's writes that were killed
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         for folder in made:
