@@ -401,3 +401,14 @@ def test_every_api_name_is_a_function_even_after_its_module_is_imported():
         if name != "__version__":
             assert callable(getattr(imgclf, name)) and not isinstance(getattr(imgclf, name), types.ModuleType), name
     assert imgclf.tune.__module__ == "imgclf.tune" and imgclf.compare_runs.__module__ == "imgclf.report"
+
+
+@pytest.mark.parametrize("rank, said", [("0", "imgclf: interrupted\n"), ("1", "")])
+def test_ctrl_c_is_said_once_across_ranks(monkeypatch, capsys, rank, said):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(importlib.import_module("imgclf.train"), "train", interrupted)
+    assert main(["train", "--dataset", "digits", "--model", "mlp"]) == 130
+    assert capsys.readouterr().err == said

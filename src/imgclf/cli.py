@@ -514,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgclf: error: {message}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
-        print("imgclf: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank got the Ctrl-C: one says it
+            print("imgclf: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: keep it to one line unless asked
         if os.environ.get("IMGCLF_DEBUG"):

@@ -182,6 +182,8 @@ def launch(nproc: int, argv: list[str]) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", "imgclf", *argv)
     except SignalException as e:  # the agent has stopped the ranks; the last checkpoint stays resumable
+        if e.sigval == signal.SIGINT:  # Ctrl-C: rank 0 has said where to resume from
+            raise SystemExit(130) from None
         raise ImgclfError(f"stopped by {e.sigval.name}; the ranks were stopped: continue with --resume") from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()

@@ -471,7 +471,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     except KeyboardInterrupt:
         if (run_dir / "checkpoint.pt").exists():
             say(f"\ninterrupted in epoch {checkpointed + 1}: the checkpoint after epoch {checkpointed} is saved "
-                f"in {escape(str(run_dir))}; continue with `imgclf train --resume --out {escape(str(run_dir))}`")
+                f"in {escape(str(run_dir))}; continue with `imgclf train --resume --out {escape(str(run_dir))}"
+                + (f" --nproc {ctx.world_size}`" if ctx.enabled else "`"))
         else:
             say("\ninterrupted in epoch 1, before the first checkpoint: nothing to resume; the same command "
                 "starts the run again")
