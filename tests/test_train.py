@@ -534,3 +534,25 @@ def test_ctrl_c_while_saving_the_trained_model_says_resume(tmp_path, monkeypatch
     monkeypatch.undo()
     resumed = train(out=tmp_path / "run", resume=True, quiet=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2] and (tmp_path / "run" / "summary.json").exists()
+
+
+def test_the_tensorboard_folder_comes_after_config_yaml(tmp_path, monkeypatch):
+    # A run killed between the two left a folder that --out then refused as "not a run folder".
+    made = []
+
+    class Writer:
+        def __init__(self, folder):
+            made.append((tmp_path / "run" / "config.yaml").exists())
+            Path(folder).mkdir(parents=True)
+
+        def add_scalar(self, *args):
+            pass
+
+        def flush(self):
+            pass
+
+    fake = type(sys)("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    train(epochs=2, out=tmp_path / "run", tensorboard=True, **FAST)
+    assert made == [True]  # one writer, made once the folder is a run's

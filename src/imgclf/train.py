@@ -277,7 +277,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
             say(f"report: {escape(str(write_report(run_dir)))}")
         return reused
 
-    board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None  # fail before any writing
+    # Checked before any writing; made after config.yaml (its folder alone would make --out "not a run folder").
+    make_board, board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None, None
     cfg = config.train
     started = time.perf_counter()
     keep_freed_memory()
@@ -456,7 +457,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                     best = {"val_acc": row["val_acc"], "epoch": epoch,
                             "state": {k: v.detach().clone() for k, v in evaluation_net().state_dict().items()}}
                 say(_epoch_line(row, cfg.epochs, len(train_images)))
-                if board is not None:
+                if make_board is not None:
+                    board = board or make_board()
                     for key, value in row.items():
                         if key != "epoch":
                             board.add_scalar(key, value, epoch)
@@ -536,13 +538,14 @@ def _check_progressive(net: torch.nn.Module, name: str, size: int, shape: tuple[
         net.train(was_training)
 
 
-def _tensorboard_writer(run_dir: Path):
+def _tensorboard_writer(run_dir: Path) -> Callable[[], Any]:
+    """A function that makes the run's TensorBoard writer (which makes its folder at once)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ImgclfError("--tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or the imgclf[tensorboard] extra)") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return partial(SummaryWriter, str(run_dir / "tensorboard"))
 
 
 def cpu_name() -> str:
