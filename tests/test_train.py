@@ -10,6 +10,7 @@ import torch
 
 from imgclf import evaluate, train
 from imgclf.config import TrainConfig
+from imgclf.data import load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import memory_format, predict_logits, tta_views
 from imgclf.models import create_model
@@ -47,6 +48,15 @@ def test_identical_rerun_reuses_the_model(tmp_path):
     before = (first.run_dir / "model.safetensors").stat().st_mtime_ns
     again = train(epochs=1, out=tmp_path / "run", **FAST)
     assert again.reused and (first.run_dir / "model.safetensors").stat().st_mtime_ns == before
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(again.model(x), first.model(x))  # the net in memory, as the first call gave it
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_model(first.run_dir)  # builds a randomly initialised net first: the caller's stream must not move
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(ImgclfError, match="not a bare torch module"):
+        evaluate(first.model)
 
 
 def test_a_different_run_into_the_same_folder_is_refused(tmp_path):
@@ -556,3 +566,28 @@ def test_the_tensorboard_folder_comes_after_config_yaml(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     train(epochs=2, out=tmp_path / "run", tensorboard=True, **FAST)
     assert made == [True]  # one writer, made once the folder is a run's
+
+
+def test_resume_refuses_what_it_would_ignore_and_other_images(tmp_path, monkeypatch):
+    train_module = importlib.import_module("imgclf.train")
+    real_epoch, calls = train_module.train_one_epoch, []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    data = load_dataset("digits", subset=600, val_split=0.2)
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset=data, model="mlp", epochs=2, out=tmp_path / "run", quiet=True)
+    monkeypatch.undo()
+    with pytest.raises(ImgclfError, match="so epochs, lr would be ignored; drop them"):
+        train(out=tmp_path / "run", resume=True, epochs=5, lr=0.5)
+    with pytest.raises(ImgclfError, match="so model, dataset would be ignored"):
+        train(out=tmp_path / "run", resume=True, model="cnn", dataset="mnist")
+    with pytest.raises(ImgclfError, match="a run started on other images than the Dataset passed"):
+        train(out=tmp_path / "run", resume=True, dataset=load_dataset("digits", subset=200, val_split=0.5))
+    resumed = train(out=tmp_path / "run", resume=True, dataset=data, threads=1, quiet=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]

@@ -552,3 +552,13 @@ def test_ctrl_c_still_writes_the_study_so_far(tmp_path, monkeypatch):
         tune("digits", write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.01]}}), trials=1,
              out=tmp_path / "out", quiet=True)
     assert (tmp_path / "out" / "trials.csv").exists() and (tmp_path / "out" / "report.html").exists()
+
+
+def test_a_notebook_keeps_its_matplotlib_style(tmp_path):
+    import matplotlib
+
+    before = dict(matplotlib.rcParams)
+    space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [0.01, 0.02]}})
+    tune("digits", space, sampler="grid", pruner="none", out=tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "figures" / "history.png").exists()
+    assert {k: v for k, v in matplotlib.rcParams.items() if before.get(k) != v} == {}  # Optuna's ggplot undone

@@ -74,16 +74,19 @@ def _import_onnx():
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter logs notes on torchvision ops and deprecations that say nothing about this model."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The exporter and the onnxscript it drives log notes on torchvision ops, deprecations and each of their
+    passes (dozens of INFO lines in a notebook that logs INFO) that say nothing about this model."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None = None) -> ExportResult:

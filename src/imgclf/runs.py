@@ -236,7 +236,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuild a trained net from a run folder, reading only JSON and safetensors."""
     if not isinstance(run_dir, str | os.PathLike):
-        raise ImgclfError(f"give a run folder (the --out of `imgclf train`) or a loaded model, not {run_dir!r}")
+        given = "a bare torch module (it has no class names or normalization)" if isinstance(
+            run_dir, torch.nn.Module) else repr(run_dir)[:80]
+        raise ImgclfError(f"give a run folder (the --out of `imgclf train`, or the result train returns) or a model "
+                          f"from load_model, not {given}")
     device = resolve_device(device)
     run_dir = Path(run_dir)
     meta_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
@@ -250,8 +253,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         if not isinstance(meta, dict) or meta.get("format") != "imgclf-model":
             raise ValueError("not an imgclf model")
         arch = meta["architecture"]
-        net = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
-                           image_size=arch["image_size"], **arch.get("options", {}))
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's seeded stream stays
+            net = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                               image_size=arch["image_size"], **arch.get("options", {}))
         class_names, mean, std = list(map(str, meta["class_names"])), tuple(meta["mean"]), tuple(meta["std"])
         input_shape = tuple(int(n) for n in meta["input_shape"])
         if len(class_names) != arch["num_classes"] or len(input_shape) != 3:

@@ -51,6 +51,7 @@ from imgclf.runs import (
     held_folder,
     is_stray,
     load_checkpoint,
+    load_model,
     output_folder,
     read_json,
     read_metrics,
@@ -69,7 +70,7 @@ class TrainResult:
     history: list[dict[str, float]]  # the metrics.csv rows
     summary: dict[str, Any]  # the summary.json content
     reused: bool = False  # True when an identical finished run was found and nothing was trained
-    model: torch.nn.Module | None = None  # the trained net in memory, in eval mode (None when reused)
+    model: torch.nn.Module | None = None  # the trained net in memory, in eval mode (loaded when reused)
 
     def __fspath__(self) -> str:  # evaluate(result), load_model(result), ...: the result stands for its run folder
         return str(self.run_dir)
@@ -186,6 +187,13 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     if on_epoch is not None and not callable(on_epoch):  # else it would fail only after the first epoch
         raise ImgclfError(f"on_epoch must be a function of the epoch's metrics, not {on_epoch!r}")
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
+    if resume:  # where and how to run may change (a moved data folder, another machine); what to run may not
+        given = {"config": config, "recipe": recipe, "model": model, "dataset": None if dataset_obj else dataset,
+                 **overrides}
+        ignored = [k for k, v in given.items() if v is not None and k not in ("device", "threads", "data_dir")]
+        if ignored:
+            raise ImgclfError(f"resume=True continues the run with its own settings, so {', '.join(ignored)} would "
+                              "be ignored; drop them, or train with them into a new out")
     loading = sorted({"subset", "val_split", "image_size", "grayscale"} & overrides.keys())
     if dataset_obj is not None and loading:
         raise ImgclfError(f"{', '.join(loading)} would be ignored: the Dataset passed is already loaded; give "
@@ -255,6 +263,11 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
             config.model, options={**config.model.options, "weights": str(Path(weights).expanduser().resolve())}))
     config, run_dir, mode = _open_run(config, out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
+    if mode == "resume" and dataset_obj is not None:
+        digest = read_json(run_dir / "model.json").get("train_digest")
+        if digest is None or dataset_obj.train.digest() != digest:
+            raise ImgclfError(f"{run_dir} holds a run started on other images than the Dataset passed; resume it "
+                              "with the Dataset it started with (or without one, if it started from a name)")
     if mode == "reuse":
         recorded = read_json(run_dir / "model.json")
         digest, stamp, folder = recorded.get("train_digest"), recorded.get("folder_stamp"), config.data.dataset
@@ -268,8 +281,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         if weights_md5 and Path(weights).is_file() and file_md5(weights) != weights_md5:
             raise ImgclfError(f"{weights} changed since {run_dir} was trained from it; choose another --out (or "
                               "delete that run) to train from the file as it is now")
+        # Read first: a damaged file is said before "reusing".
+        trained = load_model(run_dir, rank_device or resolve_device(config.train.device)).net.eval()
         reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
-                             reused=True)  # read first: a damaged file is said before "reusing"
+                             reused=True, model=trained)
         say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
             "retraining (delete the folder or choose another --out to train again)")
         if report and ctx.is_main:

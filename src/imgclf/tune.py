@@ -18,6 +18,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -706,6 +707,7 @@ PLOTS = {
 
 def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
     """Optuna's matplotlib figures of the study; returns {name: title} of those drawn (some need 2+ trials)."""
+    import matplotlib
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
@@ -713,31 +715,37 @@ def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
 
     drawn, opened = {}, set(plt.get_fignums())  # a notebook's own figures stay open
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    category = logging.getLogger("matplotlib.category")  # "strings that look like numbers" for each int choice
+    category_level = category.level
+    category.setLevel(logging.WARNING)
+    # Optuna's plots switch matplotlib to its ggplot style: a notebook's own style comes back afterwards.
     try:
-        for name, (title, function) in PLOTS.items():
-            if len(complete) < (2 if name == "importances" else 1):
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                try:
-                    axes = getattr(vis, function)(study)
-                except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances of a fixed parameter
+        with matplotlib.rc_context():
+            for name, (title, function) in PLOTS.items():
+                if len(complete) < (2 if name == "importances" else 1):
                     continue
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-            if name == "slice":
-                figure.set_size_inches(min(max(6, 3.2 * len(figure.axes)), 24), 4)
-                for ax in figure.axes:  # log-scale and category ticks run into each other at 3 inches
-                    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-            else:
-                figure.set_size_inches(9, 5)
-            if name == "history":  # Optuna's "Objective Value" and half-trial ticks
-                axes.set_ylabel("validation accuracy")
-                axes.xaxis.get_major_locator().set_params(integer=True)
-            save_figure(figure, folder / f"{name}.png")
-            drawn[name] = title
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                    try:
+                        axes = getattr(vis, function)(study)
+                    except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances of a fixed parameter
+                        continue
+                figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+                if name == "slice":
+                    figure.set_size_inches(min(max(6, 3.2 * len(figure.axes)), 24), 4)
+                    for ax in figure.axes:  # log-scale and category ticks run into each other at 3 inches
+                        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+                else:
+                    figure.set_size_inches(9, 5)
+                if name == "history":  # Optuna's "Objective Value" and half-trial ticks
+                    axes.set_ylabel("validation accuracy")
+                    axes.xaxis.get_major_locator().set_params(integer=True)
+                save_figure(figure, folder / f"{name}.png")
+                drawn[name] = title
     finally:
         for number in set(plt.get_fignums()) - opened:  # Optuna draws with pyplot, which keeps figures until closed
             plt.close(number)
+        category.setLevel(category_level)
     return drawn
 
 
