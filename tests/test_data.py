@@ -736,3 +736,16 @@ def test_linked_folders_inside_a_class_are_read_once_even_in_a_loop(tmp_path):
     (tmp_path / "f" / "a" / "more").symlink_to(tmp_path / "more")  # a dataset assembled from links
     (tmp_path / "more" / "loop").symlink_to(tmp_path / "more")
     assert len(data.files_under(tmp_path / "f" / "a")) == 2 + 4
+
+
+@pytest.mark.parametrize("call, said", [
+    (lambda: load_dataset(5), "give a dataset name (see `imgclf datasets`) or an image folder, not 5"),
+    (lambda: load_dataset("digits", 5), "data_dir is a folder path, not 5"),
+    (lambda: load_dataset("digits", grayscale="no"), "grayscale is True or False, not 'no'"),
+    (lambda: load_dataset("digits", seed="1"), "seed '1': use a whole number from 0 to 2**32 - 1"),
+    (lambda: load_dataset("digits", seed=-1), "seed -1: use a whole number"),
+    (lambda: load_dataset("digits", image_size="16"), "invalid image size '16'"),
+])
+def test_wrong_argument_types_are_named(call, said):
+    with pytest.raises(ImgclfError, match=re.escape(said)):
+        call()

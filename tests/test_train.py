@@ -591,3 +591,25 @@ def test_resume_refuses_what_it_would_ignore_and_other_images(tmp_path, monkeypa
         train(out=tmp_path / "run", resume=True, dataset=load_dataset("digits", subset=200, val_split=0.5))
     resumed = train(out=tmp_path / "run", resume=True, dataset=data, threads=1, quiet=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_runs_without_out_in_a_loop_each_get_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261207-080000")  # all within one second
+    results = [train(epochs=1, model="mlp", dataset="digits", lr=lr, quiet=True) for lr in (0.1, 0.01)]
+    assert [r.run_dir for r in results] == [Path("runs/digits-mlp-20261207-080000"),
+                                            Path("runs/digits-mlp-20261207-080000-2")]
+    assert not any(r.reused for r in results)
+
+
+def test_a_string_where_a_flag_goes_is_refused(tmp_path):
+    with pytest.raises(ImgclfError, match="report is True or False, not 'no'"):
+        train(epochs=1, out=tmp_path / "run", report="no", **{**FAST, "quiet": True})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lookahead_run_scores_the_weights_it_saves(tmp_path):
+    run = train(epochs=2, out=tmp_path / "run", lookahead=True, **{**FAST, "lr": 0.05})
+    saved = evaluate(run, split="val", tta=False)
+    assert saved["accuracy"] == pytest.approx(run.history[-1]["val_acc"])
+    assert saved["loss"] == pytest.approx(run.history[-1]["val_loss"], rel=1e-4)

@@ -438,7 +438,9 @@ def override_path(key: str) -> str:
         if key in {f.name for f in dataclasses.fields(kind)}:
             return f"{section}.{key}"
     valid = sorted(f.name for kind in (DataConfig, TrainConfig) for f in dataclasses.fields(kind))
-    raise ImgclfError(f"unknown option '{key}'{did_you_mean(key, valid)}; valid options: {', '.join(valid)}")
+    raise ImgclfError(f"unknown option '{key}'{did_you_mean(key, valid)}; valid options: {', '.join(valid)}; if it is "
+                      f"the model's own option, give model_options={{'{key}': ...}} (Python) or --set model.{key}=... "
+                      "(command line)")
 
 
 def apply_overrides(config: RunConfig, **overrides: Any) -> RunConfig:

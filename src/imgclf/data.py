@@ -831,13 +831,22 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
     if not isinstance(val_split, numbers.Real) or isinstance(val_split, bool) or not 0 <= val_split < 1:
         raise ImgclfError(f"val_split must be a number in [0, 1), got {val_split!r}; use e.g. --val-split 0.1, "
                           "or 0")
+    if not isinstance(name, str | os.PathLike):
+        raise ImgclfError(f"give a dataset name (see `imgclf datasets`) or an image folder, not {name!r}")
+    if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
+        raise ImgclfError(f"data_dir is a folder path, not {data_dir!r}")
+    for flag, value in (("grayscale", grayscale), ("download", download)):
+        if not isinstance(value, bool):  # "no" would be true
+            raise ImgclfError(f"{flag} is True or False, not {value!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ImgclfError(f"seed {seed!r}: use a whole number from 0 to 2**32 - 1")
     if channels not in (None, 1, 3):
         raise ImgclfError(f"channels must be 1 or 3, got {channels}; pass channels=1 or channels=3")
     if grayscale and channels == 3:
         raise ImgclfError("grayscale means 1 channel but channels=3; drop grayscale or channels")
     if image_size is not None and (not isinstance(image_size, numbers.Integral) or isinstance(image_size, bool)
                                    or not 1 <= image_size <= MAX_IMAGE_SIZE):  # as RunConfig.validate says it
-        raise ImgclfError(f"invalid image size {image_size}; use 1 to {MAX_IMAGE_SIZE} pixels (small-image "
+        raise ImgclfError(f"invalid image size {image_size!r}; use 1 to {MAX_IMAGE_SIZE} pixels (small-image "
                           "classifiers)")
     if subset is not None and (not isinstance(subset, numbers.Integral) or isinstance(subset, bool) or subset < 1):
         raise ImgclfError(f"invalid subset {subset!r}; use a positive whole number of images")

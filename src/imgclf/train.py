@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -116,7 +117,10 @@ def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module
 # ---- the run folder -----------------------------------------------------------------------------------
 
 def default_run_dir(config: RunConfig) -> Path:
-    return Path("runs") / f"{dataset_label(config.data.dataset)}-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/DATASET-MODEL-DATE-TIME, with -2, -3, ... after it for runs started within the same second (a loop)."""
+    name = Path("runs") / f"{dataset_label(config.data.dataset)}-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return next(path for n in itertools.count(1) if not (path := name.with_name(
+        name.name + (f"-{n}" if n > 1 else ""))).exists())
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, str]:
@@ -186,6 +190,9 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         raise ImgclfError(f"out is the run folder, a path such as 'runs/mnist-mlp', not {out!r}")
     if on_epoch is not None and not callable(on_epoch):  # else it would fail only after the first epoch
         raise ImgclfError(f"on_epoch must be a function of the epoch's metrics, not {on_epoch!r}")
+    for flag, value in (("resume", resume), ("quiet", quiet), ("report", report), ("tensorboard", tensorboard)):
+        if not isinstance(value, bool):  # "no" would be true
+            raise ImgclfError(f"{flag} is True or False, not {value!r}")
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
     if resume:  # where and how to run may change (a moved data folder, another machine); what to run may not
         given = {"config": config, "recipe": recipe, "model": model, "dataset": None if dataset_obj else dataset,
@@ -463,6 +470,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                     ctx.broadcast_tensors(ema.module.buffers())
                 if lookahead is not None:
                     ctx.broadcast_tensors(lookahead.slow)
+                    if epoch == cfg.epochs:  # end on the slow weights, before they are scored and saved
+                        lookahead.step(net, 1.0)
                 if data.val is not None and len(data.val) > 0:
                     row.update(validate(evaluation_net(), data, precision, ctx))
                 progress.remove_task(task)
@@ -495,8 +504,6 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                 "starts the run again")
         raise
 
-    if lookahead is not None:
-        lookahead.step(net, 1.0)  # end on the slow weights
     kept_epoch = history[-1]["epoch"] if history else 0  # the epoch whose weights the model holds
     if cfg.early_stopping and best["state"] is not None:
         evaluation_net().load_state_dict(best["state"])
@@ -510,7 +517,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         "machine": platform.machine(), "cpu": cpu_name(),
         "seconds": round(seconds, 2), "train_seconds": round(sum(r["seconds"] for r in history), 2),
         "train_images": len(train_images),
-        "train_images_per_s": round(steps_per_epoch * cfg.batch_size * len(history)
+        "train_images_per_s": round(steps_per_epoch * min(cfg.batch_size, len(train_images)) * len(history)
                                     / max(sum(r["seconds"] for r in history), 1e-9), 1),
         "final": history[-1] if history else {}, "kept_epoch": kept_epoch,
         "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
