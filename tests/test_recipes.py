@@ -249,3 +249,13 @@ def test_vgg_transfer_from_a_run_with_weights_beside_the_recipe(tmp_path, monkey
     with pytest.warns(UserWarning, match="freeze_features without weights: the frozen conv base is random"):
         train(recipe=str(tmp_path / "transfer.yaml"), out=tmp_path / "random", quiet=True,
               model_options={"weights": None})
+
+
+def test_a_config_changed_in_python_is_typed_or_refused_in_one_line():
+    config = load_recipe("mnist-fast")
+    config.train.lr, config.train.augment = "1e-3", "crop"
+    config.validate()
+    assert config.train.lr == 0.001 and config.train.augment == ["crop"]
+    config.train.epochs = "2"
+    with pytest.raises(ImgclfError, match="option epochs is '2', which is not a whole number"):
+        config.validate()

@@ -146,7 +146,12 @@ class RunConfig:
         return config
 
     def validate(self, source: str = "config") -> None:
+        """Check every setting; each is first made its field's type (a config changed in Python: lr = "1e-3"
+        becomes 0.001, augment = "crop" ["crop"], epochs = "2" an error naming it)."""
         t, d = self.train, self.data
+        for section in (t, d):
+            for spec in dataclasses.fields(section):
+                setattr(section, spec.name, typed_option(spec.name, spec.type, getattr(section, spec.name), source))
         checks = [
             (t.optimizer in OPTIMIZERS, f"optimizer '{t.optimizer}'; choose one of {', '.join(OPTIMIZERS)}"),
             (t.schedule in SCHEDULES, f"schedule '{t.schedule}'; choose one of {', '.join(SCHEDULES)}"),
