@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from imgclf import evaluate, train
-from imgclf.config import TrainConfig
+from imgclf.config import TrainConfig, load_recipe
 from imgclf.data import load_dataset
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import memory_format, predict_logits, tta_views
@@ -613,3 +613,15 @@ def test_a_lookahead_run_scores_the_weights_it_saves(tmp_path):
     saved = evaluate(run, split="val", tta=False)
     assert saved["accuracy"] == pytest.approx(run.history[-1]["val_acc"])
     assert saved["loss"] == pytest.approx(run.history[-1]["val_loss"], rel=1e-4)
+
+
+def test_a_run_from_a_dataset_object_records_how_it_was_loaded(tmp_path):
+    data = load_dataset("digits", subset=300, val_split=0.2)
+    run = train(dataset=data, model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
+    recorded = load_recipe(tmp_path / "run").data
+    assert (recorded.subset, recorded.val_split) == (300, 0.2)
+    assert evaluate(run, split="val")["accuracy"] == pytest.approx(run.history[-1]["val_acc"])  # the same split
+    other = train(dataset=load_dataset("digits", val_split=0.2, seed=5), model="mlp", epochs=1,
+                  out=tmp_path / "other", quiet=True)
+    with pytest.raises(ImgclfError, match=r"pass that object: evaluate\(run, dataset=data, split='val'\)"):
+        evaluate(other, split="val")

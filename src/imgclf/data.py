@@ -23,10 +23,10 @@ import urllib.request
 import warnings
 import zipfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -152,6 +152,8 @@ class Dataset:
     mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] pixel units
     std: tuple[float, ...]
     folder_stamp: str | None = None  # an image folder's files as loaded (folder_stamp()), None for a named dataset
+    # load_dataset's val_split, subset, grayscale, image_size and seed: a run trained on this object records them
+    loaded_with: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -880,4 +882,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                           "training on all of them", stacklevel=2)
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
-    return Dataset(name, class_names, Split(images, labels), val, test, mean, std, stamp)
+    return Dataset(name, class_names, Split(images, labels), val, test, mean, std, stamp, {
+        "val_split": val_split, "subset": subset, "grayscale": grayscale, "image_size": image_size, "seed": seed})

@@ -287,6 +287,9 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
             and chosen.digest() != model.info["val_digest"]):
         # A folder whose images changed since training (or another seed or --val-split) carves another validation
         # split, which may hold training images: its score would look better than it is.
+        if model.info.get("train_digest"):
+            raise ImgclfError("this run trained on a Dataset object whose validation split is not the one rebuilt "
+                              "here; pass that object: evaluate(run, dataset=data, split='val')")
         raise ImgclfError(f"the validation split of {data.name} is not the one this run held out (images added, "
                           "removed or changed since training?), so it may hold training images; evaluate on "
                           "--split test, or train again")

@@ -213,6 +213,10 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     else:  # options given beside a config change it, as they would change a recipe
         dataset_name = dataset_obj.name if dataset_obj else dataset
         config = apply_overrides(copy.deepcopy(config), **overrides, **({"dataset": dataset_name} if dataset else {}))
+    if dataset_obj is not None:  # config.yaml says how the object was loaded, not the recipe's own data settings
+        for key in ("val_split", "subset", "grayscale", "image_size"):
+            if key in dataset_obj.loaded_with:
+                setattr(config.data, key, dataset_obj.loaded_with[key])
     world_size = distributed.world_size()  # checked before joining: then no rank has a process group to tear down
     if config.train.batch_size % world_size:
         raise ImgclfError(f"batch size {config.train.batch_size} does not split evenly over {world_size} processes; "
