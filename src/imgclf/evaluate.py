@@ -311,7 +311,9 @@ def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | N
     By default the run's own dataset (with its own validation split and seed) and its test split.
     `tta=None` and `tta_margin=None` use the run's recipe settings.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if dataset is not None and not isinstance(dataset, str | os.PathLike | Dataset):
+        raise ImgclfError(f"dataset is a name, an image folder or a loaded Dataset, not {dataset!r}")
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ImgclfError(f"batch_size {batch_size!r}: give a whole number of images, 1 or more")
     model, run_dir = as_model(run_or_model)
     data = dataset if isinstance(dataset, Dataset) else load_run_dataset(model, run_dir, dataset, data_dir)

@@ -63,6 +63,8 @@ def _jsonable(value: Any) -> Any:
 
 def check_model_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The model's option defaults, once `name` and every key of `options` are known to exist."""
+    if not isinstance(name, str):
+        raise ImgclfError(f"a model is named by a string such as 'cnn' (see `imgclf models`), not {name!r}")
     if name not in MODELS:
         raise ImgclfError(
             f"unknown model {name!r}{did_you_mean(name, MODELS)}; choose one of: {', '.join(sorted(MODELS))} "

@@ -44,6 +44,8 @@ def output_folder(path: str | Path, contents: str, dataset: str | None = None) -
     with mkdir's "File exists". So is a folder inside the image-folder `dataset`: its images would become a class."""
     from imgclf.data import DATASETS  # here: runs.py is imported by modules that data.py's imports need
 
+    if not isinstance(path, str | os.PathLike):
+        raise ImgclfError(f"the folder to write {contents} into is a path such as 'out', not {path!r}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ImgclfError(f"--out {path} is a file, not a folder; give the folder to write {contents} into")

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import multiprocessing
+import numbers
 import os
 import re
 import socket
@@ -367,6 +368,12 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     them). `workers` processes run here, each with cores // workers torch threads. `settings` fixes recipe
     settings the space does not search, as make_config overrides: {"augment": ["crop"], "model_options": {...}}.
     """
+    if not isinstance(dataset, str | os.PathLike):  # each worker process loads its own copy
+        raise ImgclfError(f"tune takes a dataset name or image folder (each worker loads its own), not a "
+                          f"{type(dataset).__name__}")
+    if val_split is not None and (not isinstance(val_split, numbers.Real) or isinstance(val_split, bool)
+                                  or not 0 < val_split < 1):
+        raise ImgclfError(f"val_split must be a fraction in (0, 1), such as 0.1, not {val_split!r}")
     if sampler not in SAMPLERS:
         raise ImgclfError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
     if pruner not in PRUNERS:
