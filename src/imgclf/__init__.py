@@ -6,6 +6,7 @@ The Python API:
     train(dataset=..., model=..., ...) -> TrainResult (a run folder with the trained model)
     evaluate(run_dir, ...)           -> dict of metrics
     predict(run_dir, image_paths)    -> top-k (class name, probability) per image
+    predict_files(run_dir, paths)    -> (the files predicted, their top-k): a folder's undecodable files are skipped
     load_model(run_dir)              -> TrainedModel (net, class names, normalization)
     export_onnx(run_dir)             -> ExportResult (RUN/model.onnx, checked against onnxruntime)
     write_report(run_dir)            -> Path of RUN/report.html (figures inside)
@@ -22,7 +23,8 @@ __version__ = "0.1.0"
 
 # Imported on first use (PEP 562), so `imgclf --help` and one-line errors need not load torch and scikit-learn.
 _API = {"load_dataset": "imgclf.data", "create_model": "imgclf.models", "train": "imgclf.train",
-        "evaluate": "imgclf.evaluate", "predict": "imgclf.evaluate", "load_model": "imgclf.runs",
+        "evaluate": "imgclf.evaluate", "predict": "imgclf.evaluate",
+        "predict_files": "imgclf.evaluate", "load_model": "imgclf.runs",
         "export_onnx": "imgclf.export", "write_report": "imgclf.report", "compare_runs": "imgclf.report",
         "tune": "imgclf.tune", "ImgclfError": "imgclf.errors"}
 

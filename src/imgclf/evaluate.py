@@ -378,7 +378,8 @@ def _check_top_k(top_k) -> None:
 def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[str | Path] | torch.Tensor, *,
             top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image file (a folder: each readable image below it, in the order
-    predict_files names them) or for each image of a uint8 (N, C, H, W) tensor or numpy array."""
+    predict_files names them) or for each image of a uint8 (N, C, H, W) tensor or numpy array. A folder's files
+    that do not decode are skipped with a warning: predict_files also returns the names of those predicted."""
     _check_top_k(top_k)
     model, _ = as_model(run_or_model)
     if isinstance(images, np.ndarray):
