@@ -100,6 +100,10 @@ def test_compare_names_the_settings_in_which_runs_differ(runs, tmp_path):
     mlp = {"data": {"dataset": "mnist"}, "model": {"name": "mlp", "hidden": [64]}, "train": {"lr": 0.1, "seed": 1}}
     assert config_differences([cnn, wider, mlp]) == [{"model.filters": [8], "seed": 0},
                                                      {"model.filters": [16], "seed": 1}, {"seed": 1}]
+    # A model's default given by name is no difference: runs compare as built (model.json), not as typed.
+    imgclf.train(dataset="digits", model="cnn", epochs=2, out=tmp_path / "cnn", quiet=True,
+                 model_options={"kernel_size": 3, "padding": "same", "pool": 2})
+    assert [r["differs"] for r in compare_runs([runs[1], tmp_path / "cnn"], tmp_path / "out")] == ["", ""]
 
 
 def test_compare_takes_a_folder_of_runs_and_prints_brackets(runs, tmp_path, capsys, monkeypatch):
