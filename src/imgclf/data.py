@@ -152,7 +152,8 @@ class Dataset:
     mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] pixel units
     std: tuple[float, ...]
     folder_stamp: str | None = None  # an image folder's files as loaded (folder_stamp()), None for a named dataset
-    # load_dataset's val_split, subset, grayscale, image_size and seed: a run trained on this object records them
+    # load_dataset's val_split, subset, grayscale, image_size and seed: a run trained on this object records the
+    # first four in its config.yaml (its seed is the run's own, which also carves the split evaluate rebuilds)
     loaded_with: dict[str, Any] = field(default_factory=dict)
 
     @property

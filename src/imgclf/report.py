@@ -474,9 +474,11 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
         name = name if names.count(name) == 1 else str(run_dir)  # runs/m1 and other/m1, not m1 twice
         summary, config, model_json = read_json(run_dir / "summary.json"), _run_config(run_dir), read_json(
             run_dir / "model.json")
-        architecture = model_json.get("architecture") or {}
-        if isinstance(architecture.get("options"), dict):  # as built, defaults filled in: cnn and cnn with
-            config = {**config, "model": {"name": architecture.get("name"), **architecture["options"]}}  # its defaults
+        architecture, given = model_json.get("architecture") or {}, config.get("model") or {}
+        if isinstance(architecture.get("options"), dict):  # as built, defaults filled in: cnn and cnn with its
+            # defaults do not differ; a transfer base keeps its file (the built model records no path)
+            config = {**config, "model": {"name": architecture.get("name"), **architecture["options"],
+                                          **{k: given[k] for k in ("weights",) if k in given}}}
         configs.append(config)
         model = load_model(run_dir)
         metrics = _evaluate_default_split(model, load_run_dataset(model, run_dir), None, None)[0]

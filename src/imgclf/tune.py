@@ -364,9 +364,10 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
          settings: dict[str, Any] | None = None, quiet: bool = False) -> TuneResult:
     """Run (or resume, or join) a study until it holds `trials` completed or pruned trials; write its report.
 
-    `trials` is the total: a re-run adds only the missing ones (failed trials do not count, so a re-run retries
-    them). `workers` processes run here, each with cores // workers torch threads. `settings` fixes recipe
-    settings the space does not search, as make_config overrides: {"augment": ["crop"], "model_options": {...}}.
+    `trials` is the total: a re-run adds only the missing ones (failed trials do not count, so a re-run runs new
+    trials in their place; a grid its failed points). `workers` processes run here, each with cores // workers
+    torch threads. `settings` fixes recipe settings the space does not search, as make_config overrides:
+    {"augment": ["crop"], "model_options": {...}}.
     """
     if not isinstance(dataset, str | os.PathLike):  # each worker process loads its own copy
         raise ImgclfError(f"tune takes a dataset name or image folder (each worker loads its own), not a "
