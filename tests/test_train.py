@@ -397,7 +397,10 @@ def test_a_dataset_object_with_other_images_is_not_reused(tmp_path):
     from imgclf import load_dataset
 
     train(dataset=load_dataset("digits", subset=100), model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
-    with pytest.raises(ImgclfError, match="trained on other images than the Dataset passed"):
+    with pytest.raises(ImgclfError, match="trained on other images than the Dataset passed"):  # another 100
+        train(dataset=load_dataset("digits", subset=100, seed=1), model="mlp", epochs=1, out=tmp_path / "run",
+              quiet=True)
+    with pytest.raises(ImgclfError, match="already holds a different finished run"):  # loaded otherwise
         train(dataset=load_dataset("digits"), model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
 
 
