@@ -637,7 +637,7 @@ def test_a_run_from_a_dataset_object_records_how_it_was_loaded(tmp_path):
     (lambda: evaluate("runs/x", 5), "dataset is a name, an image folder or a loaded Dataset, not 5"),
     (lambda: imgclf.compare_runs(["runs/x"], None), "the folder to write the comparison into is a path"),
     (lambda: imgclf.tune(load_dataset("digits")), "tune takes a dataset name or image folder"),
-    (lambda: imgclf.tune("digits", val_split="0.2"), "val_split must be a fraction in (0, 1), such as 0.1, not '0.2'"),
+    (lambda: imgclf.tune("digits", val_split="0.2"), "val split '0.2' must be a fraction between 0 and 1"),
     (lambda: imgclf.tune("digits", out=5), "the folder to write the study into is a path such as 'out', not 5"),
 ])
 def test_api_arguments_of_the_wrong_type_are_named(call, said):

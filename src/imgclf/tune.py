@@ -372,9 +372,6 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     if not isinstance(dataset, str | os.PathLike):  # each worker process loads its own copy
         raise ImgclfError(f"tune takes a dataset name or image folder (each worker loads its own), not a "
                           f"{type(dataset).__name__}")
-    if val_split is not None and (not isinstance(val_split, numbers.Real) or isinstance(val_split, bool)
-                                  or not 0 < val_split < 1):
-        raise ImgclfError(f"val_split must be a fraction in (0, 1), such as 0.1, not {val_split!r}")
     if sampler not in SAMPLERS:
         raise ImgclfError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
     if pruner not in PRUNERS:
@@ -395,8 +392,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"--epochs {epochs} would be overwritten: space {space_obj.name} searches train.epochs; "
                           "drop --epochs")
     base.train.epochs = epochs or base.train.epochs
-    if val_split is not None and not 0 < val_split < 1:
-        raise ImgclfError(f"val split {val_split} must be a fraction between 0 and 1, e.g. 0.1")
+    if val_split is not None and (not isinstance(val_split, numbers.Real) or isinstance(val_split, bool)
+                                  or not 0 < val_split < 1):
+        raise ImgclfError(f"val split {val_split!r} must be a fraction between 0 and 1, e.g. 0.1")
     base.data.val_split = val_split or base.data.val_split
     apply_overrides(base, **_fixed_settings(settings or {}, space_obj))
     if "model.name" not in searched_paths(space_obj):  # else each trial's model checks its options
