@@ -193,3 +193,17 @@ def test_val_shards_cover_every_image_once(n, ranks):
     parts = [list(range(n))[Context(rank, ranks).shard(n)] for rank in range(ranks)]
     assert sum(parts, []) == list(range(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_more_processes_than_gpus_is_said_in_one_line(monkeypatch):
+    from imgclf import distributed
+    from imgclf.errors import ImgclfError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv(distributed.LAUNCHER_PID, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ImgclfError, match=r"2 processes on this machine but 1 GPU\(s\): one process per GPU; use "
+                                          r"--nproc 1"):
+        distributed.setup("cuda")

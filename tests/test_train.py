@@ -643,3 +643,24 @@ def test_a_run_from_a_dataset_object_records_how_it_was_loaded(tmp_path):
 def test_api_arguments_of_the_wrong_type_are_named(call, said):
     with pytest.raises(ImgclfError, match=re.escape(said)):
         call()
+
+
+def test_a_run_resumes_on_another_kind_of_device(tmp_path, monkeypatch):
+    # A GPU's generator state (16 bytes) does not fit the CPU's: the shuffling is reseeded, not a crash.
+    train_module = importlib.import_module("imgclf.train")
+    real_epoch, calls = train_module.train_one_epoch, []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(epochs=2, out=tmp_path / "run", lookahead=True, **FAST)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    torch.save({**state, "generator": torch.zeros(16, dtype=torch.uint8)}, tmp_path / "run" / "checkpoint.pt")
+    resumed = train(out=tmp_path / "run", resume=True, quiet=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]

@@ -68,9 +68,9 @@ class Context:
         """Element-wise sums over the ranks (float64, so counts stay exact)."""
         if not self.enabled:
             return [v.double() for v in values]
-        stacked = torch.stack([v.double().reshape(()) for v in values])
-        if self.backend == "nccl":
-            stacked = stacked.cuda()
+        # nccl reduces on this rank's GPU; the values may be on it or on the CPU (counts), so each is moved first
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        stacked = torch.stack([torch.as_tensor(v).to(device, torch.float64).reshape(()) for v in values])
         dist.all_reduce(stacked)
         return list(stacked.cpu())
 
@@ -110,7 +110,12 @@ def setup(device_name: str) -> tuple[Context, torch.device | None]:
     backend = "nccl" if cuda else "gloo"
     device = None
     if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ImgclfError(f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this machine but "
+                              f"{gpus} GPU(s): one process per GPU; use --nproc {gpus} (--nproc_per_node for "
+                              "torchrun), or --device cpu")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_SECONDS))

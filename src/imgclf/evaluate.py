@@ -250,7 +250,8 @@ def prediction_precision(run_precision: str, device: torch.device) -> str:
         return "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if run_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if run_precision == "bf16" and device.type == "cuda" and not native_bf16:
         return "fp16"
     return run_precision
 

@@ -8,6 +8,7 @@ graph, so a caller only decodes and resizes. The class names and the input shape
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -111,8 +112,9 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     tta, options = prediction_options(model, tta)
     # prediction_options turns TTA off for a run trained without flips or crops: only the image itself.
     views = tta_view_count(options["tta_augment"], options["tta_shift"]) if tta else 1
-    deployable = DeployableNet(model.net.float().to(memory_format=torch.contiguous_format).cpu().eval(),
-                               model.mean, model.std, options.get("tta_augment"), options.get("tta_shift"))
+    # A copy: a model loaded on a GPU (or in bf16) stays as its caller has it.
+    net = copy.deepcopy(model.net).float().to(memory_format=torch.contiguous_format).cpu().eval()
+    deployable = DeployableNet(net, model.mean, model.std, options.get("tta_augment"), options.get("tta_shift"))
     generator = torch.Generator().manual_seed(0)
     example = torch.randint(0, 256, (2, *model.input_shape), dtype=torch.uint8, generator=generator)
     try:

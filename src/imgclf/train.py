@@ -107,7 +107,7 @@ def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module
             raise ImgclfError("fp16 is for CUDA GPUs; use --precision bf16 or fp32 on the CPU")
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"  # T4, V100: fp16
     # Measured (benchmarks/RESULTS.md, throughput): bf16 trains every registered model faster than fp32, from
     # 1.5x (mlp, lenet) to 4x (resnet18) with AMX, 1.6x to 2.3x with AVX512-BF16 alone (Zen 4); without either
     # it is slower.
@@ -307,7 +307,6 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     make_board, board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None, None
     cfg = config.train
     started = time.perf_counter()
-    keep_freed_memory()
     threads = cfg.threads
     if threads and threads > (os.cpu_count() or 1):  # more threads than CPUs made a test suite 6x slower
         warnings.warn(f"--threads {threads} is more than this machine's {os.cpu_count()} CPUs, which would slow "
@@ -323,6 +322,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         torch.set_num_threads(threads or distributed.threads_per_rank(ctx))
     torch.manual_seed(cfg.seed)
     device = rank_device or resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     data = dataset_obj or load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
                                        subset=config.data.subset, grayscale=config.data.grayscale,
                                        seed=cfg.seed, image_size=config.data.image_size)
@@ -381,8 +384,16 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
+        try:
+            generator.set_state(state["generator"])
+        except RuntimeError:  # saved on another kind of device (a GPU run resumed on a CPU): its state does not fit
+            generator.manual_seed(cfg.seed * 1_000_003 + state["epoch"])
+            say("resuming on another kind of device: the shuffling from here differs from an uninterrupted run")
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on a GPU draws from its own
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        if scaler.is_enabled() and state.get("scaler"):  # fp16: the loss scale it had reached, not 65536 again
+            scaler.load_state_dict(state["scaler"])
         history, best = state["history"], state["best"]
         earlier_seconds = state.get("seconds", 0.0)  # checkpoints before 2026-12-07 lack it
         start_epoch = state["epoch"] + 1
@@ -399,10 +410,11 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
             shutil.rmtree(run_dir / "figures", ignore_errors=True)
             atomic_write(run_dir / "config.yaml", config.to_yaml())
         if hasattr(net, "init_from_data"):  # e.g. fastnet's whitening filters
-            sample = train_images[torch.randperm(len(train_images), generator=generator)[:5000]]
+            sample = train_images[torch.randperm(len(train_images), generator=generator, device=device)[:5000]]
             net.init_from_data(normalize(sample, mean, std))
     # After init_from_data: a slow copy of the random init would pull the whitening filters back towards it.
-    lookahead = Lookahead(net, state["lookahead"] if mode == "resume" else None) if cfg.lookahead else None
+    lookahead = Lookahead(net, [t.to(device) for t in state["lookahead"]] if mode == "resume" else None
+                          ) if cfg.lookahead else None
     train_set = TrainImages(train_images, train_labels, mean, std,
                             crop_padding=cfg.crop_padding if cfg.crop_padding is not None else max(1, h // 8),
                             cutout_size=cfg.cutout_size if cfg.cutout_size is not None else max(1, h // 4),
@@ -451,7 +463,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         save_checkpoint(run_dir / "checkpoint.pt", {
             "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),  # dropout draws from it
+            "torch_rng": torch.get_rng_state(),  # dropout draws from it (on a GPU, from cuda_rng)
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "lookahead": lookahead.slow if lookahead is not None else None,
             "history": history, "best": best, "seconds": earlier_seconds + time.perf_counter() - started})
         checkpointed = epoch
