@@ -23,6 +23,20 @@ from imgclf.train import resolve_precision
 FAST = dict(dataset="digits", model="cnn", batch_size=64, lr=3e-3, quiet=True)
 
 
+def stop_in_epoch(monkeypatch, epoch: int) -> None:
+    """Ctrl-C as training's `epoch`-th epoch (counted in this process) starts; monkeypatch.undo() ends it."""
+    train_module = importlib.import_module("imgclf.train")  # the module, not the function imgclf.train
+    real_epoch, calls = train_module.train_one_epoch, []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+
+
 def test_training_learns_digits(tmp_path):
     result = train(epochs=6, out=tmp_path / "run", **FAST)
     for name in ("config.yaml", "metrics.csv", "model.safetensors", "model.json", "checkpoint.pt", "summary.json"):
@@ -109,21 +123,11 @@ def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch, extra)
     options = dict(FAST, epochs=3, augment="crop,flip", model_options={"dropout": 0.2}, **extra)
     straight = train(out=tmp_path / "straight", **options)
 
-    train_module = importlib.import_module("imgclf.train")  # the module, not the function imgclf.train
-    real_epoch = train_module.train_one_epoch
-    calls = []
-
-    def interrupted_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+    stop_in_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(out=tmp_path / "resumed", **options)
     assert [r["epoch"] for r in read_metrics(tmp_path / "resumed" / "metrics.csv")] == [1, 2]
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    monkeypatch.undo()
 
     before = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["seconds"]
     resumed = train(out=tmp_path / "resumed", resume=True, quiet=True)
@@ -574,17 +578,8 @@ def test_the_tensorboard_folder_comes_after_config_yaml(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_what_it_would_ignore_and_other_images(tmp_path, monkeypatch):
-    train_module = importlib.import_module("imgclf.train")
-    real_epoch, calls = train_module.train_one_epoch, []
-
-    def interrupted_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
     data = load_dataset("digits", subset=600, val_split=0.2)
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+    stop_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(dataset=data, model="mlp", epochs=2, out=tmp_path / "run", quiet=True)
     monkeypatch.undo()
@@ -647,16 +642,7 @@ def test_api_arguments_of_the_wrong_type_are_named(call, said):
 
 def test_a_run_resumes_on_another_kind_of_device(tmp_path, monkeypatch):
     # A GPU's generator state (16 bytes) does not fit the CPU's: the shuffling is reseeded, not a crash.
-    train_module = importlib.import_module("imgclf.train")
-    real_epoch, calls = train_module.train_one_epoch, []
-
-    def interrupted_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_epoch)
+    stop_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(epochs=2, out=tmp_path / "run", lookahead=True, **FAST)
     monkeypatch.undo()
