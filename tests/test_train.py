@@ -634,6 +634,8 @@ def test_a_run_from_a_dataset_object_records_how_it_was_loaded(tmp_path):
     (lambda: imgclf.tune(load_dataset("digits")), "tune takes a dataset name or image folder"),
     (lambda: imgclf.tune("digits", val_split="0.2"), "val split '0.2' must be a fraction between 0 and 1"),
     (lambda: imgclf.tune("digits", out=5), "the folder to write the study into is a path such as 'out', not 5"),
+    (lambda: evaluate("runs/x", device="gpu"), "unknown device 'gpu'; use one of"),
+    (lambda: imgclf.predict("runs/x", "a.png", device="tpu"), "unknown device 'tpu'; use one of"),
 ])
 def test_api_arguments_of_the_wrong_type_are_named(call, said):
     with pytest.raises(ImgclfError, match=re.escape(said)):

@@ -35,6 +35,7 @@ from imgclf.errors import ImgclfError, PeerLost, UsageError, one_line_warning, u
 console = Console(highlight=False, soft_wrap=True)
 # How long a rank other than 0 waits, on an error, for rank 0 to say it first (see main).
 SHARED_ERROR_GRACE_SECONDS = 10
+DEVICE_HELP = "where the model runs (default: auto, the GPU where there is one)"
 TTA_MARGIN_HELP = ("with TTA, give the other views only to images whose centre view leaves the top two classes "
                    "closer than this probability (1: every image every view; default: the run's recipe setting)")
 
@@ -91,7 +92,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from imgclf.evaluate import evaluate
 
     metrics = evaluate(args.run, args.dataset, split=args.split, tta=args.tta,
-                       data_dir=args.data_dir, tta_margin=args.tta_margin)
+                       data_dir=args.data_dir, tta_margin=args.tta_margin, device=args.device)
     if args.json:
         print(json.dumps(metrics))
         return
@@ -117,7 +118,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from imgclf.evaluate import predict_files, predictions_json
 
-    files, results = predict_files(args.run, args.images, top_k=args.top_k, tta=args.tta, tta_margin=args.tta_margin)
+    files, results = predict_files(args.run, args.images, top_k=args.top_k, tta=args.tta, tta_margin=args.tta_margin,
+                                   device=args.device)
     if args.json:
         print(json.dumps(predictions_json(files, results)))
         return
@@ -141,7 +143,7 @@ def _export(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from imgclf.serve import serve
 
-    serve(args.run, host=args.host, port=args.port)
+    serve(args.run, host=args.host, port=args.port, device=args.device)
 
 
 def _summary(args: argparse.Namespace) -> None:
@@ -357,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average the test-time augmentation views (default: the run's recipe setting)")
     p.add_argument("--tta-margin", type=float, metavar="M", help=TTA_MARGIN_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="top-k labels for image files")
@@ -367,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average the test-time augmentation views (default: the run's recipe setting)")
     p.add_argument("--tta-margin", type=float, metavar="M", help=TTA_MARGIN_HELP)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="write the trained model as one ONNX file (normalization included)")
@@ -382,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 for every network)")
     p.add_argument("--port", type=_port, default=8000, help="default: 8000; 0 picks a free one")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("summary", help="Keras-like table of a model's layers and parameters")

@@ -204,11 +204,12 @@ def _defined(value) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def as_model(run_or_model: str | Path | TrainedModel) -> tuple[TrainedModel, Path | None]:
-    """(model, its run folder) for a run folder, or (model, None) for a model already loaded."""
+def as_model(run_or_model: str | Path | TrainedModel, device: str = "cpu") -> tuple[TrainedModel, Path | None]:
+    """(model, its run folder) for a run folder, loaded on `device`, or (model, None) for a model already loaded
+    (where it is)."""
     if isinstance(run_or_model, TrainedModel):
         return run_or_model, None
-    model = load_model(run_or_model)
+    model = load_model(run_or_model, device)
     warn_if_unfinished(run_or_model)  # a stopped run's last epoch: usable, but not the model it would become
     return model, Path(run_or_model)
 
@@ -306,17 +307,18 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
 
 def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | None = None, *,
              split: str = "test", tta: bool | None = None, data_dir: str | None = None,
-             batch_size: int = 500, tta_margin: float | None = None) -> dict[str, Any]:
+             batch_size: int = 500, tta_margin: float | None = None, device: str = "auto") -> dict[str, Any]:
     """Accuracy, top-5, loss, per-class precision/recall/F1 and the confusion matrix on a split.
 
     By default the run's own dataset (with its own validation split and seed) and its test split.
-    `tta=None` and `tta_margin=None` use the run's recipe settings.
+    `tta=None` and `tta_margin=None` use the run's recipe settings. A run folder is loaded on `device` ("auto":
+    the GPU where there is one).
     """
     if dataset is not None and not isinstance(dataset, str | os.PathLike | Dataset):
         raise ImgclfError(f"dataset is a name, an image folder or a loaded Dataset, not {dataset!r}")
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ImgclfError(f"batch_size {batch_size!r}: give a whole number of images, 1 or more")
-    model, run_dir = as_model(run_or_model)
+    model, run_dir = as_model(run_or_model, device)
     data = dataset if isinstance(dataset, Dataset) else load_run_dataset(model, run_dir, dataset, data_dir)
     return evaluate_with_logits(model, data, split, tta, batch_size, tta_margin)[0]
 
@@ -377,16 +379,17 @@ def _check_top_k(top_k) -> None:
 
 
 def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[str | Path] | torch.Tensor, *,
-            top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None) -> list[list[tuple[str, float]]]:
+            top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None,
+            device: str = "auto") -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image file (a folder: each readable image below it, in the order
     predict_files names them) or for each image of a uint8 (N, C, H, W) tensor or numpy array. A folder's files
     that do not decode are skipped with a warning: predict_files also returns the names of those predicted."""
     _check_top_k(top_k)
-    model, _ = as_model(run_or_model)
+    model, _ = as_model(run_or_model, device)
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
-        return predict_files(model, images, top_k=top_k, tta=tta, tta_margin=tta_margin)[1]
+        return predict_files(model, images, top_k=top_k, tta=tta, tta_margin=tta_margin, device=device)[1]
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != tuple(model.input_shape):
         # floats in [0, 1] would be scaled as 0..255 pixels, and predicted wrong without a word
         raise ImgclfError(f"images are a {images.dtype} tensor of shape {tuple(images.shape)}; give uint8 pixels "
@@ -403,13 +406,13 @@ def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[s
 
 
 def predict_files(run_or_model: str | Path | TrainedModel, sources: str | Path | list[str | Path], *,
-                  top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None
+                  top_k: int = 3, tta: bool | None = None, tta_margin: float | None = None, device: str = "auto"
                   ) -> tuple[list[str], list[list[tuple[str, float]]]]:
     """(the files predicted, the top-k labels of each) for image files and folders. A file in a folder that does
     not decode (not an image, truncated, 32-bit pixels) is skipped with a warning, as training skips it; a file
     named itself is an error."""
     _check_top_k(top_k)  # before any image is decoded
-    model, _ = as_model(run_or_model)
+    model, _ = as_model(run_or_model, device)
     paths = list(sources) if isinstance(sources, list | tuple) else [sources]  # not a name's letters
     if odd := [p for p in paths if not isinstance(p, str | os.PathLike)]:  # a PIL image, say: not "does not exist"
         raise ImgclfError(f"images: give image files, folders, or a uint8 tensor (N, C, H, W), not a "

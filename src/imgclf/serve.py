@@ -45,14 +45,14 @@ def _import_fastapi():
     return fastapi, uvicorn
 
 
-def create_app(run_dir: str | Path):
-    """The FastAPI application serving the trained model in `run_dir`."""
+def create_app(run_dir: str | Path, device: str = "auto"):
+    """The FastAPI application serving the trained model in `run_dir`, on `device` (auto: the GPU if any)."""
     fastapi, _ = _import_fastapi()
     from fastapi import File, HTTPException, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    model = load_model(run_dir)
+    model = load_model(run_dir, device)
     warn_if_unfinished(run_dir)
     arch = model.info.get("architecture", {})
     run_tta, run_options = prediction_options(model, None)
@@ -152,10 +152,10 @@ def _listen(host: str, port: int) -> socket.socket:
         raise ImgclfError(f"cannot listen on {host} port {port} ({reason}); pass another --port or --host") from None
 
 
-def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the run until interrupted; port 0 picks a free port (printed)."""
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto") -> None:
+    """Serve the run until interrupted; port 0 picks a free port (printed). The model is on `device`."""
     _, uvicorn = _import_fastapi()
-    app = create_app(run_dir)
+    app = create_app(run_dir, device)
     sock = _listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
