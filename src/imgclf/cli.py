@@ -42,7 +42,7 @@ TTA_MARGIN_HELP = ("with TTA, give the other views only to images whose centre v
 
 def _train(args: argparse.Namespace) -> None:
     from imgclf import distributed
-    from imgclf.train import train
+    from imgclf.train import RESUME_MAY_CHANGE, train
 
     if args.nproc is not None and args.nproc != 1 and not distributed.launched_by_torchrun():
         # The same command in N processes through torchrun's launcher; there WORLD_SIZE > 1 makes --nproc a no-op.
@@ -61,8 +61,7 @@ def _train(args: argparse.Namespace) -> None:
         if not args.out:
             raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
         flags = {**overrides, "recipe": args.recipe, "model": args.model, "set": args.set or None}
-        # Where and how to run may change on resume (a moved data folder, another machine); what to run may not.
-        given = [k for k, v in flags.items() if v is not None and k not in ("device", "threads", "data_dir")]
+        given = [k for k, v in flags.items() if v is not None and k not in RESUME_MAY_CHANGE]
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise UsageError(f"--resume continues the run with its own settings, so {flags} would be ignored; "

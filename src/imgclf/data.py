@@ -5,7 +5,6 @@ per-image DataLoader pipeline, so every source is decoded once into that form.
 """
 
 import contextlib
-import glob
 import gzip
 import hashlib
 import http.client
@@ -34,8 +33,8 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
 from imgclf.config import MAX_IMAGE_SIZE
-from imgclf.errors import ImgclfError, did_you_mean
-from imgclf.runs import sweep_stale
+from imgclf.errors import ImgclfError, check_flags, did_you_mean
+from imgclf.runs import sweep_stale, temporary_file
 
 SPLITS = ("train", "val", "test")
 # The names each split's folder goes by in the layouts users bring (Roboflow's valid/, Kaggle's Training/),
@@ -152,8 +151,8 @@ class Dataset:
     mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] pixel units
     std: tuple[float, ...]
     folder_stamp: str | None = None  # an image folder's files as loaded (folder_stamp()), None for a named dataset
-    # load_dataset's val_split, subset, grayscale, image_size and seed: a run trained on this object records the
-    # first four in its config.yaml (its seed is the run's own, which also carves the split evaluate rebuilds)
+    # load_dataset's val_split, subset, grayscale and image_size, which a run trained on this object records in its
+    # config.yaml (not the seed: a run's own seed carves the split evaluate rebuilds)
     loaded_with: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -297,10 +296,10 @@ def _verify(name: str, path: Path, md5: str) -> None:
 
 def _download(urls: list[str], dest: Path, md5: str) -> None:
     """Fetch dest from the first url that answers; raise OSError naming every url's failure if none does."""
-    sweep_stale(dest.parent, f".{glob.escape(dest.name)}.*.part")  # what a killed download of this file left
+    sweep_stale(dest.parent, dest.name, ".part")  # what a killed download of this file left
     failures = []
     for url in urls:
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        fd, tmp = temporary_file(dest.parent, dest.name, ".part")
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT) as response:
                 size = int(response.headers.get("Content-Length") or 0)
@@ -838,9 +837,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         raise ImgclfError(f"give a dataset name (see `imgclf datasets`) or an image folder, not {name!r}")
     if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
         raise ImgclfError(f"data_dir is a folder path, not {data_dir!r}")
-    for flag, value in (("grayscale", grayscale), ("download", download)):
-        if not isinstance(value, bool):  # "no" would be true
-            raise ImgclfError(f"{flag} is True or False, not {value!r}")
+    check_flags(grayscale=grayscale, download=download)
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise ImgclfError(f"seed {seed!r}: use a whole number from 0 to 2**32 - 1")
     if channels not in (None, 1, 3):
@@ -884,4 +881,4 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
     return Dataset(name, class_names, Split(images, labels), val, test, mean, std, stamp, {
-        "val_split": val_split, "subset": subset, "grayscale": grayscale, "image_size": image_size, "seed": seed})
+        "val_split": val_split, "subset": subset, "grayscale": grayscale, "image_size": image_size})

@@ -29,6 +29,13 @@ def disk_full(folder: str | Path) -> bool:
         return False
 
 
+def check_flags(**flags: object) -> None:
+    """Each flag is True or False: a string such as "no" would be true."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ImgclfError(f"{name} is True or False, not {value!r}")
+
+
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"imgclf: warning: {message}", file=sys.stderr)  # not Python's two lines naming our source file
 

@@ -92,10 +92,15 @@ def is_stray(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
-def sweep_stale(folder: Path, pattern: str) -> None:
-    """Delete the temporary files matching `pattern` in `folder` that a killed write left: those untouched for a
-    minute (a write still going on, in another process, touches its file all the time)."""
-    for stray in folder.glob(pattern):
+def temporary_file(folder: Path, name: str, suffix: str) -> tuple[int, str]:
+    """mkstemp's (fd, path) for a file that becomes `folder/name`: `.NAME.XXXX{suffix}`, as sweep_stale finds it."""
+    return tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=suffix)
+
+
+def sweep_stale(folder: Path, name: str, suffix: str) -> None:
+    """Delete the temporary files of `name` (temporary_file's) in `folder` that a killed write left: those
+    untouched for a minute (a write still going on, in another process, touches its file all the time)."""
+    for stray in folder.glob(f".{glob.escape(name)}.*{suffix}"):
         with contextlib.suppress(OSError):
             if time.time() - stray.stat().st_mtime > STRAY_SECONDS:
                 stray.unlink()
@@ -112,7 +117,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise ImgclfError(f"{blocker} is a file, not a folder, so {path} cannot be written there; choose "
                           "another --out") from None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temporary_file(path.parent, path.name, ".tmp")
     except OSError as e:  # a read-only folder, say: name the file meant, not a temporary name
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
@@ -124,7 +129,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")  # of this file's writes that were killed
+        sweep_stale(path.parent, path.name, ".tmp")  # of this file's writes that were killed
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         for folder in made:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import itertools
 import json
 import os
 import platform
@@ -42,7 +41,7 @@ from imgclf.data import (
     folder_stamp,
     load_dataset,
 )
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, check_flags
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
 from imgclf.models import count_params, create_model
@@ -118,9 +117,12 @@ def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module
 
 def default_run_dir(config: RunConfig) -> Path:
     """runs/DATASET-MODEL-DATE-TIME, with -2, -3, ... after it for runs started within the same second (a loop)."""
-    name = Path("runs") / f"{dataset_label(config.data.dataset)}-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return next(path for n in itertools.count(1) if not (path := name.with_name(
-        name.name + (f"-{n}" if n > 1 else ""))).exists())
+    first = Path("runs") / f"{dataset_label(config.data.dataset)}-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = first, 1
+    while path.exists():
+        n += 1
+        path = first.with_name(f"{first.name}-{n}")
+    return path
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[RunConfig, str]:
@@ -168,6 +170,10 @@ def _progress(disable: bool) -> Progress:
 
 # ---- training ------------------------------------------------------------------------------------------
 
+# Where and how a resumed run trains may change (a moved data folder, another machine); what it trains may not.
+RESUME_MAY_CHANGE = ("device", "threads", "data_dir")
+
+
 def train(config: RunConfig | None = None, *, out: str | Path | None = None, resume: bool = False,
           dataset: Dataset | str | None = None, recipe: str | None = None, model: str | None = None,
           quiet: bool = False, report: bool = False, tensorboard: bool = False,
@@ -190,14 +196,12 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         raise ImgclfError(f"out is the run folder, a path such as 'runs/mnist-mlp', not {out!r}")
     if on_epoch is not None and not callable(on_epoch):  # else it would fail only after the first epoch
         raise ImgclfError(f"on_epoch must be a function of the epoch's metrics, not {on_epoch!r}")
-    for flag, value in (("resume", resume), ("quiet", quiet), ("report", report), ("tensorboard", tensorboard)):
-        if not isinstance(value, bool):  # "no" would be true
-            raise ImgclfError(f"{flag} is True or False, not {value!r}")
+    check_flags(resume=resume, quiet=quiet, report=report, tensorboard=tensorboard)
     dataset_obj = dataset if isinstance(dataset, Dataset) else None
-    if resume:  # where and how to run may change (a moved data folder, another machine); what to run may not
+    if resume:
         given = {"config": config, "recipe": recipe, "model": model, "dataset": None if dataset_obj else dataset,
                  **overrides}
-        ignored = [k for k, v in given.items() if v is not None and k not in ("device", "threads", "data_dir")]
+        ignored = [k for k, v in given.items() if v is not None and k not in RESUME_MAY_CHANGE]
         if ignored:
             raise ImgclfError(f"resume=True continues the run with its own settings, so {', '.join(ignored)} would "
                               "be ignored; drop them, or train with them into a new out")

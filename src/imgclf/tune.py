@@ -192,6 +192,7 @@ def run_worker(job: Job, n_trials: int, dataset: Dataset | None = None, tag: str
     data = dataset or load_dataset(job.base.data.dataset, job.base.data.data_dir, val_split=job.base.data.val_split,
                                    subset=job.base.data.subset, grayscale=job.base.data.grayscale,
                                    seed=job.base.train.seed, image_size=job.base.data.image_size)
+    # Its sampler is a placeholder: draw seeds one for each trial.
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage), sampler=make_sampler(
         job.sampler, 0), pruner=make_pruner(job.pruner, job.base.train.epochs))
     worker = f"{socket.gethostname()}:{os.getpid()}"
