@@ -91,6 +91,27 @@ def test_compare_runs(runs, tmp_path):
     assert "accuracy.png" in text and "accuracy_vs_time.png" in text
 
 
+def test_a_kill_while_drawing_leaves_the_earlier_outputs_whole(runs, tmp_path, monkeypatch):
+    """Ctrl-C (or a crash) after some figures are drawn: the page and figures of the last finished report or
+    comparison stay as they were, none half new."""
+    compare_runs(list(runs), tmp_path / "out")
+    write_report(runs[0])
+    before = {p: p.read_bytes() for folder in (tmp_path / "out", runs[0]) for p in folder.rglob("*")
+              if p.is_file() and p.suffix in (".png", ".html", ".csv") and p.name != "metrics.csv"}
+    assert len(before) == 4 + len(FIGURES) + 1
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("imgclf.report.plot_accuracy_vs_time", interrupted)  # after the csv and the bars
+    monkeypatch.setattr("imgclf.report.plot_per_class", interrupted)  # after five of the six figures
+    with pytest.raises(KeyboardInterrupt):
+        compare_runs([runs[1]], tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        write_report(runs[0], split="train")
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_compare_names_the_settings_in_which_runs_differ(runs, tmp_path):
     assert [r["differs"] for r in compare_runs(list(runs), tmp_path / "out")] == ["", ""]  # options of two models
     cnn = {"data": {"dataset": "digits", "data_dir": "/a"}, "model": {"name": "cnn", "filters": [8]},
@@ -156,8 +177,13 @@ def test_cli(runs, tmp_path, capsys, monkeypatch):
     assert main(["report", str(runs[1]), "--split", "val"]) == 0
     assert "report.html" in capsys.readouterr().out
     assert "val split" in (runs[1] / "report.html").read_text()
-    assert main(["compare", str(runs[0]), str(runs[1])]) == 0
+    assert main(["compare", str(runs[0]), str(runs[1]), "--device", "cpu"]) == 0
     assert "mlp" in capsys.readouterr().out and (tmp_path / "compare" / "compare.html").exists()
+    with pytest.raises(SystemExit, match="2"):  # a usage error: not one of the choices
+        main(["report", str(runs[1]), "--device", "tpu"])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+    with pytest.raises(ImgclfError, match="unknown device 'tpu'"):  # the API names it as load_model does
+        compare_runs([runs[0]], tmp_path / "out", device="tpu")
     assert main(["datasets", "show", "digits"]) == 0
     assert "10 classes" in capsys.readouterr().out
     assert_png(tmp_path / "dataset-digits" / "samples.png")

@@ -35,7 +35,6 @@ from imgclf.errors import ImgclfError, PeerLost, UsageError, one_line_warning, u
 console = Console(highlight=False, soft_wrap=True)
 # How long a rank other than 0 waits, on an error, for rank 0 to say it first (see main).
 SHARED_ERROR_GRACE_SECONDS = 10
-DEVICE_HELP = "where the model runs (default: auto, the GPU where there is one)"
 TTA_MARGIN_HELP = ("with TTA, give the other views only to images whose centre view leaves the top two classes "
                    "closer than this probability (1: every image every view; default: the run's recipe setting)")
 
@@ -232,10 +231,16 @@ def _datasets(args: argparse.Namespace) -> None:
     console.print("Any folder of images (one sub-folder per class) works as a dataset too: --dataset PATH")
 
 
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    """--device of the commands that run a trained model (train's own defaults to its recipe's)."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the model runs (default: auto, the GPU where there is one)")
+
+
 def _report(args: argparse.Namespace) -> None:
     from imgclf.report import write_report
 
-    path = write_report(args.run, split=args.split)
+    path = write_report(args.run, split=args.split, device=args.device)
     print(path)
     if args.open:
         import webbrowser
@@ -248,7 +253,7 @@ def _compare(args: argparse.Namespace) -> None:
     from imgclf.data import dataset_label
     from imgclf.report import compare_runs
 
-    rows = compare_runs(args.runs, args.out)
+    rows = compare_runs(args.runs, args.out, device=args.device)
     cells = {"run": [escape(r["run"]) for r in rows],
              "dataset": [escape(str(dataset_label(r["dataset"]))) for r in rows],
              "model": [r["model"] for r in rows], "params": [f"{r['params']:,}" for r in rows],
@@ -358,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average the test-time augmentation views (default: the run's recipe setting)")
     p.add_argument("--tta-margin", type=float, metavar="M", help=TTA_MARGIN_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
+    _device_option(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="top-k labels for image files")
@@ -369,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average the test-time augmentation views (default: the run's recipe setting)")
     p.add_argument("--tta-margin", type=float, metavar="M", help=TTA_MARGIN_HELP)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
+    _device_option(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="write the trained model as one ONNX file (normalization included)")
@@ -385,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 for every network)")
     p.add_argument("--port", type=_port, default=8000, help="default: 8000; 0 picks a free one")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help=DEVICE_HELP)
+    _device_option(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("summary", help="Keras-like table of a model's layers and parameters")
@@ -406,11 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--split", choices=("test", "val"), help="default: test, or val when there is no test split")
     p.add_argument("--open", action="store_true", help="open the report in a web browser")
+    _device_option(p)
     p.set_defaults(func=_report)
 
     p = sub.add_parser("compare", help="compare finished runs: table, CSV, charts and an HTML page")
     p.add_argument("runs", nargs="+", help="run folders, or folders of runs (runs/, a study's trials/)")
     p.add_argument("--out", type=_path, default="compare", help="output folder (default: compare/)")
+    _device_option(p)
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("tune", help="search hyper-parameters (Optuna); resumable, parallel, shareable studies")

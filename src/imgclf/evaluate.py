@@ -299,7 +299,8 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
         raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
                           f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
     tta, options = prediction_options(model, tta, tta_margin)
-    logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size, **options)
+    # On the CPU, beside the labels and images: a report picks its example images by them.
+    logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size, **options).cpu()
     labels = _align_labels(chosen.labels, data.class_names, model.class_names)
     metrics = classification_metrics(logits, labels, model.class_names)
     return {"dataset": data.name, "split": split, "tta": tta, **metrics}, logits, labels

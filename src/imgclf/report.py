@@ -41,6 +41,7 @@ from imgclf.runs import (
     read_metrics,
     runs_below,
     unfinished,
+    written_together,
 )
 
 GREEN, RED = "#1a7f37", "#cf222e"
@@ -296,10 +297,12 @@ def example_grids(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple
     }
 
 
-def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None = None) -> Path:
-    """Figures in RUN/figures/ and RUN/report.html for a finished run; returns the HTML path."""
+def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None = None, device: str = "auto"
+                 ) -> Path:
+    """Figures in RUN/figures/ and RUN/report.html for a finished run; returns the HTML path. The model runs on
+    `device` (auto: the GPU where there is one)."""
     run_dir = _finished_run(run_dir)
-    model = load_model(run_dir)
+    model = load_model(run_dir, device)
     data = load_run_dataset(model, run_dir)
     # One inference pass gives both the metrics and the example grids, from the same tensors.
     metrics, logits, labels = _evaluate_default_split(model, data, split, tta)
@@ -308,17 +311,17 @@ def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None
     grids = example_grids(logits, labels)
 
     summary = read_json(run_dir / "summary.json")
-    figures = run_dir / "figures"
-    plot_curves(read_metrics(run_dir / "metrics.csv"), figures / "curves.png", summary.get("kept_epoch"))
-    plot_confusion(metrics["confusion_matrix"], model.class_names, figures / "confusion.png", metrics["split"])
-    for name, (title, idx) in grids.items():
-        plot_examples(chosen.images[idx], labels[idx], predicted[idx], confidence[idx], model.class_names,
-                      figures / f"{name}.png", title)
-    plot_per_class(metrics["per_class"], figures / "per_class.png")
-
     pairs = most_confused_pairs(metrics["confusion_matrix"], model.class_names)
-    page = _report_html(run_dir, summary, metrics, pairs, (run_dir / "config.yaml").read_text())
-    atomic_write(run_dir / "report.html", page)
+    with written_together(run_dir) as scratch:
+        figures = scratch / "figures"
+        plot_curves(read_metrics(run_dir / "metrics.csv"), figures / "curves.png", summary.get("kept_epoch"))
+        plot_confusion(metrics["confusion_matrix"], model.class_names, figures / "confusion.png", metrics["split"])
+        for name, (title, idx) in grids.items():
+            plot_examples(chosen.images[idx], labels[idx], predicted[idx], confidence[idx], model.class_names,
+                          figures / f"{name}.png", title)
+        plot_per_class(metrics["per_class"], figures / "per_class.png")
+        page = _report_html(run_dir, figures, summary, metrics, pairs, (run_dir / "config.yaml").read_text())
+        atomic_write(scratch / "report.html", page)
     return run_dir / "report.html"
 
 
@@ -381,7 +384,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2%}"
 
 
-def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any],
+def _report_html(run_dir: Path, figures: Path, summary: dict[str, Any], metrics: dict[str, Any],
                  pairs: list[tuple[str, str, int]], config_text: str) -> str:
     e = html.escape
     seconds = summary.get("seconds")
@@ -404,7 +407,7 @@ def _report_html(run_dir: Path, summary: dict[str, Any], metrics: dict[str, Any]
     many = len(metrics["per_class"]) > 30  # the page shrinks the matrix past reading its class names
 
     def figure(name: str, alt: str) -> str:
-        return embedded_png(run_dir / "figures" / f"{name}.png", alt)
+        return embedded_png(figures / f"{name}.png", alt)
 
     body = f"""
 <h1>{e(run_dir.name)}</h1>
@@ -440,8 +443,9 @@ COMPARE_COLUMNS = ["run", "dataset", "model", "params", "epochs", "split", "accu
 NOT_A_DIFFERENCE = {"data.dataset", "data.data_dir", "model.name", "train.device", "train.threads"}
 
 
-def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = "compare") -> list[dict[str, Any]]:
-    """Evaluate finished runs (test split, or val without one); write compare.csv/.html and two charts.
+def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = "compare", device: str = "auto"
+                 ) -> list[dict[str, Any]]:
+    """Evaluate finished runs on `device` (test split, or val without one); write compare.csv/.html and two charts.
 
     A folder that is not a run stands for the finished runs anywhere below it (runs/, a study's trials/)."""
     if isinstance(run_dirs, str | os.PathLike):  # one folder, not a sequence of one-letter names
@@ -480,7 +484,7 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
             config = {**config, "model": {"name": architecture.get("name"), **architecture["options"],
                                           **{k: given[k] for k in ("weights",) if k in given}}}
         configs.append(config)
-        model = load_model(run_dir)
+        model = load_model(run_dir, device)
         metrics = _evaluate_default_split(model, load_run_dataset(model, run_dir), None, None)[0]
         rows.append({
             "run": name,
@@ -499,18 +503,19 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
     writer = csv.DictWriter(text, fieldnames=COMPARE_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out_dir / "compare.csv", text.getvalue())
-    plot_accuracy_bars(rows, out_dir / "accuracy.png")
-    plot_accuracy_vs_time(rows, out_dir / "accuracy_vs_time.png")
     table = [[r["run"], r["dataset"], r["model"], r["params"], r["epochs"], r["split"], _pct(r["accuracy"]),
               _pct(r["top5"]), r["minutes"], r["differs"]] for r in rows]
-    body = (f"<h1>Comparison of {len(rows)} runs</h1>"
-            + html_table(["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top-5", "minutes",
-                          "differs (from the other runs)"], table)
-            + "<h2>Accuracy</h2>" + embedded_png(out_dir / "accuracy.png", "accuracy per run")
-            + "<h2>Accuracy vs training time</h2>" + embedded_png(out_dir / "accuracy_vs_time.png",
-                                                                   "accuracy vs minutes"))
-    atomic_write(out_dir / "compare.html", html_page("imgclf comparison", body))
+    with written_together(out_dir) as scratch:
+        atomic_write(scratch / "compare.csv", text.getvalue())
+        plot_accuracy_bars(rows, scratch / "accuracy.png")
+        plot_accuracy_vs_time(rows, scratch / "accuracy_vs_time.png")
+        body = (f"<h1>Comparison of {len(rows)} runs</h1>"
+                + html_table(["run", "dataset", "model", "params", "epochs", "split", "accuracy", "top-5",
+                              "minutes", "differs (from the other runs)"], table)
+                + "<h2>Accuracy</h2>" + embedded_png(scratch / "accuracy.png", "accuracy per run")
+                + "<h2>Accuracy vs training time</h2>" + embedded_png(scratch / "accuracy_vs_time.png",
+                                                                       "accuracy vs minutes"))
+        atomic_write(scratch / "compare.html", html_page("imgclf comparison", body))
     return rows
 
 

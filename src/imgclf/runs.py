@@ -140,6 +140,18 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def written_together(folder: Path):
+    """A scratch folder whose files replace folder's only when the block ends without error. Outputs that
+    belong together (a page and its figures) take seconds to draw: a kill meanwhile leaves folder's earlier set
+    whole, not half old and half new. Pages go last, so one never names figures still to come."""
+    with tempfile.TemporaryDirectory(prefix="imgclf-") as scratch:
+        yield Path(scratch)
+        files = [p for p in Path(scratch).rglob("*") if p.is_file()]
+        for file in sorted(files, key=lambda p: (p.suffix == ".html", p)):
+            atomic_write(folder / file.relative_to(scratch), file.read_bytes())
+
+
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS, extrasaction="ignore")

@@ -45,7 +45,7 @@ from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset
 from imgclf.distributed import end_with_parent
 from imgclf.errors import ImgclfError, disk_full, one_line_warning, unexpected
 from imgclf.models import check_model_options
-from imgclf.runs import atomic_write, natural_key, output_folder
+from imgclf.runs import atomic_write, natural_key, output_folder, written_together
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
 
 DEFAULT_TRIALS = 20  # without --trials; a grid runs all its points
@@ -652,7 +652,6 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
     `data`: (dataset, data_dir) as this machine has them, for best.yaml (the best trial may have run elsewhere).
     """
     trials = study.get_trials(deepcopy=False)
-    atomic_write(out / "trials.csv", trials_csv(trials))
     ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
     best = ranked[0] if ranked else None
     best_recipe = None
@@ -667,13 +666,16 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
         config.description = (f"tuned by imgclf tune: study {study.study_name}, trial {best.number}, "
                               f"val acc {best.value:.4f}")
         best_recipe = out / "best.yaml"
-        atomic_write(best_recipe, "# The best trial's complete run: imgclf train --recipe best.yaml --out RUN\n"
-                                  "# (it trained on data.subset images for train.epochs epochs: change them to "
-                                  "train the winner longer)\n" + config.to_yaml())
-    figures = plot_study(study, out / "figures")
     counts = _counts(trials)  # the trials of the table and best.yaml, not a later look at the study
-    atomic_write(out / "report.html", _report_html(study, storage, counts, ranked[:10], trials, figures,
-                                                   out / "figures"))
+    with written_together(out) as scratch:
+        atomic_write(scratch / "trials.csv", trials_csv(trials))
+        if best is not None:
+            atomic_write(scratch / "best.yaml", "# The best trial's complete run: imgclf train --recipe best.yaml "
+                                                "--out RUN\n# (it trained on data.subset images for train.epochs "
+                                                "epochs: change them to train the winner longer)\n" + config.to_yaml())
+        figures = plot_study(study, scratch / "figures")
+        atomic_write(scratch / "report.html", _report_html(study, storage, counts, ranked[:10], trials, figures,
+                                                           scratch / "figures"))
     if not quiet:
         table = Table("trial", "val acc", "seconds", "parameters", title=f"best trials of {study.study_name}")
         table.columns[-1].overflow = "fold"
