@@ -287,6 +287,21 @@ def test_evaluate_on_another_dataset_with_matching_class_names(digits_run, tmp_p
                  "--data-dir", str(tmp_path / "cache")]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["num_images"] == 100 and metrics["accuracy"] > 0.8
+    # Class folders only (no test/): every image is scored, not the fifth a training run would hold out.
+    (tmp_path / "mydigits" / "test").rename(tmp_path / "flat")
+    assert main(["evaluate", str(digits_run), "--dataset", str(tmp_path / "flat"), "--json",
+                 "--data-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 100
+
+
+def test_naming_the_runs_own_dataset_keeps_its_validation_split(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--val-split", "0.2",
+                 "--seed", "3", "--out", str(out)]) == 0
+    capsys.readouterr()
+    for named in ([], ["--dataset", "digits"]):
+        assert main(["evaluate", str(out), "--split", "val", "--json", *named]) == 0
+        assert json.loads(capsys.readouterr().out)["num_images"] == 288  # 20% of digits' 1,437 training images
 
 
 @pytest.mark.parametrize("args, message", [
@@ -326,7 +341,7 @@ def test_warnings_are_one_line(tmp_path, capsys):
     (tmp_path / "f" / "a" / "notes.png").write_text("not an image")
     assert main(["datasets", str(tmp_path / "f"), "--data-dir", str(tmp_path / "cache")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("imgclf: warning: ") and "skipped 1 unreadable" in err[0]
+    assert len(err) == 1 and err[0].startswith("imgclf: warning: ") and "skipped 1 file(s) that are not" in err[0]
 
 
 @pytest.mark.parametrize("name, content, command, message", [

@@ -10,6 +10,7 @@ import struct
 import tarfile
 import threading
 import time
+import unicodedata
 from functools import partial
 from pathlib import Path
 
@@ -465,7 +466,7 @@ def test_unsafe_tarball_is_refused(tmp_path, monkeypatch):
 
 def test_folder_with_splits(tmp_path):
     make_folder(tmp_path / "pets")
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable file\(s\) \(not 8- or 16-bit images\), .*broken\.png"):
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) that are not readable 8- or 16-bit .*, .*broken\.png"):
         d = load_dataset(str(tmp_path / "pets"), tmp_path / "cache", val_split=0)
     assert d.class_names == ["cat", "dog"] and d.name == str(tmp_path / "pets")
     assert d.train.images.shape == (24, 3, 12, 12) and d.test.images.shape == (24, 3, 12, 12)
@@ -571,6 +572,11 @@ def test_folder_with_only_test_serves_evaluation(tmp_path):
     assert d.image_shape == (3, 16, 16) and d.mean == (0.0, 0.0, 0.0)
     with pytest.raises(ImgclfError, match="has no train split; use --split test"):
         d.split("train")
+    assert "mean" not in d.summary()  # no training images to take it from
+    whole = load_dataset(str(tmp_path / "f"), tmp_path / "cache", image_size=16)
+    make_image(tmp_path / "g" / "test" / "a" / "1.png")
+    assert "g: 1 class, 3x12x12" in load_dataset(str(tmp_path / "g"), tmp_path / "cache").summary()
+    assert whole.all_as_test().test.labels.tolist() == [0, 1]
 
 
 def test_folder_without_images(tmp_path):
@@ -703,7 +709,7 @@ def test_dangling_links_and_32_bit_images_are_skipped_with_the_unreadable(tmp_pa
         make_image(tmp_path / "f" / "ab"[i % 2] / f"{i}.png")
     (tmp_path / "f" / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # an un-fetched git-annex file
     Image.fromarray(np.full((12, 12), 0.5, np.float32)).save(tmp_path / "f" / "b" / "float.tif")
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable .* e\.g\. .*gone\.png, .*float\.tif"):
+    with pytest.warns(UserWarning, match=r"skipped 2 file\(s\) that are not .* e\.g\. .*gone\.png, .*float\.tif"):
         d = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
     assert len(d.train) + len(d.test) == 4
     with pytest.raises(data.UnsupportedImage, match="convert it to 8 or 16 bits"):
@@ -727,6 +733,31 @@ def test_the_validation_split_never_takes_a_class_whole():
         assert set(lone[train]) == {0, 1, 2} and len(train) + len(val) == len(lone)
     d = load_dataset("digits", val_split=0.999)
     assert d.class_counts()["train"] == [1] * 10
+
+
+def test_a_class_of_one_image_trains_and_the_others_stay_stratified():
+    labels = np.array([0] * 900 + [1] * 100 + [2])  # sklearn refuses to stratify any class beside the lone one
+    for seed in range(3):
+        train, val = data._split_indices(labels, seed, test_size=0.1)
+        assert np.bincount(labels[val], minlength=3).tolist() == [90, 10, 0]
+        assert 1000 in train
+    train, _ = data._split_indices(labels, 0, train_size=101)  # a subset of 101: the lone image is one of them
+    assert np.bincount(labels[train], minlength=3).tolist() == [90, 10, 1]
+
+
+def test_images_outside_class_folders_are_said_and_class_names_are_one_unicode_form(tmp_path):
+    make_folder(tmp_path / "f")
+    make_image(tmp_path / "f" / "train" / "stray.png")
+    make_image(tmp_path / "f" / "loose.jpg")
+    (tmp_path / "f" / "README.txt").write_text("not an image: not worth a word")
+    for split, form in (("train", "NFC"), ("test", "NFD")):  # as an archive made on macOS may mix them
+        make_image(tmp_path / "f" / split / unicodedata.normalize(form, "café") / "1.png")
+    with pytest.warns(UserWarning) as said:
+        d = load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+    said = [str(w.message) for w in said]
+    assert any("train: 1 image(s) outside any class folder are not used, e.g. stray.png" in m for m in said)
+    assert any("loose.jpg" in m for m in said) and not any("README" in m for m in said)
+    assert d.class_names == ["café", "cat", "dog"] and d.class_counts()["test"][0] == 1
 
 
 def test_linked_folders_inside_a_class_are_read_once_even_in_a_loop(tmp_path):

@@ -156,6 +156,17 @@ def test_not_a_run_is_refused(runs, tmp_path):
         compare_runs([runs[0], tmp_path / "nope"], tmp_path / "out")
 
 
+def test_metrics_are_exact_fractions_and_ties_go_to_the_first_class_everywhere():
+    from imgclf.evaluate import top_classes
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 5.0], [2.0, 1.0, 2.0, 0.0]])  # bf16 logits tie
+    values, indices = top_classes(logits, 2)
+    assert indices.tolist() == [[1, 2], [3, 0], [0, 2]] and values[:, 0].tolist() == [3.0, 5.0, 2.0]
+    assert indices[:, 0].tolist() == logits.argmax(1).tolist()  # predict's first class is the one scored
+    metrics = classification_metrics(logits, torch.tensor([1, 3, 2]), ["a", "b", "c", "d"])
+    assert metrics["accuracy"] == 2 / 3  # as scikit-learn's, not float32's 0.6666666865
+
+
 def test_most_confused_pairs():
     confusion = [[5, 2, 0], [3, 4, 1], [0, 3, 9]]
     names = ["a", "b", "c"]

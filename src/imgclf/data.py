@@ -18,11 +18,12 @@ import struct
 import sys
 import tarfile
 import tempfile
+import unicodedata
 import urllib.request
 import warnings
 import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -196,6 +197,13 @@ class Dataset:
             raise ImgclfError(f"{self.name} has {self.num_classes} class; a classifier needs 2 or more "
                               "(for a folder: one sub-folder per class)")
 
+    def all_as_test(self) -> "Dataset":
+        """This dataset with every image in its test split: a folder of class folders only, given to evaluate,
+        is scored whole, not on the fifth of it that load_dataset carves as a test split for training on it."""
+        parts = [s for s in (self.train, self.val, self.test) if s is not None]
+        every = Split(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts]))
+        return replace(self, train=Split(every.images[:0], every.labels[:0]), val=None, test=every)
+
     def class_counts(self) -> dict[str, list[int]]:
         return {s: torch.bincount(split.labels, minlength=self.num_classes).tolist()
                 for s, split in self.splits().items()}
@@ -206,8 +214,9 @@ class Dataset:
         width = max(len("class"), *(len(n) for n in self.class_names)) + 2
         shape = "x".join(map(str, self.image_shape))
         mean, std = (tuple(round(v, 4) for v in values) for values in (self.mean, self.std))
-        lines = [f"{self.name}: {self.num_classes} classes, {shape} uint8 images; {sizes}",
-                 f"train mean {mean} std {std}",
+        lines = [f"{self.name}: {self.num_classes} class{'es' if self.num_classes != 1 else ''}, {shape} uint8 "
+                 f"images; {sizes}",
+                 *([f"train mean {mean} std {std}"] if len(self.train) else []),  # none in an evaluation folder
                  "class".ljust(width) + "".join(s.rjust(8) for s in counts)]
         lines += [n.ljust(width) + "".join(str(counts[s][i]).rjust(8) for s in counts)
                   for i, n in enumerate(self.class_names)]
@@ -245,6 +254,12 @@ def dataset_info(name: str) -> DatasetInfo:
         raise _unknown(name)
     class_names, _, _ = _scan_folder(Path(name).expanduser())
     return DatasetInfo(name, len(class_names), None, None, None, None, class_names, "image folder")
+
+
+def carves_test(name: str) -> bool:
+    """Whether load_dataset carves name's test split: a folder of class folders only, without split folders."""
+    return name not in DATASETS and Path(name).expanduser().is_dir() and "all" in _split_dirs(
+        Path(name).expanduser().resolve())
 
 
 def canonical_dataset(name: str) -> str:
@@ -557,8 +572,17 @@ def _scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, str]]
     files, classes = {}, set()
     for split, d in split_dirs.items():
         class_dirs = _folders(d)
-        classes.update(p.name for p in class_dirs)
-        files[split] = [(f, c.name) for c in class_dirs for f in files_under(c)]
+        # One name per class: archives made on macOS spell accented folder names decomposed (NFD), so one
+        # split's café would otherwise be another class than the other's.
+        names = {c: unicodedata.normalize("NFC", c.name) for c in class_dirs}
+        classes.update(names.values())
+        files[split] = [(f, names[c]) for c in class_dirs for f in files_under(c)]
+    image_suffixes = Image.registered_extensions()
+    for d in {root, *split_dirs.values()}:
+        if loose := sorted(p.name for p in d.iterdir() if p.is_file() and p.suffix.lower() in image_suffixes
+                           and not p.name.startswith(".")):
+            warnings.warn(f"{d}: {len(loose)} image(s) outside any class folder are not used, e.g. "
+                          f"{', '.join(loose[:3])}; move them into their class folder", stacklevel=4)
     if not classes:
         raise ImgclfError(f"{root} has no class sub-folders; put images in {root}/<class>/ "
                           f"or {root}/train/<class>/")
@@ -739,7 +763,7 @@ def _load_folder(root: Path, cache_root: Path, channels: int | None,
             if old != cache:
                 old.unlink(missing_ok=True)
     if len(skipped := arrays["skipped"]):
-        warnings.warn(f"{root}: skipped {len(skipped)} unreadable file(s) (not 8- or 16-bit images), e.g. "
+        warnings.warn(f"{root}: skipped {len(skipped)} file(s) that are not readable 8- or 16-bit images, e.g. "
                       f"{', '.join(skipped[:3])}", stacklevel=3)
     splits = {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in files}
     if "all" in splits:
@@ -769,9 +793,16 @@ def _split_indices(labels: np.ndarray, seed: int, **size) -> tuple[np.ndarray, n
     from sklearn.model_selection import train_test_split  # here: a second of imports that only splits need
 
     idx = np.arange(len(labels))
+    # A class of one image cannot be stratified, and sklearn then refuses for every class: it trains, and the
+    # other classes are stratified.
+    alone = np.bincount(labels)[labels] < 2
+    rest = dict(size)
+    if isinstance(size.get("train_size"), numbers.Integral):  # a subset's count includes them
+        rest["train_size"] = size["train_size"] - int(alone.sum())
     try:
-        a, b = train_test_split(idx, stratify=labels, random_state=seed, **size)
-    except ValueError:  # a class too small to stratify: an unstratified split beats refusing
+        a, b = train_test_split(idx[~alone], stratify=labels[~alone], random_state=seed, **rest)
+        a = np.concatenate([a, idx[alone]])
+    except ValueError:  # still too small to stratify (fewer held-out images than classes): unstratified beats refusing
         try:
             a, b = train_test_split(idx, random_state=seed, **size)
         except ValueError as e:

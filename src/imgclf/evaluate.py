@@ -24,6 +24,7 @@ from imgclf.data import (
     TooManyPixels,
     UnsupportedImage,
     canonical_dataset,
+    carves_test,
     files_under,
     load_dataset,
     read_image,
@@ -175,21 +176,29 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
     return logits
 
 
+def top_classes(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's k highest scores, ties in class order: bf16 logits often tie exactly,
+    and topk's order among ties is unspecified, so predict could name another class than argmax (and the
+    accuracy) counted."""
+    values, indices = scores.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # seconds to import: on use
 
     labels = labels.cpu()
     logits = logits.cpu()
-    predicted = logits.argmax(1)
+    predicted = logits.argmax(1)  # the first of tied classes, as top_classes
     k = min(5, len(class_names))
-    top5 = (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    top5 = (top_classes(logits, k)[1] == labels[:, None]).any(1).sum().item() / len(labels)
     classes = list(range(len(class_names)))
     # A class never predicted has no precision, one absent from the split no recall or F1: None, not a 0 that
     # would pull a mean F1 down for classes the split cannot score.
     precision, recall, f1, support = precision_recall_fscore_support(
         labels.numpy(), predicted.numpy(), labels=classes, zero_division=np.nan)
     return {
-        "accuracy": (predicted == labels).float().mean().item(),
+        "accuracy": (predicted == labels).sum().item() / len(labels),  # 336/360 exactly, as scikit-learn's
         "top5_accuracy": top5 if len(class_names) >= 10 else None,
         "loss": F.cross_entropy(logits, labels).item(),
         "num_images": len(labels),
@@ -219,17 +228,23 @@ def load_run_dataset(model: TrainedModel, run_dir: Path | None, dataset: str | N
     """The data to evaluate a model on, read at the model's input shape.
 
     By default the run's own dataset with its own val split, seed and grayscale setting (from its
-    config.yaml), so its validation split is rebuilt exactly; `dataset` names another one instead.
+    config.yaml), so its validation split is rebuilt exactly; `dataset` names another one instead, read whole:
+    no validation split, and a folder of class folders only is all test split.
     """
     config = load_recipe(run_dir) if run_dir is not None and (run_dir / "config.yaml").exists() else None
     name = dataset or (config.data.dataset if config else None) or model.info.get("dataset")
     if name is None:
         raise ImgclfError("this model does not record its dataset; pass --dataset NAME_OR_FOLDER")
+    own = dataset is None or (config is not None  # the run's own dataset, also when named again
+                              and canonical_dataset(dataset) == canonical_dataset(config.data.dataset))
     options: dict[str, Any] = {"data_dir": data_dir or (config.data.data_dir if config else None)}
-    if config is not None and dataset is None:  # another dataset keeps only how to read it, not the run's splits
+    if own and config is not None:  # its validation split is rebuilt exactly
         options.update(val_split=config.data.val_split, grayscale=config.data.grayscale, seed=config.train.seed)
+    elif not own:  # another dataset keeps only how to read it: none of it is held out for a validation split
+        options.update(val_split=0)
     options["channels"], options["image_size"] = model.input_shape[:2]
-    return load_dataset(name, **options)
+    data = load_dataset(name, **options)
+    return data.all_as_test() if not own and carves_test(name) else data
 
 
 def _align_labels(split_labels: torch.Tensor, data_classes: list[str], model_classes: list[str]) -> torch.Tensor:
@@ -401,9 +416,9 @@ def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[s
     logits = predict_logits(model.net, images, model.mean, model.std, **prediction_options(model, tta, tta_margin)[1])
     probabilities = logits.softmax(1)
     k = max(1, min(top_k, model.num_classes))
-    top = probabilities.topk(k, dim=1)
+    values, indices = top_classes(probabilities, k)
     return [[(model.class_names[i], float(p)) for p, i in zip(ps.tolist(), idx.tolist(), strict=True)]
-            for ps, idx in zip(top.values, top.indices, strict=True)]
+            for ps, idx in zip(values, indices, strict=True)]
 
 
 def predict_files(run_or_model: str | Path | TrainedModel, sources: str | Path | list[str | Path], *,
