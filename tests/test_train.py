@@ -223,7 +223,38 @@ def test_lr_schedules():
     assert lr_factor(step, 0, steps) == 1 and lr_factor(step, 100, steps) == pytest.approx(0.1)
     onecycle = TrainConfig(epochs=4, schedule="onecycle")
     factors = [lr_factor(onecycle, s, steps) for s in range(40)]
-    assert factors.index(max(factors)) == 10 and factors[-1] < 0.05
+    assert factors.index(max(factors)) == 9 and factors[10] == 1 and factors[-1] < 0.05
+
+
+def test_the_peak_lr_is_reached_and_never_passed_whatever_the_step_count():
+    short_warmup = TrainConfig(epochs=2, schedule="linear", warmup_epochs=0.25)  # 2.5 steps of 10
+    assert [round(lr_factor(short_warmup, s, 10), 3) for s in range(4)] == [0.4, 0.8, 1.0, 0.971]
+    one_step = TrainConfig(epochs=2, schedule="linear", warmup_epochs=0.5)  # 1 step per epoch: half a step
+    assert lr_factor(one_step, 0, 1) == 1
+    for epochs in (1, 2):  # onecycle in 1 or 2 steps in all still reaches its peak
+        assert max(lr_factor(TrainConfig(epochs=epochs, schedule="onecycle"), s, 1) for s in range(epochs)) == 1
+    step = TrainConfig(epochs=6, schedule="step", warmup_epochs=2, step_size=2)  # decay counts after warm-up
+    assert [lr_factor(step, s, 2) for s in range(4, 12)] == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.1, 0.1])
+
+
+def test_optimizer_settings_reach_the_optimizer(tmp_path):
+    from imgclf.optim import build_optimizer
+
+    net = create_model("mlp", in_channels=1, image_size=8)
+    adam = build_optimizer(net, TrainConfig(optimizer="adamw", adam_beta1=0.8, adam_beta2=0.99, eps=1e-7), "fp32")
+    assert adam.defaults["betas"] == (0.8, 0.99) and adam.defaults["eps"] == 1e-7
+    rmsprop = build_optimizer(net, TrainConfig(optimizer="rmsprop"), "fp32")
+    assert rmsprop.defaults["alpha"] == 0.9 and rmsprop.defaults["eps"] == 1e-8  # Keras' rho, torch's eps
+    # Nesterov without momentum is plain SGD (torch refuses the pair); clipping keeps a huge lr finite.
+    result = train(epochs=1, out=tmp_path / "run", grad_clip=0.1, **dict(FAST, optimizer="nesterov", momentum=0.0))
+    assert result.history[0]["train_loss"] > 0
+    with pytest.raises(ImgclfError, match="grad_clip -1.0; use a positive gradient norm"):
+        train(epochs=1, out=tmp_path / "bad", grad_clip=-1, **FAST)
+
+
+def test_a_batch_of_one_with_batch_norm_is_a_one_line_error(tmp_path):
+    with pytest.raises(ImgclfError, match="batches of 1 image: batch norm needs 2 or more; use a larger --batch-size"):
+        train(epochs=1, out=tmp_path / "run", model_options={"batch_norm": True}, **dict(FAST, batch_size=1))
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_fast_bf16(monkeypatch):

@@ -53,6 +53,11 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3  # peak learning rate
     momentum: float | None = None  # None: 0.9 for sgd/nesterov, 0 for rmsprop (the Keras default)
+    adam_beta1: float = 0.9  # adam/adamw: decay of the gradient average (Keras' beta_1)
+    adam_beta2: float = 0.999  # adam/adamw: decay of the squared-gradient average (Keras' beta_2)
+    rmsprop_rho: float = 0.9  # rmsprop: decay of the squared-gradient average (Keras' rho; torch's alpha is 0.99)
+    eps: float | None = None  # adam/adamw/rmsprop: added to the denominator; None: torch's 1e-8 (Keras: 1e-7)
+    grad_clip: float | None = None  # clip the gradients' global L2 norm to this before each step
     weight_decay: float = 0.0  # decoupled for adamw, L2 gradient term otherwise; weights only, not biases/BN
     l1: float = 0.0  # L1 penalty: loss += l1 * sum(|w|) over weights (Keras' L1L2 regularizer, l1 part)
     schedule: str = "constant"
@@ -171,6 +176,11 @@ class RunConfig:
             (t.progressive_epochs >= 0, f"progressive epochs {t.progressive_epochs}; use 0 or more"),
             (t.warmup_epochs >= 0, f"warm-up epochs {t.warmup_epochs}; use 0 or more"),
             (t.momentum is None or 0 <= t.momentum < 1, f"momentum {t.momentum}; use a value in [0, 1)"),
+            (all(0 <= b < 1 for b in (t.adam_beta1, t.adam_beta2, t.rmsprop_rho)),
+             f"adam_beta1 {t.adam_beta1} / adam_beta2 {t.adam_beta2} / rmsprop_rho {t.rmsprop_rho}; use values in "
+             "[0, 1)"),
+            (t.eps is None or t.eps > 0, f"eps {t.eps}; use a small positive number, e.g. 1e-7"),
+            (t.grad_clip is None or t.grad_clip > 0, f"grad_clip {t.grad_clip}; use a positive gradient norm"),
             (t.step_size >= 1, f"step_size {t.step_size}; use 1 or more epochs"),
             (0 < t.step_gamma <= 1, f"step_gamma {t.step_gamma}; use a factor in (0, 1], e.g. 0.1"),
             (0 <= t.final_lr_fraction <= 1, f"final_lr_fraction {t.final_lr_fraction}; use a fraction in [0, 1]"),
@@ -216,6 +226,10 @@ def unused_settings(t: TrainConfig) -> list[str]:
     augment = f"augment {','.join(t.augment) or 'none'}"
     reads = {"momentum": (t.optimizer in ("sgd", "nesterov", "muon", "rmsprop"), optimizer),
              "muon_lr": (t.optimizer == "muon", optimizer), "muon_momentum": (t.optimizer == "muon", optimizer),
+             "adam_beta1": (t.optimizer in ("adam", "adamw"), optimizer),
+             "adam_beta2": (t.optimizer in ("adam", "adamw"), optimizer),
+             "rmsprop_rho": (t.optimizer == "rmsprop", optimizer),
+             "eps": (t.optimizer in ("adam", "adamw", "rmsprop"), optimizer),
              "final_lr_fraction": (t.schedule == "linear", schedule), "step_size": (t.schedule == "step", schedule),
              "step_gamma": (t.schedule == "step", schedule), "crop_padding": ("crop" in t.augment, augment),
              "cutout_size": ("cutout" in t.augment, augment),

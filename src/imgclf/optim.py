@@ -27,7 +27,7 @@ def build_optimizer(net: torch.nn.Module, cfg, precision: str = "fp32") -> torch
                "lr_scale": cfg.bias_lr_scale}]
     if cfg.optimizer in ("sgd", "nesterov", "muon"):
         momentum = 0.9 if cfg.momentum is None else cfg.momentum
-        nesterov = cfg.optimizer != "sgd"
+        nesterov = cfg.optimizer != "sgd" and momentum > 0  # without momentum, Nesterov's is plain SGD
         if cfg.optimizer != "muon":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=nesterov)
         # Newton-Schulz in bf16 for bf16 runs (fast on recent GPUs and AMX CPUs), else fp32: bf16 is 30x slower
@@ -37,11 +37,11 @@ def build_optimizer(net: torch.nn.Module, cfg, precision: str = "fp32") -> torch
         optimizer.add_param_group({"params": hidden, "weight_decay": 0.0, "lr_scale": cfg.muon_lr / cfg.lr,
                                    "momentum": cfg.muon_momentum, "orthogonalize": True})
         return optimizer
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum or 0.0)
+    eps = {} if cfg.eps is None else {"eps": cfg.eps}
+    if cfg.optimizer in ("adam", "adamw"):
+        adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        return adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), **eps)
+    return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.rmsprop_rho, momentum=cfg.momentum or 0.0, **eps)
 
 
 def hidden_matrices(net: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -56,18 +56,20 @@ def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
     epoch = step / steps_per_epoch
     total = cfg.epochs
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
-        return (epoch + 1 / steps_per_epoch) / cfg.warmup_epochs
-    if cfg.schedule == "step":
-        return cfg.step_gamma ** int(epoch // cfg.step_size)
-    progress = (epoch - cfg.warmup_epochs) / max(total - cfg.warmup_epochs, 1e-9)
+        # As of the step's end, so the first step is not at 0; capped, as a warm-up of 2.5 steps would pass it.
+        return min(1.0, (epoch + 1 / steps_per_epoch) / cfg.warmup_epochs)
+    if cfg.schedule == "step":  # counted from the end of the warm-up, which then keeps the peak for step_size
+        return cfg.step_gamma ** int((epoch - cfg.warmup_epochs) // cfg.step_size)
+    length = max(total - cfg.warmup_epochs, 1e-9)
+    progress = (epoch - cfg.warmup_epochs) / length
     if cfg.schedule == "linear":
         return 1 + (cfg.final_lr_fraction - 1) * min(progress, 1.0)
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     if cfg.schedule == "onecycle":  # without a warm-up: up over the first 25%, then linearly down to 0
         peak = 0.25 if cfg.warmup_epochs == 0 else 0.0
-        if progress < peak:
-            return 0.04 + 0.96 * progress / peak
+        if progress < peak:  # as of the step's end, as the warm-up: a run of a few steps still reaches the peak
+            return min(1.0, 0.04 + 0.96 * (progress + 1 / (steps_per_epoch * length)) / peak)
         return max(0.0, 1 - (progress - peak) / (1 - peak))
     return 1.0
 

@@ -359,6 +359,11 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                                ("tta_shift", cfg.tta_shift, cfg.tta)):
         if used and pixels is not None and pixels >= min(h, w):
             raise ImgclfError(f"{name} {pixels} is not smaller than the {h}x{w} images; use fewer pixels")
+    per_rank = min(cfg.batch_size, len(data.train)) // ctx.world_size
+    if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        raise ImgclfError(f"batches of {per_rank} image{'s' if per_rank != 1 else ''}"
+                          f"{' per process' if ctx.enabled else ''}: batch norm needs 2 or more; use a larger "
+                          "--batch-size, or a model without batch norm")
     precision = resolve_precision(cfg.precision, device, net)
     layout = memory_format(net, precision)
     net = net.to(memory_format=layout)
@@ -653,6 +658,9 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         learner.scaler.scale(loss).backward()
         if drop_bias_grad:
             bias.grad = None
+        if cfg.grad_clip is not None:
+            learner.scaler.unscale_(optimizer)  # the norm of the true gradients, not of fp16's scaled ones
+            torch.nn.utils.clip_grad_norm_(inner.parameters(), cfg.grad_clip)
         learner.scaler.step(optimizer)
         learner.scaler.update()
         if learner.ema is not None:
@@ -664,9 +672,10 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         seen += len(y)
         if step % 10 == 0 or step + 1 == steps_per_epoch:  # reading a value waits for a GPU: not every step
             if not torch.isfinite(loss_sum):
+                kept = ("the checkpoint of the last finished epoch is kept" if epoch > 1
+                        else "nothing was saved")
                 raise ImgclfError(f"training diverged (loss is {loss_sum.item() / seen}) by step {step + 1} of "
-                                  f"epoch {epoch}; the checkpoint of the last finished epoch is kept: lower --lr "
-                                  "or use --precision fp32")
+                                  f"epoch {epoch}; {kept}: lower --lr, set grad_clip, or use --precision fp32")
             rate = seen / (time.perf_counter() - started)
             on_progress(completed=step + 1,
                         stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} {rate:,.0f} img/s")
