@@ -252,6 +252,19 @@ def test_optimizer_settings_reach_the_optimizer(tmp_path):
         train(epochs=1, out=tmp_path / "bad", grad_clip=-1, **FAST)
 
 
+def test_mixup_blends_pairs_of_the_batch_and_replays_from_its_seed(tmp_path):
+    from imgclf.loader import mixup
+
+    images = torch.arange(8.0).view(8, 1, 1, 1)
+    blend, partner, weight = mixup(images, 0.2, torch.Generator().manual_seed(0))
+    assert 0 <= weight <= 1 and sorted(partner.tolist()) == list(range(8))
+    assert torch.allclose(blend, weight * images + (1 - weight) * images[partner])
+    again = mixup(images, 0.2, torch.Generator().manual_seed(0))
+    assert again[2] == weight and torch.equal(again[1], partner)
+    result = train(epochs=2, out=tmp_path / "run", augment="crop,mixup", mixup_alpha=0.4, **FAST)
+    assert result.summary["final"]["val_acc"] > 0.5
+
+
 def test_a_batch_of_one_with_batch_norm_is_a_one_line_error(tmp_path):
     with pytest.raises(ImgclfError, match="batches of 1 image: batch norm needs 2 or more; use a larger --batch-size"):
         train(epochs=1, out=tmp_path / "run", model_options={"batch_norm": True}, **dict(FAST, batch_size=1))

@@ -22,7 +22,8 @@ from imgclf.errors import ImgclfError, did_you_mean
 
 OPTIMIZERS = ("sgd", "nesterov", "muon", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
-AUGMENTATIONS = ("crop", "flip", "altflip", "cutout")  # altflip: each image flipped every other epoch
+# altflip: each image flipped every other epoch; mixup: images blended in pairs, and their labels with them
+AUGMENTATIONS = ("crop", "flip", "altflip", "cutout", "mixup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS = ("random", "grid", "tpe")  # of `imgclf tune`
 PRUNERS = ("none", "median", "hyperband")
@@ -75,6 +76,7 @@ class TrainConfig:
     augment: list[str] = field(default_factory=list)  # any of crop, flip, altflip, cutout
     crop_padding: int | None = None  # pixels of translation by random crop; None: image size / 8 (4 for 32x32)
     cutout_size: int | None = None  # pixels: side of the cutout square; None: image size / 4 (8 for 32x32)
+    mixup_alpha: float = 0.2  # mixup: the blend weight is drawn from Beta(alpha, alpha); small alpha, mild blends
     progressive_size: int | None = None  # pixels: train the first progressive_epochs on random windows this big
     progressive_epochs: float = 0.0  # (cheaper steps; fully convolutional nets only, e.g. fastnet)
     ema: float | None = None  # decay of the exponential moving average of weights, e.g. 0.999
@@ -189,6 +191,7 @@ class RunConfig:
              f"early stopping patience {t.early_stopping}; use 1 or more epochs"),
             (t.crop_padding is None or t.crop_padding >= 0, f"crop_padding {t.crop_padding}; use 0 or more pixels"),
             (t.cutout_size is None or t.cutout_size >= 1, f"cutout_size {t.cutout_size}; use 1 or more pixels"),
+            (t.mixup_alpha > 0, f"mixup_alpha {t.mixup_alpha}; use a positive number, e.g. 0.2"),
             (t.threads is None or t.threads >= 1, f"threads {t.threads}; use 1 or more"),
             (0 <= t.seed < 2**32, f"seed {t.seed}; use a whole number from 0 to 2**32 - 1"),  # numpy's range
             (t.whiten_bias_epochs is None or t.whiten_bias_epochs >= 0,
@@ -232,7 +235,7 @@ def unused_settings(t: TrainConfig) -> list[str]:
              "eps": (t.optimizer in ("adam", "adamw", "rmsprop"), optimizer),
              "final_lr_fraction": (t.schedule == "linear", schedule), "step_size": (t.schedule == "step", schedule),
              "step_gamma": (t.schedule == "step", schedule), "crop_padding": ("crop" in t.augment, augment),
-             "cutout_size": ("cutout" in t.augment, augment),
+             "cutout_size": ("cutout" in t.augment, augment), "mixup_alpha": ("mixup" in t.augment, augment),
              "progressive_epochs": (t.progressive_size is not None, "no progressive_size")}
     default = TrainConfig()
     return [f"{key} (with {why})" for key, (read, why) in reads.items()

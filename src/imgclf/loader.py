@@ -70,6 +70,16 @@ def alternating_flip(images: torch.Tensor, epoch: int, seed: int) -> torch.Tenso
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
+def mixup(images: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(blend, partner, weight): each image blended with a partner from the same batch, weight ~ Beta(alpha,
+    alpha) for the whole batch (mixup, Zhang et al., 2018); the loss weighs the two labels alike."""
+    from scipy.special import betaincinv  # Beta's inverse CDF: drawn from our seeded generator, so resume replays it
+
+    weight = float(betaincinv(alpha, alpha, torch.rand((), generator=generator, device=generator.device).item()))
+    partner = torch.randperm(len(images), generator=generator, device=images.device)
+    return weight * images + (1 - weight) * images[partner], partner, weight
+
+
 def augment(images: torch.Tensor, kinds: list[str], generator: torch.Generator,
             crop_padding: int = 4, cutout_size: int = 8) -> torch.Tensor:
     if "crop" in kinds and crop_padding > 0:

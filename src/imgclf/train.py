@@ -43,7 +43,7 @@ from imgclf.data import (
 )
 from imgclf.errors import ImgclfError, check_flags
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
-from imgclf.loader import alternating_flip, augment, batches, normalize, random_window
+from imgclf.loader import alternating_flip, augment, batches, mixup, normalize, random_window
 from imgclf.models import count_params, create_model
 from imgclf.optim import Lookahead, build_optimizer, lr_factor
 from imgclf.runs import (
@@ -648,10 +648,16 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         x = augment(x, cfg.augment, augment_generator, train_set.crop_padding, train_set.cutout_size)
         if cfg.progressive_size and first_step + step < cfg.progressive_epochs * steps_per_epoch:
             x = random_window(x, cfg.progressive_size, augment_generator)
-        x = normalize(x, train_set.mean, train_set.std).contiguous(memory_format=train_set.memory_format)
+        x = normalize(x, train_set.mean, train_set.std)
+        if "mixup" in cfg.augment:
+            x, partner, weight = mixup(x, cfg.mixup_alpha, augment_generator)
+        x = x.contiguous(memory_format=train_set.memory_format)
         with autocast(device, precision):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if "mixup" in cfg.augment:
+                loss = weight * loss + (1 - weight) * F.cross_entropy(logits.float(), y[partner],
+                                                                      label_smoothing=cfg.label_smoothing)
         if cfg.l1:
             loss = loss + cfg.l1 * sum(p.abs().sum() for p in net.parameters() if p.ndim > 1 and p.requires_grad)
         optimizer.zero_grad(set_to_none=True)
