@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+import imgclf
 from imgclf import data
 from imgclf.cli import main
 from imgclf.data import DATASETS, dataset_info, list_datasets, load_dataset
@@ -334,6 +336,51 @@ def test_download_mnist(tmp_path, monkeypatch, server, capsys):
     downloaded = sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir())
     assert downloaded == sorted(DATASETS["mnist"]["files"])  # and no temp files
     assert "downloading" in capsys.readouterr().err
+
+
+def torchvision_vgg_file(folder: Path, name: str, net: torch.nn.Module) -> str:
+    """A .pth as torchvision saves a VGG (features.N and classifier.N tensors), named as its files are: with the
+    start of its sha256."""
+    state = {f"features.{i}.{key.rsplit('.', 1)[1]}": t.clone() for i, (key, t) in
+             enumerate(net.features.state_dict().items())}
+    torch.save({**state, "classifier.0.weight": torch.zeros(4, 4)}, folder / "tmp.pth")
+    digest = hashlib.sha256((folder / "tmp.pth").read_bytes()).hexdigest()[:8]
+    (folder / "tmp.pth").rename(folder / f"{name}-{digest}.pth")
+    return f"{name}-{digest}.pth"
+
+
+def test_imagenet_weights_are_downloaded_once_checked_and_loaded_by_order(tmp_path, monkeypatch, server):
+    from imgclf.models import _VGG_LAYOUTS, create_model
+
+    served, url = server
+    monkeypatch.setitem(_VGG_LAYOUTS, "vgg11", [8, "M", 16, "M"])  # a small stand-in for the 507 MB file
+    source = create_model("vgg", layout="vgg11", batch_norm=True, num_classes=4)
+    file = torchvision_vgg_file(served, "vgg11_bn", source)
+    monkeypatch.setitem(data.PRETRAINED, "vgg11_bn", url + file)
+    monkeypatch.setenv("IMGCLF_DATA", str(tmp_path / "data"))
+    gray = create_model("vgg", layout="vgg11", batch_norm=True, in_channels=1, weights="imagenet")
+    assert (tmp_path / "data" / "weights" / file).is_file()
+    theirs, ours = source.features.state_dict(), gray.features.state_dict()
+    assert torch.equal(ours["conv1.weight"], theirs["conv1.weight"].sum(1, keepdim=True))  # RGB filters on gray
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs if k != "conv1.weight")
+    (served / file).unlink()  # the second time, the cached file serves
+    create_model("vgg", layout="vgg11", batch_norm=True, weights="imagenet")
+    (tmp_path / "data" / "weights" / file).write_bytes(b"damaged")
+    with pytest.raises(ImgclfError, match=f"{file} failed its sha256 check .* delete it and run again"):
+        create_model("vgg", layout="vgg11", batch_norm=True, weights="imagenet")
+    monkeypatch.setitem(data.PRETRAINED, "vgg11", closed_port_url() + "vgg11-0123abcd.pth")
+    with pytest.raises(ImgclfError, match=r"cannot download the ImageNet weights vgg11-0123abcd.pth .*offline, put"):
+        create_model("vgg", layout="vgg11", batch_norm=False, weights="imagenet")
+    with pytest.raises(ImgclfError, match="weights: imagenet is for the layouts vgg11, "):
+        create_model("vgg", layout=[8, "M"], weights="imagenet")
+    (tmp_path / "data" / "weights" / file).unlink()
+    (served / "again").mkdir()
+    monkeypatch.setitem(data.PRETRAINED, "vgg11_bn", url + "again/" + torchvision_vgg_file(served / "again",
+                                                                                          "vgg11_bn", source))
+    result = imgclf.train(dataset="digits", model="vgg", model_options={"layout": "vgg11", "weights": "imagenet",
+                          "freeze_features": True}, epochs=1, subset=50, out=tmp_path / "run", quiet=True)
+    recorded = yaml.safe_load((result.run_dir / "config.yaml").read_text())["model"]["weights"]  # the file used
+    assert recorded == str(tmp_path / "data" / "weights" / Path(data.PRETRAINED["vgg11_bn"]).name)
 
 
 def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch, server):

@@ -170,6 +170,8 @@ def _summary(args: argparse.Namespace) -> None:
     if not args.json:
         console.print(f"{escape(name)} for {escape(dataset)}: {channels}x{size}x{size} images, {classes} classes"
                       f"{' (--dataset NAME for another)' if not args.dataset else ''}")
+    # Shapes and counts only: a transfer base's weights are not read (nor ImageNet's downloaded).
+    options = {k: v for k, v in options.items() if k != "weights"}
     net = create_model(name, num_classes=classes, in_channels=channels, image_size=size, **options)
     summary = summarize(net, (channels, size, size))
     if args.json:

@@ -352,7 +352,8 @@ def _read_recipe(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> tuple
     if "base" in raw and path.resolve() in seen:
         raise ImgclfError(f"recipe {path} is its own base (through base: {raw['base']}); break the cycle")
     weights = (raw.get("model") or {}).get("weights") if isinstance(raw.get("model"), dict) else None
-    if isinstance(weights, str) and not Path(weights).expanduser().is_absolute():  # as base: is, from the file
+    if isinstance(weights, str) and weights != "imagenet" and not Path(weights).expanduser().is_absolute():
+        # as base: is, from the file
         raw = {**raw, "model": {**raw["model"], "weights": str((path.parent / weights).resolve())}}
     return path, over_base(raw, path.parent, (*seen, path.resolve()))
 

@@ -289,7 +289,7 @@ def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
         paths = {root / d["folder"] / f: md5 for f, md5 in d["files"].items()}
         for path, md5 in paths.items():
             if path not in passes and path.is_file():
-                passes[path] = file_md5(path) == md5
+                passes[path] = file_digest(path) == md5
         damaged = next((f"{path} fails its md5 check; {_FIX}" for path in paths if passes.get(path) is False), None)
         listed.append({"name": name, "classes": len(d["classes"]), "shape": d["shape"], "train": d["train_size"],
                        "test": d["test_size"], "description": d["description"], "damaged": damaged,
@@ -299,17 +299,18 @@ def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
 
 # ---- downloads and checksums ----
 
-def file_md5(path: Path | str) -> str:
+def file_digest(path: Path | str, algorithm: str = "md5") -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
-def _verify(name: str, path: Path, md5: str) -> None:
-    if (got := file_md5(path)) != md5:
-        raise ImgclfError(f"{name}: {path} failed its md5 check (got {got}, want {md5}); {_FIX}")
+def _verify(name: str, path: Path, digest: str, algorithm: str = "md5") -> None:
+    """A digest may be the start of one: torchvision names its weights files by their sha256's first 8 digits."""
+    if not (got := file_digest(path, algorithm)).startswith(digest):
+        raise ImgclfError(f"{name}: {path} failed its {algorithm} check (got {got}, want {digest}); {_FIX}")
 
 
-def _download(urls: list[str], dest: Path, md5: str) -> None:
+def _download(urls: list[str], dest: Path, digest: str, algorithm: str = "md5") -> None:
     """Fetch dest from the first url that answers; raise OSError naming every url's failure if none does."""
     sweep_stale(dest.parent, dest.name, ".part")  # what a killed download of this file left
     failures = []
@@ -323,12 +324,12 @@ def _download(urls: list[str], dest: Path, md5: str) -> None:
                 received = out.tell()
             if size and received < size:  # the server closed the connection early: say so, not "md5"
                 failures.append(f"{url} was cut off after {received:,} of its {size:,} bytes")
-            elif (got := file_md5(tmp)) == md5:
+            elif (got := file_digest(tmp, algorithm)).startswith(digest):
                 os.chmod(tmp, 0o644)  # mkstemp makes files private; datasets are meant to be shared
                 os.replace(tmp, dest)
                 return
             else:  # a damaged transfer, a changed mirror or a captive portal's page: the next mirror may do better
-                failures.append(f"{url} failed its md5 check (got {got}, want {md5})")
+                failures.append(f"{url} failed its {algorithm} check (got {got}, want {digest})")
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
             failures.append(f"{url}: {e}")
         finally:
@@ -351,6 +352,34 @@ def _one_download_at_a_time(folder: Path):
         yield
     finally:
         os.close(fd)
+
+
+# torchvision's ImageNet weights of the VGG nets (conv bases and heads): a name's hex starts the file's sha256.
+PRETRAINED = {name: f"https://download.pytorch.org/models/{name}-{digest}.pth" for name, digest in (
+    ("vgg11", "8a719046"), ("vgg13", "19584684"), ("vgg16", "397923af"), ("vgg19", "dcbb9e9d"),
+    ("vgg11_bn", "6002323d"), ("vgg13_bn", "abd245e5"), ("vgg16_bn", "6c64b313"), ("vgg19_bn", "c79401a0"))}
+
+
+def pretrained_file(name: str, data_dir: str | Path | None = None, download: bool = True) -> Path:
+    """The ImageNet weights file of PRETRAINED[name] in <data root>/weights/, downloaded on first use and checked
+    against the sha256 start its name carries, as datasets are against their md5."""
+    url = PRETRAINED[name]
+    folder = data_root(data_dir) / "weights"
+    dest = folder / url.rsplit("/", 1)[1]
+    if not dest.is_file():
+        if not download:
+            raise ImgclfError(f"ImageNet weights {dest.name} not found in {folder}; download them from {url} "
+                              "into that folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with _one_download_at_a_time(folder):
+            if not dest.is_file():  # another process may have fetched it while this one waited
+                try:
+                    _download([url], dest, dest.stem.rsplit("-", 1)[1], "sha256")
+                except OSError as e:
+                    raise ImgclfError(f"cannot download the ImageNet weights {dest.name} ({e}); offline, put the "
+                                      f"file from {url} into {folder}") from None
+    _verify(f"ImageNet weights {name}", dest, dest.stem.rsplit("-", 1)[1], "sha256")
+    return dest
 
 
 def _extract(name: str, archive: Path, folder: Path, wanted: list[str]) -> None:

@@ -336,18 +336,54 @@ class VGG(nn.Sequential):
         return self
 
 
+def imagenet_weights(options: dict[str, Any], data_dir: str | None = None) -> Path:
+    """The ImageNet weights file (torchvision's) of the vgg these options build, downloaded on first use."""
+    from imgclf.data import pretrained_file
+
+    defaults = {k: p.default for k, p in inspect.signature(vgg).parameters.items()}
+    layout, batch_norm = options.get("layout", defaults["layout"]), options.get("batch_norm", defaults["batch_norm"])
+    if not isinstance(layout, str) or layout not in _VGG_LAYOUTS:
+        raise ImgclfError(f"weights: imagenet is for the layouts {', '.join(_VGG_LAYOUTS)}, not {layout!r}; give a "
+                          "weights file for a layout of your own")
+    return pretrained_file(f"{layout}{'_bn' if batch_norm is True else ''}", data_dir)
+
+
+def _read_torchvision(path: str, features: nn.Module) -> dict[str, torch.Tensor]:
+    """A torchvision VGG's .pth (ImageNet weights): its features.N tensors, in order, under our names (the same
+    layers in the same order: conv, then batch norm). A 1-channel input sums the first filters' RGB weights."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+        theirs = [t for key, t in state.items() if key.startswith("features.")]
+    except Exception as e:  # pickle, zip and torch's own errors: one message for a file that is not this
+        raise ImgclfError(f"cannot read weights file {path!r} ({type(e).__name__}); it must be a .safetensors "
+                          "file or a torchvision VGG .pth") from None
+    ours = features.state_dict()
+    if len(theirs) != len(ours):
+        raise ImgclfError(f"weights file {path!r} holds {len(theirs)} conv-base tensors, the model {len(ours)}; "
+                          "check layout and batch_norm")
+    loaded = dict(zip(ours, theirs, strict=True))
+    first = next(iter(ours))
+    if ours[first].shape[1] == 1 and loaded[first].shape[1] == 3:  # gray images: luminance through RGB filters
+        loaded[first] = loaded[first].sum(1, keepdim=True)
+    return loaded
+
+
 def _load_features(features: nn.Module, path: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise ImgclfError(f"weights file {path!r} not found; give the path to a .safetensors file")
-    try:
-        loaded = load_file(path)
-    except SafetensorError as e:
-        raise ImgclfError(
-            f"cannot read weights file {path!r} ({e}); it must be a .safetensors file"
-        ) from None
+        raise ImgclfError(f"weights file {path!r} not found; give the path to a .safetensors file, or "
+                          "weights: imagenet")
+    if path.endswith(".pth"):
+        loaded = _read_torchvision(path, features)
+    else:
+        try:
+            loaded = load_file(path)
+        except SafetensorError as e:
+            raise ImgclfError(
+                f"cannot read weights file {path!r} ({e}); it must be a .safetensors file"
+            ) from None
     if any(key.startswith("features.") for key in loaded):  # a whole vgg's weights (a run's model.safetensors)
         loaded = {key.removeprefix("features."): t for key, t in loaded.items() if key.startswith("features.")}
     expected = features.state_dict()
@@ -380,6 +416,7 @@ def vgg(
     freeze_features: bool = False,
     weights: str | None = None,
 ) -> nn.Module:
+    layout_name = layout
     if isinstance(layout, str):
         layout = _VGG_LAYOUTS[_check_choice("layout", layout, tuple(_VGG_LAYOUTS))]
     if (
@@ -416,6 +453,8 @@ def vgg(
         bn_first=True,
     )
     features = nn.Sequential(OrderedDict(convs))
+    if weights == "imagenet":
+        weights = imagenet_weights({"layout": layout_name, "batch_norm": batch_norm})
     if weights is not None:
         _load_features(features, str(weights))
     in_features = channels if global_pool else channels * size * size

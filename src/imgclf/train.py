@@ -37,14 +37,14 @@ from imgclf.data import (
     canonical_data_dir,
     canonical_dataset,
     dataset_label,
-    file_md5,
+    file_digest,
     folder_stamp,
     load_dataset,
 )
 from imgclf.errors import ImgclfError, check_flags
 from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
 from imgclf.loader import alternating_flip, augment, batches, mixup, normalize, random_window
-from imgclf.models import count_params, create_model
+from imgclf.models import count_params, create_model, imagenet_weights
 from imgclf.optim import Lookahead, build_optimizer, lr_factor
 from imgclf.runs import (
     atomic_write,
@@ -274,8 +274,11 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     config = dataclasses.replace(config, data=dataclasses.replace(
         config.data, dataset=canonical_dataset(config.data.dataset), data_dir=canonical_data_dir(config.data.data_dir)))
     if isinstance(weights := config.model.options.get("weights"), str):  # a transfer base: from any folder too
+        # ImageNet's is fetched into the data folder (each rank waits for one download): the run records that file.
+        weights = (imagenet_weights(config.model.options, config.data.data_dir) if weights == "imagenet"
+                   else Path(weights).expanduser().resolve())
         config = dataclasses.replace(config, model=dataclasses.replace(
-            config.model, options={**config.model.options, "weights": str(Path(weights).expanduser().resolve())}))
+            config.model, options={**config.model.options, "weights": str(weights)}))
     config, run_dir, mode = _open_run(config, out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
     if mode == "resume" and dataset_obj is not None:
@@ -293,7 +296,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
             raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
                               "on it; choose another --out (or delete that run) to train on the folder as it is now")
         weights, weights_md5 = config.model.options.get("weights"), recorded.get("weights_md5")
-        if weights_md5 and Path(weights).is_file() and file_md5(weights) != weights_md5:
+        if weights_md5 and Path(weights).is_file() and file_digest(weights) != weights_md5:
             raise ImgclfError(f"{weights} changed since {run_dir} was trained from it; choose another --out (or "
                               "delete that run) to train from the file as it is now")
         # Read first: a damaged file is said before "reusing".
@@ -344,7 +347,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                        **options).to(device)
     # Of the transfer base as read, so that the same command after the file changed trains again, not reuses.
     weights_md5 = (read_json(run_dir / "model.json").get("weights_md5") if mode == "resume"
-                   else options.get("weights") and file_md5(options["weights"]))
+                   else options.get("weights") and file_digest(options["weights"]))
     if getattr(net, "freeze_features", False) and not config.model.options.get("weights") and mode == "new":
         warnings.warn("freeze_features without weights: the frozen conv base is random and only the head learns; "
                       "give the base's weights with --set model.weights=FILE.safetensors (a vgg run's "
