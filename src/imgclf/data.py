@@ -360,16 +360,13 @@ PRETRAINED = {name: f"https://download.pytorch.org/models/{name}-{digest}.pth" f
     ("vgg11_bn", "6002323d"), ("vgg13_bn", "abd245e5"), ("vgg16_bn", "6c64b313"), ("vgg19_bn", "c79401a0"))}
 
 
-def pretrained_file(name: str, data_dir: str | Path | None = None, download: bool = True) -> Path:
+def pretrained_file(name: str, data_dir: str | Path | None = None) -> Path:
     """The ImageNet weights file of PRETRAINED[name] in <data root>/weights/, downloaded on first use and checked
     against the sha256 start its name carries, as datasets are against their md5."""
     url = PRETRAINED[name]
     folder = data_root(data_dir) / "weights"
     dest = folder / url.rsplit("/", 1)[1]
     if not dest.is_file():
-        if not download:
-            raise ImgclfError(f"ImageNet weights {dest.name} not found in {folder}; download them from {url} "
-                              "into that folder")
         folder.mkdir(parents=True, exist_ok=True)
         with _one_download_at_a_time(folder):
             if not dest.is_file():  # another process may have fetched it while this one waited

@@ -72,7 +72,7 @@ def alternating_flip(images: torch.Tensor, epoch: int, seed: int) -> torch.Tenso
 
 def mixup(images: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(blend, partner, weight): each image blended with a partner from the same batch, weight ~ Beta(alpha,
-    alpha) for the whole batch (mixup, Zhang et al., 2018); the loss weighs the two labels alike."""
+    alpha) for the whole batch (mixup, Zhang et al., 2018); the loss weighs the two labels by the same weights."""
     from scipy.special import betaincinv  # Beta's inverse CDF: drawn from our seeded generator, so resume replays it
 
     weight = float(betaincinv(alpha, alpha, torch.rand((), generator=generator, device=generator.device).item()))
