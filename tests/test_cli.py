@@ -271,10 +271,15 @@ def test_image_folder_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the one this run held out" in err[0], err
     for args in (["datasets", "show", str(tmp_path / "shapes"), "--out", str(tmp_path / "shapes" / "pictures")],
-                 ["train", "--dataset", str(tmp_path / "shapes"), "--out", str(tmp_path / "shapes" / "run")]):
+                 ["train", "--dataset", str(tmp_path / "shapes"), "--out", str(tmp_path / "shapes" / "run")],
+                 ["compare", str(out), "--out", str(tmp_path / "shapes" / "train" / "cmp")],
+                 ["export", str(out), "--out", str(tmp_path / "shapes" / "onnx" / "m.onnx")],
+                 ["datasets", str(tmp_path / "shapes"), "--data-dir", str(tmp_path / "shapes")]):
         assert main(args) == 1  # what they write would be read as a class of images
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "inside the dataset folder" in err[0], err
+    assert not (tmp_path / "shapes" / "train" / "cmp").exists() and not (tmp_path / "shapes" / "onnx").exists()
+    assert main(["datasets", str(tmp_path / "shapes"), "--data-dir", str(tmp_path / "shapes" / ".cache")]) == 0
 
 
 def test_evaluate_on_another_dataset_with_matching_class_names(digits_run, tmp_path, capsys):

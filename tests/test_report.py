@@ -147,6 +147,18 @@ def test_compare_takes_a_folder_of_runs_and_prints_brackets(runs, tmp_path, caps
     (tmp_path / "none").mkdir()
     with pytest.raises(ImgclfError, match="holds no finished runs"):
         compare_runs([tmp_path / "none"], tmp_path / "out")
+    (tmp_path / "runs" / "a [copy]" / "model.safetensors").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match=r"skipped .*a \[copy\]/model.safetensors"):  # one damaged run of many
+        assert [r["run"] for r in compare_runs([tmp_path / "runs"], tmp_path / "out")] == ["b/crop"]
+    with pytest.raises(ImgclfError, match="model.safetensors"):  # named on its own: its damage is the answer
+        compare_runs([tmp_path / "runs" / "a [copy]"], tmp_path / "out")
+    for wrong in (5, [5]):
+        with pytest.raises(ImgclfError, match="give run folders: a path or a list of paths, not"):
+            compare_runs(wrong, tmp_path / "out")
+    with pytest.raises(ImgclfError, match="give a run folder .*, not 5"):
+        write_report(5)
+    with pytest.raises(ImgclfError, match="a recipe is a shipped recipe's name .* not 5"):
+        imgclf.train(recipe=5)
 
 
 def test_not_a_run_is_refused(runs, tmp_path):

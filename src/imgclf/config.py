@@ -384,6 +384,9 @@ def over_base(raw: dict[str, Any], folder: Path, seen: tuple[Path, ...] = ()) ->
 
 def load_recipe(name_or_path: str | Path) -> RunConfig:
     """A shipped recipe by name, or a YAML file (a recipe, a run's config.yaml or a tuning best.yaml)."""
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise ImgclfError(f"a recipe is a shipped recipe's name (see `imgclf recipes`) or a YAML file's path, not "
+                          f"{name_or_path!r}")
     path, raw = _read_recipe(name_or_path)
     config = RunConfig.from_dict(raw, source=f"recipe {path.name}")
     config.recipe = config.recipe or (path.stem if path.parent == recipe_dir() else str(path))
@@ -449,7 +452,7 @@ def make_config(recipe: str | Path | None = None, model: str | None = None, **ov
     None means "not given", DEFAULT (`--set lr=null`) the field's default. `model` replaces the recipe's model
     (and its options). `model_options` merges into the model's options (DEFAULT drops one: the model's default).
     """
-    config = load_recipe(recipe) if recipe else RunConfig()
+    config = load_recipe(recipe) if recipe is not None and recipe != "" else RunConfig()
     if model:
         config.model = ModelConfig(name=model)
     return apply_overrides(config, **overrides)

@@ -914,6 +914,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         folder = _ensure_files(name, root, download) if spec["files"] else root / spec["folder"]
         (class_names, arrays), stamp = _LOADERS[spec["kind"]](name, folder), None
     elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser().resolve()
+        if root.resolve().is_relative_to(folder) and not any(  # a hidden folder's files are never read
+                part.startswith(".") for part in root.resolve().relative_to(folder).parts):
+            raise ImgclfError(f"--data-dir {root} is inside the dataset folder {folder}, where its cache of decoded "
+                              "images would be read as a class; give a data folder outside it")
         class_names, arrays, stamp = _load_folder(Path(name).expanduser(), root, channels, image_size)
     else:
         raise _unknown(name)

@@ -24,7 +24,7 @@ from imgclf import __version__
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import as_model, prediction_options, tta_view_count, tta_views
 from imgclf.loader import normalize
-from imgclf.runs import atomic_write
+from imgclf.runs import atomic_write, outside_datasets
 
 # The export is checked on a batch of random images against PyTorch, and refused beyond this difference of
 # logits, relative to their largest magnitude (float32 kernels differ by about 1e-7 in practice).
@@ -106,6 +106,7 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     if Path(out).is_dir() or str(out).endswith(("/", os.sep)):  # a folder, as for cp: the file goes inside it
         out = Path(out) / "model.onnx"
     out = Path(out)
+    outside_datasets(out.parent, "the ONNX file", model.info.get("dataset"))
     if out.suffix.lower() != ".onnx":  # an existing photo or notes file would be overwritten; a new m.txt misnamed
         raise ImgclfError(f"{out} is not an .onnx file name; give --out a path ending in .onnx, or a folder "
                           "ending in / (nothing was written)")

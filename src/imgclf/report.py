@@ -242,6 +242,8 @@ def embedded_png(path: Path, alt: str) -> str:
 
 
 def _finished_run(run_dir: str | Path) -> Path:
+    if not isinstance(run_dir, str | os.PathLike):
+        raise ImgclfError(f"give a run folder (the --out of `imgclf train`), not {run_dir!r}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ImgclfError(f"{run_dir} is not a run folder; give the --out folder of a finished `imgclf train` run")
@@ -450,15 +452,18 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
     A folder that is not a run stands for the finished runs anywhere below it (runs/, a study's trials/)."""
     if isinstance(run_dirs, str | os.PathLike):  # one folder, not a sequence of one-letter names
         run_dirs = [run_dirs]
+    if not isinstance(run_dirs, list | tuple) or not all(isinstance(r, str | os.PathLike) for r in run_dirs):
+        raise ImgclfError(f"give run folders: a path or a list of paths, not {run_dirs!r}")
     if not run_dirs:
         raise ImgclfError("no runs to compare; give one or more run folders")
     out_dir = output_folder(out_dir, "the comparison")
     if (out_dir / "config.yaml").exists():  # its figures and report would mix with the run's own
         raise ImgclfError(f"--out {out_dir} holds a training run; give the comparison a folder of its own")
-    named: dict[Path, tuple[Path, str]] = {}  # resolved run folder (a run given twice is one) -> (folder, name)
+    # resolved run folder (a run given twice is one) -> (folder, name, whether found below a folder given)
+    named: dict[Path, tuple[Path, str, bool]] = {}
     for given in map(Path, run_dirs):
         if not given.is_dir() or (given / "config.yaml").exists():
-            named.setdefault(_finished_run(given).resolve(), (given, given.name))
+            named.setdefault(_finished_run(given).resolve(), (given, given.name, False))
             continue
         finished, stopped = runs_below(given)
         if stopped:
@@ -469,22 +474,37 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
                               "finished `imgclf train` run, or a folder of them")
         for run_dir in finished:
             try:
-                named.setdefault(_finished_run(run_dir).resolve(), (run_dir, str(run_dir.relative_to(given))))
+                named.setdefault(_finished_run(run_dir).resolve(), (run_dir, str(run_dir.relative_to(given)), True))
             except ImgclfError as e:  # one damaged run among many: the rest still compare, as unfinished ones do
                 warnings.warn(f"skipped {e}", stacklevel=2)
-    names = [name for _, name in named.values()]
+
+    def skipped(e: ImgclfError, found: bool) -> None:
+        if not found:  # a run named on its own: its damage is the answer
+            raise e
+        warnings.warn(f"skipped {e}", stacklevel=3)
+
+    names = [name for _, name, _ in named.values()]
+    runs = []  # (folder, name, found, summary, config, model.json) of the runs whose files read
+    for run_dir, name, found in named.values():
+        try:
+            runs.append((run_dir, name if names.count(name) == 1 else str(run_dir), found,  # not m1 twice
+                         read_json(run_dir / "summary.json"), _run_config(run_dir), read_json(run_dir / "model.json")))
+        except ImgclfError as e:
+            skipped(e, found)
+    output_folder(out_dir, "the comparison", *((config.get("data") or {}).get("dataset") for *_, config, _ in runs))
     rows, configs = [], []
-    for run_dir, name in named.values():
-        name = name if names.count(name) == 1 else str(run_dir)  # runs/m1 and other/m1, not m1 twice
-        summary, config, model_json = read_json(run_dir / "summary.json"), _run_config(run_dir), read_json(
-            run_dir / "model.json")
+    for run_dir, name, found, summary, config, model_json in runs:
+        try:
+            model = load_model(run_dir, device)
+        except ImgclfError as e:  # weights missing or damaged
+            skipped(e, found)
+            continue
         architecture, given = model_json.get("architecture") or {}, config.get("model") or {}
         if isinstance(architecture.get("options"), dict):  # as built, defaults filled in: cnn and cnn with its
             # defaults do not differ; a transfer base keeps its file (the built model records no path)
             config = {**config, "model": {"name": architecture.get("name"), **architecture["options"],
                                           **{k: given[k] for k in ("weights",) if k in given}}}
         configs.append(config)
-        model = load_model(run_dir, device)
         metrics = _evaluate_default_split(model, load_run_dataset(model, run_dir), None, None)[0]
         rows.append({
             "run": name,
@@ -497,6 +517,8 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
             "top5": None if metrics["top5_accuracy"] is None else round(metrics["top5_accuracy"], 5),
             "minutes": round(summary.get("seconds", 0) / 60, 3),
         })
+    if not rows:
+        raise ImgclfError("none of the runs could be read (see the warnings); nothing to compare")
     for row, differs in zip(rows, config_differences(configs), strict=True):
         row["differs"] = describe_settings(differs)
     text = io.StringIO()

@@ -39,21 +39,27 @@ from imgclf.models import create_model
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
-def output_folder(path: str | Path, contents: str, dataset: str | None = None) -> Path:
+def output_folder(path: str | Path, contents: str, *datasets: str | None) -> Path:
     """`path` as the --out folder for `contents`; a file there is refused before any work, not at the first write
-    with mkdir's "File exists". So is a folder inside the image-folder `dataset`: its images would become a class."""
-    from imgclf.data import DATASETS  # here: runs.py is imported by modules that data.py's imports need
-
+    with mkdir's "File exists". So is a folder inside an image-folder dataset: its files would become a class."""
     if not isinstance(path, str | os.PathLike):
         raise ImgclfError(f"the folder to write {contents} into is a path such as 'out', not {path!r}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ImgclfError(f"--out {path} is a file, not a folder; give the folder to write {contents} into")
-    if dataset and dataset not in DATASETS and Path(dataset).expanduser().is_dir():
-        folder = Path(dataset).expanduser().resolve()
-        if path.resolve().is_relative_to(folder):
-            raise ImgclfError(f"--out {path} is inside the dataset folder {folder}, where {contents} would be read "
-                              "as images of a class; give a folder outside it")
+    return outside_datasets(path, contents, *datasets)
+
+
+def outside_datasets(path: Path, contents: str, *datasets: str | None) -> Path:
+    """`path`, unless it lies inside an image-folder dataset, where what is written would become a class."""
+    from imgclf.data import DATASETS  # here: runs.py is imported by modules that data.py's imports need
+
+    for dataset in datasets:
+        if dataset and dataset not in DATASETS and Path(dataset).expanduser().is_dir():
+            folder = Path(dataset).expanduser().resolve()
+            if path.resolve().is_relative_to(folder):
+                raise ImgclfError(f"--out {path} is inside the dataset folder {folder}, where {contents} would be "
+                                  "read as images of a class; give a folder outside it")
     return path
 
 
