@@ -383,6 +383,36 @@ def test_imagenet_weights_are_downloaded_once_checked_and_loaded_by_order(tmp_pa
     assert recorded == str(tmp_path / "data" / "weights" / Path(data.PRETRAINED["vgg11_bn"]).name)
 
 
+def test_imagenet_resnet18_loads_all_but_its_head_and_a_cifar_stem_keeps_its_own(tmp_path, monkeypatch, server):
+    from imgclf.models import create_model
+
+    served, url = server
+    source = create_model("resnet18", stem="imagenet", num_classes=4)
+    names = {"stem.conv": "conv1", "stem.bn": "bn1"}  # torchvision's names
+    state = {names.get(k.rsplit(".", 1)[0], k.rsplit(".", 1)[0]).replace("shortcut", "downsample") + "."
+             + k.rsplit(".", 1)[1]: t for k, t in source.state_dict().items() if not k.startswith("fc.")}
+    torch.save({**state, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, served / "tmp.pth")
+    file = f"resnet18-{hashlib.sha256((served / 'tmp.pth').read_bytes()).hexdigest()[:8]}.pth"
+    (served / "tmp.pth").rename(served / file)
+    monkeypatch.setitem(data.PRETRAINED, "resnet18", url + file)
+    monkeypatch.setenv("IMGCLF_DATA", str(tmp_path / "data"))
+    theirs = source.state_dict()
+    gray = create_model("resnet18", stem="imagenet", in_channels=1, weights="imagenet").state_dict()
+    assert torch.equal(gray["stem.conv.weight"], theirs["stem.conv.weight"].sum(1, keepdim=True))
+    assert all(torch.equal(gray[k], t) for k, t in theirs.items() if not k.startswith(("fc.", "stem.conv")))
+    torch.manual_seed(0)
+    cifar = create_model("resnet18", weights="imagenet").state_dict()  # 3x3 stem: ImageNet's 7x7 filters do not fit
+    torch.manual_seed(0)
+    assert torch.equal(cifar["stem.conv.weight"], create_model("resnet18").state_dict()["stem.conv.weight"])
+    assert torch.equal(cifar["layer4.1.conv2.weight"], theirs["layer4.1.conv2.weight"])
+    with pytest.raises(ImgclfError, match="weights: imagenet is for resnet18 of width 64, not 32"):
+        create_model("resnet18", width=32, weights="imagenet")
+    result = imgclf.train(dataset="digits", model="resnet18", model_options={"weights": "imagenet"}, epochs=1,
+                          subset=50, batch_size=25, out=tmp_path / "run", quiet=True)
+    again = create_model("resnet18", num_classes=10, in_channels=1, weights=str(result.run_dir / "model.safetensors"))
+    assert torch.equal(again.state_dict()["stem.conv.weight"], result.model.state_dict()["stem.conv.weight"])
+
+
 def test_corrupt_download_leaves_nothing(tmp_path, monkeypatch, server):
     served, url = server
     make_mnist(served)

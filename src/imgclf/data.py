@@ -354,10 +354,11 @@ def _one_download_at_a_time(folder: Path):
         os.close(fd)
 
 
-# torchvision's ImageNet weights of the VGG nets (conv bases and heads): a name's hex starts the file's sha256.
+# torchvision's ImageNet weights of VGG and ResNet-18 (IMAGENET1K_V1): a name's hex starts the file's sha256.
 PRETRAINED = {name: f"https://download.pytorch.org/models/{name}-{digest}.pth" for name, digest in (
     ("vgg11", "8a719046"), ("vgg13", "19584684"), ("vgg16", "397923af"), ("vgg19", "dcbb9e9d"),
-    ("vgg11_bn", "6002323d"), ("vgg13_bn", "abd245e5"), ("vgg16_bn", "6c64b313"), ("vgg19_bn", "c79401a0"))}
+    ("vgg11_bn", "6002323d"), ("vgg13_bn", "abd245e5"), ("vgg16_bn", "6c64b313"), ("vgg19_bn", "c79401a0"),
+    ("resnet18", "f37072fd"))}
 
 
 def pretrained_file(name: str, data_dir: str | Path | None = None) -> Path:

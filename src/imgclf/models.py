@@ -336,10 +336,18 @@ class VGG(nn.Sequential):
         return self
 
 
-def imagenet_weights(options: dict[str, Any], data_dir: str | None = None) -> Path:
-    """The ImageNet weights file (torchvision's) of the vgg these options build, downloaded on first use."""
+def imagenet_weights(model: str, options: dict[str, Any], data_dir: str | None = None) -> Path:
+    """The ImageNet weights file (torchvision's) of the vgg or resnet18 these options build, downloaded on first
+    use into data_dir's weights/ folder."""
     from imgclf.data import pretrained_file
 
+    if model == "resnet18":
+        if options.get("width", 64) != 64:
+            raise ImgclfError(f"weights: imagenet is for resnet18 of width 64, not {options['width']!r}; drop "
+                              "width, or weights")
+        return pretrained_file("resnet18", data_dir)
+    if model != "vgg":
+        raise ImgclfError(f"weights: imagenet is for vgg and resnet18, not {model}")
     defaults = {k: p.default for k, p in inspect.signature(vgg).parameters.items()}
     layout, batch_norm = options.get("layout", defaults["layout"]), options.get("batch_norm", defaults["batch_norm"])
     if not isinstance(layout, str) or layout not in _VGG_LAYOUTS:
@@ -454,7 +462,7 @@ def vgg(
     )
     features = nn.Sequential(OrderedDict(convs))
     if weights == "imagenet":
-        weights = imagenet_weights({"layout": layout_name, "batch_norm": batch_norm})
+        weights = imagenet_weights("vgg", {"layout": layout_name, "batch_norm": batch_norm})
     if weights is not None:
         _load_features(features, str(weights))
     in_features = channels if global_pool else channels * size * size
@@ -485,25 +493,61 @@ class BasicBlock(nn.Module):
         return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
-@register_model("resnet18", "ResNet-18, CIFAR variant (3x3 stem, no stem max-pool), ~11.2M params")
-def resnet18(num_classes: int, in_channels: int, image_size: int, width: int = 64) -> nn.Module:
+def _load_resnet(net: nn.Module, path: str) -> None:
+    """All but the classifier from a torchvision ResNet-18 .pth (ImageNet's) or a resnet18 run's safetensors. The
+    CIFAR stem (3x3) keeps its own init under ImageNet's weights (7x7 filters): only stem: imagenet takes them. A
+    1-channel input sums the first filters' RGB weights."""
+    from safetensors.torch import load_file
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True) if path.endswith(".pth") else load_file(path)
+    except Exception as e:  # pickle, zip, safetensors and torch's own errors: one message for a file that is not this
+        raise ImgclfError(f"cannot read weights file {path!r} ({type(e).__name__}); give a torchvision ResNet-18 "
+                          ".pth or a resnet18 run's model.safetensors") from None
+    renamed = {"conv1": "stem.conv", "bn1": "stem.bn"}  # torchvision's names of the stem
+    loaded = {renamed.get(k.split(".")[0], k.split(".")[0]) + k[k.index("."):].replace("downsample", "shortcut"): t
+              for k, t in state.items() if not k.startswith("fc.")}
+    ours = {k: t for k, t in net.state_dict().items() if not k.startswith("fc.")}
+    theirs, mine = loaded.get("stem.conv.weight"), ours["stem.conv.weight"]
+    if theirs is not None and theirs.shape[-1] != mine.shape[-1]:  # ImageNet's 7x7 stem, our 3x3 one: its own init
+        loaded = {k: t for k, t in loaded.items() if not k.startswith("stem.")}
+        ours = {k: t for k, t in ours.items() if not k.startswith("stem.")}
+    elif theirs is not None and mine.shape[1] == 1 and theirs.shape[1] == 3:  # gray images
+        loaded["stem.conv.weight"] = theirs.sum(1, keepdim=True)
+    if ours.keys() != loaded.keys() or any(loaded[k].shape != t.shape for k, t in ours.items()):
+        wrong = sorted(ours.keys() ^ loaded.keys()) or [k for k, t in ours.items() if loaded[k].shape != t.shape]
+        raise ImgclfError(f"weights file {path!r} does not fit this resnet18 (e.g. {wrong[0]}); check width and stem")
+    net.load_state_dict(loaded, strict=False)
+
+
+@register_model("resnet18", "ResNet-18: CIFAR variant (3x3 stem, no stem max-pool; ~11.2M params) or ImageNet's")
+def resnet18(num_classes: int, in_channels: int, image_size: int, width: int = 64, stem: str = "cifar",
+             weights: str | None = None) -> nn.Module:
     width = _check_int("width", width)
+    stem = _check_choice("stem", stem, ("cifar", "imagenet"))
     widths = [width, 2 * width, 4 * width, 8 * width]
-    stem = nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-            bn=nn.BatchNorm2d(width),
-            relu=nn.ReLU(),
-        )
-    )
-    layers: Layers = [("stem", stem)]
+    if stem == "cifar":  # full resolution into layer1: 32x32 images keep their detail
+        first = [("conv", nn.Conv2d(in_channels, width, 3, padding=1, bias=False))]
+    else:  # torchvision's: a quarter of the resolution into layer1, for larger images and ImageNet's weights
+        first = [("conv", nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False))]
+    after = [("pool", nn.MaxPool2d(3, stride=2, padding=1))] if stem == "imagenet" else []
+    layers: Layers = [("stem", nn.Sequential(OrderedDict([*first, ("bn", nn.BatchNorm2d(width)), ("relu", nn.ReLU()),
+                                                           *after])))]
     channels = width
     for i, w in enumerate(widths, start=1):
         stride = 1 if i == 1 else 2
         layers.append((f"layer{i}", nn.Sequential(BasicBlock(channels, w, stride), BasicBlock(w, w, 1))))
         channels = w
     layers += [*_flatten_or_pool(True), ("fc", nn.Linear(channels, num_classes))]
-    return nn.Sequential(OrderedDict(layers))
+    net = nn.Sequential(OrderedDict(layers))
+    if weights == "imagenet":
+        weights = imagenet_weights("resnet18", {"width": width})
+    if weights is not None:
+        if not Path(str(weights)).is_file():
+            raise ImgclfError(f"weights file {weights!r} not found; give a torchvision ResNet-18 .pth, a resnet18 "
+                              "run's model.safetensors, or weights: imagenet")
+        _load_resnet(net, str(weights))
+    return net
 
 
 # ---------------------------------------------------------------------------------------------------------

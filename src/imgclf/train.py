@@ -275,7 +275,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         config.data, dataset=canonical_dataset(config.data.dataset), data_dir=canonical_data_dir(config.data.data_dir)))
     if isinstance(weights := config.model.options.get("weights"), str):  # a transfer base: from any folder too
         # ImageNet's is fetched into the data folder (each rank waits for one download): the run records that file.
-        weights = (imagenet_weights(config.model.options, config.data.data_dir) if weights == "imagenet"
+        weights = (imagenet_weights(config.model.name, config.model.options, config.data.data_dir)
+                   if weights == "imagenet"
                    else Path(weights).expanduser().resolve())
         config = dataclasses.replace(config, model=dataclasses.replace(
             config.model, options={**config.model.options, "weights": str(weights)}))
