@@ -506,7 +506,7 @@ def _load_resnet(net: nn.Module, path: str) -> None:
                           ".pth or a resnet18 run's model.safetensors") from None
     renamed = {"conv1": "stem.conv", "bn1": "stem.bn"}  # torchvision's names of the stem
     loaded = {renamed.get(k.split(".")[0], k.split(".")[0]) + k[k.index("."):].replace("downsample", "shortcut"): t
-              for k, t in state.items() if not k.startswith("fc.")}
+              for k, t in state.items() if "." in k and not k.startswith("fc.")}
     ours = {k: t for k, t in net.state_dict().items() if not k.startswith("fc.")}
     theirs, mine = loaded.get("stem.conv.weight"), ours["stem.conv.weight"]
     if theirs is not None and theirs.shape[-1] != mine.shape[-1]:  # ImageNet's 7x7 stem, our 3x3 one: its own init
@@ -527,12 +527,12 @@ def resnet18(num_classes: int, in_channels: int, image_size: int, width: int = 6
     stem = _check_choice("stem", stem, ("cifar", "imagenet"))
     widths = [width, 2 * width, 4 * width, 8 * width]
     if stem == "cifar":  # full resolution into layer1: 32x32 images keep their detail
-        first = [("conv", nn.Conv2d(in_channels, width, 3, padding=1, bias=False))]
+        stem_layers = [("conv", nn.Conv2d(in_channels, width, 3, padding=1, bias=False)),
+                       ("bn", nn.BatchNorm2d(width)), ("relu", nn.ReLU())]
     else:  # torchvision's: a quarter of the resolution into layer1, for larger images and ImageNet's weights
-        first = [("conv", nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False))]
-    after = [("pool", nn.MaxPool2d(3, stride=2, padding=1))] if stem == "imagenet" else []
-    layers: Layers = [("stem", nn.Sequential(OrderedDict([*first, ("bn", nn.BatchNorm2d(width)), ("relu", nn.ReLU()),
-                                                           *after])))]
+        stem_layers = [("conv", nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)),
+                       ("bn", nn.BatchNorm2d(width)), ("relu", nn.ReLU()), ("pool", nn.MaxPool2d(3, 2, padding=1))]
+    layers: Layers = [("stem", nn.Sequential(OrderedDict(stem_layers)))]
     channels = width
     for i, w in enumerate(widths, start=1):
         stride = 1 if i == 1 else 2
