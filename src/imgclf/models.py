@@ -356,6 +356,12 @@ def imagenet_weights(model: str, options: dict[str, Any], data_dir: str | None =
     return pretrained_file(f"{layout}{'_bn' if batch_norm is True else ''}", data_dir)
 
 
+def on_input_channels(filters: torch.Tensor, channels: int) -> torch.Tensor:
+    """First-layer filters of RGB weights for gray images: their sum sees a gray pixel as the RGB pixel of that
+    value. Other shapes pass unchanged (a mismatch is then said by the shape check)."""
+    return filters.sum(1, keepdim=True) if channels == 1 and filters.shape[1] == 3 else filters
+
+
 def _read_torchvision(path: str, features: nn.Module) -> dict[str, torch.Tensor]:
     """A torchvision VGG's .pth (ImageNet weights): its features.N tensors, in order, under our names (the same
     layers in the same order: conv, then batch norm). A 1-channel input sums the first filters' RGB weights."""
@@ -371,8 +377,7 @@ def _read_torchvision(path: str, features: nn.Module) -> dict[str, torch.Tensor]
                           "check layout and batch_norm")
     loaded = dict(zip(ours, theirs, strict=True))
     first = next(iter(ours))
-    if ours[first].shape[1] == 1 and loaded[first].shape[1] == 3:  # gray images: luminance through RGB filters
-        loaded[first] = loaded[first].sum(1, keepdim=True)
+    loaded[first] = on_input_channels(loaded[first], ours[first].shape[1])
     return loaded
 
 
@@ -512,8 +517,8 @@ def _load_resnet(net: nn.Module, path: str) -> None:
     if theirs is not None and theirs.shape[-1] != mine.shape[-1]:  # ImageNet's 7x7 stem, our 3x3 one: its own init
         loaded = {k: t for k, t in loaded.items() if not k.startswith("stem.")}
         ours = {k: t for k, t in ours.items() if not k.startswith("stem.")}
-    elif theirs is not None and mine.shape[1] == 1 and theirs.shape[1] == 3:  # gray images
-        loaded["stem.conv.weight"] = theirs.sum(1, keepdim=True)
+    elif theirs is not None:
+        loaded["stem.conv.weight"] = on_input_channels(theirs, mine.shape[1])
     if ours.keys() != loaded.keys() or any(loaded[k].shape != t.shape for k, t in ours.items()):
         wrong = sorted(ours.keys() ^ loaded.keys()) or [k for k, t in ours.items() if loaded[k].shape != t.shape]
         raise ImgclfError(f"weights file {path!r} does not fit this resnet18 (e.g. {wrong[0]}); check width and stem")
