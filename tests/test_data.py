@@ -338,15 +338,19 @@ def test_download_mnist(tmp_path, monkeypatch, server, capsys):
     assert "downloading" in capsys.readouterr().err
 
 
-def torchvision_vgg_file(folder: Path, name: str, net: torch.nn.Module) -> str:
-    """A .pth as torchvision saves a VGG (features.N and classifier.N tensors), named as its files are: with the
-    start of its sha256."""
-    state = {f"features.{i}.{key.rsplit('.', 1)[1]}": t.clone() for i, (key, t) in
-             enumerate(net.features.state_dict().items())}
-    torch.save({**state, "classifier.0.weight": torch.zeros(4, 4)}, folder / "tmp.pth")
+def torchvision_file(folder: Path, name: str, state: dict) -> str:
+    """`state` saved as torchvision's weights files are: NAME-<the start of its sha256>.pth; returns that name."""
+    torch.save(state, folder / "tmp.pth")
     digest = hashlib.sha256((folder / "tmp.pth").read_bytes()).hexdigest()[:8]
     (folder / "tmp.pth").rename(folder / f"{name}-{digest}.pth")
     return f"{name}-{digest}.pth"
+
+
+def torchvision_vgg_file(folder: Path, name: str, net: torch.nn.Module) -> str:
+    """A .pth as torchvision saves a VGG: features.N and classifier.N tensors."""
+    state = {f"features.{i}.{key.rsplit('.', 1)[1]}": t.clone() for i, (key, t) in
+             enumerate(net.features.state_dict().items())}
+    return torchvision_file(folder, name, {**state, "classifier.0.weight": torch.zeros(4, 4)})
 
 
 def test_imagenet_weights_are_downloaded_once_checked_and_loaded_by_order(tmp_path, monkeypatch, server):
@@ -391,9 +395,8 @@ def test_imagenet_resnet18_loads_all_but_its_head_and_a_cifar_stem_keeps_its_own
     names = {"stem.conv": "conv1", "stem.bn": "bn1"}  # torchvision's names
     state = {names.get(k.rsplit(".", 1)[0], k.rsplit(".", 1)[0]).replace("shortcut", "downsample") + "."
              + k.rsplit(".", 1)[1]: t for k, t in source.state_dict().items() if not k.startswith("fc.")}
-    torch.save({**state, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, served / "tmp.pth")
-    file = f"resnet18-{hashlib.sha256((served / 'tmp.pth').read_bytes()).hexdigest()[:8]}.pth"
-    (served / "tmp.pth").rename(served / file)
+    file = torchvision_file(served, "resnet18", {**state, "fc.weight": torch.zeros(1000, 512),
+                                                 "fc.bias": torch.zeros(1000)})
     monkeypatch.setitem(data.PRETRAINED, "resnet18", url + file)
     monkeypatch.setenv("IMGCLF_DATA", str(tmp_path / "data"))
     theirs = source.state_dict()

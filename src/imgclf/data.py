@@ -35,7 +35,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from imgclf.config import MAX_IMAGE_SIZE
 from imgclf.errors import ImgclfError, check_flags, did_you_mean
-from imgclf.runs import sweep_stale, temporary_file
+from imgclf.runs import outside_datasets, sweep_stale, temporary_file
 
 SPLITS = ("train", "val", "test")
 # The names each split's folder goes by in the layouts users bring (Roboflow's valid/, Kaggle's Training/),
@@ -915,11 +915,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         folder = _ensure_files(name, root, download) if spec["files"] else root / spec["folder"]
         (class_names, arrays), stamp = _LOADERS[spec["kind"]](name, folder), None
     elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser().resolve()
-        if root.resolve().is_relative_to(folder) and not any(  # a hidden folder's files are never read
-                part.startswith(".") for part in root.resolve().relative_to(folder).parts):
-            raise ImgclfError(f"--data-dir {root} is inside the dataset folder {folder}, where its cache of decoded "
-                              "images would be read as a class; give a data folder outside it")
+        outside_datasets(root, "its cache of decoded images", name, flag="--data-dir")
         class_names, arrays, stamp = _load_folder(Path(name).expanduser(), root, channels, image_size)
     else:
         raise _unknown(name)

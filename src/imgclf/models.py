@@ -362,15 +362,24 @@ def on_input_channels(filters: torch.Tensor, channels: int) -> torch.Tensor:
     return filters.sum(1, keepdim=True) if channels == 1 and filters.shape[1] == 3 else filters
 
 
-def _read_torchvision(path: str, features: nn.Module) -> dict[str, torch.Tensor]:
-    """A torchvision VGG's .pth (ImageNet weights): its features.N tensors, in order, under our names (the same
-    layers in the same order: conv, then batch norm). A 1-channel input sums the first filters' RGB weights."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
-        theirs = [t for key, t in state.items() if key.startswith("features.")]
-    except Exception as e:  # pickle, zip and torch's own errors: one message for a file that is not this
-        raise ImgclfError(f"cannot read weights file {path!r} ({type(e).__name__}); it must be a .safetensors "
-                          "file or a torchvision VGG .pth") from None
+def _read_weights(path: str, model: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: a .safetensors file (a run's model.safetensors) or torchvision's .pth."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ImgclfError(f"weights file {path!r} not found; give the path to a .safetensors file or a torchvision "
+                          f"{model} .pth, or weights: imagenet")
+    try:  # weights_only: tensors, no code runs
+        return torch.load(path, map_location="cpu", weights_only=True) if path.endswith(".pth") else load_file(path)
+    except Exception as e:  # pickle, zip, safetensors and torch's own errors: one message for a file that is not this
+        raise ImgclfError(f"cannot read weights file {path!r} ({type(e).__name__}: {e}); it must be a .safetensors "
+                          f"file or a torchvision {model} .pth") from None
+
+
+def _from_torchvision(state: dict[str, torch.Tensor], features: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """A torchvision VGG's features.N tensors, in order, under our names (the same layers in the same order: conv,
+    then batch norm). A 1-channel input sums the first filters' RGB weights."""
+    theirs = [t for key, t in state.items() if key.startswith("features.")]
     ours = features.state_dict()
     if len(theirs) != len(ours):
         raise ImgclfError(f"weights file {path!r} holds {len(theirs)} conv-base tensors, the model {len(ours)}; "
@@ -382,21 +391,9 @@ def _read_torchvision(path: str, features: nn.Module) -> dict[str, torch.Tensor]
 
 
 def _load_features(features: nn.Module, path: str) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise ImgclfError(f"weights file {path!r} not found; give the path to a .safetensors file, or "
-                          "weights: imagenet")
+    loaded = _read_weights(path, "VGG")
     if path.endswith(".pth"):
-        loaded = _read_torchvision(path, features)
-    else:
-        try:
-            loaded = load_file(path)
-        except SafetensorError as e:
-            raise ImgclfError(
-                f"cannot read weights file {path!r} ({e}); it must be a .safetensors file"
-            ) from None
+        loaded = _from_torchvision(loaded, features, path)
     if any(key.startswith("features.") for key in loaded):  # a whole vgg's weights (a run's model.safetensors)
         loaded = {key.removeprefix("features."): t for key, t in loaded.items() if key.startswith("features.")}
     expected = features.state_dict()
@@ -502,13 +499,7 @@ def _load_resnet(net: nn.Module, path: str) -> None:
     """All but the classifier from a torchvision ResNet-18 .pth (ImageNet's) or a resnet18 run's safetensors. The
     CIFAR stem (3x3) keeps its own init under ImageNet's weights (7x7 filters): only stem: imagenet takes them. A
     1-channel input sums the first filters' RGB weights."""
-    from safetensors.torch import load_file
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True) if path.endswith(".pth") else load_file(path)
-    except Exception as e:  # pickle, zip, safetensors and torch's own errors: one message for a file that is not this
-        raise ImgclfError(f"cannot read weights file {path!r} ({type(e).__name__}); give a torchvision ResNet-18 "
-                          ".pth or a resnet18 run's model.safetensors") from None
+    state = _read_weights(path, "ResNet-18")
     renamed = {"conv1": "stem.conv", "bn1": "stem.bn"}  # torchvision's names of the stem
     loaded = {renamed.get(k.split(".")[0], k.split(".")[0]) + k[k.index("."):].replace("downsample", "shortcut"): t
               for k, t in state.items() if "." in k and not k.startswith("fc.")}
@@ -548,9 +539,6 @@ def resnet18(num_classes: int, in_channels: int, image_size: int, width: int = 6
     if weights == "imagenet":
         weights = imagenet_weights("resnet18", {"width": width})
     if weights is not None:
-        if not Path(str(weights)).is_file():
-            raise ImgclfError(f"weights file {weights!r} not found; give a torchvision ResNet-18 .pth, a resnet18 "
-                              "run's model.safetensors, or weights: imagenet")
         _load_resnet(net, str(weights))
     return net
 
