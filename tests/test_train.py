@@ -637,6 +637,19 @@ def test_resume_refuses_what_it_would_ignore_and_other_images(tmp_path, monkeypa
     assert [r["epoch"] for r in resumed.history] == [1, 2]
 
 
+def test_a_read_only_run_folder_is_refused_before_training(tmp_path, monkeypatch):
+    import os
+
+    run = train(epochs=1, out=tmp_path / "run", **FAST)
+    (run.run_dir / "summary.json").unlink()  # a run left to resume
+    real_access = os.access
+    # as a user who is not root sees a run folder shared read-only (root may write anywhere)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != run.run_dir and real_access(p, mode))
+    monkeypatch.setattr(importlib.import_module("imgclf.train"), "train_one_epoch", pytest.fail)
+    with pytest.raises(ImgclfError, match=r"run is read-only, so no checkpoint could be saved there; make it"):
+        train(out=run.run_dir, resume=True, quiet=True)
+
+
 def test_runs_without_out_in_a_loop_each_get_a_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt: "20261207-080000")  # all within one second

@@ -76,6 +76,9 @@ def held_folder(path: Path, busy: str):
         return
     made = [d for d in (path, *path.parents) if not d.exists()]  # deepest first
     path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):  # else the first checkpoint would fail after an epoch of training
+        raise ImgclfError(f"{path} is read-only, so no checkpoint could be saved there; make it writable or copy "
+                          "the run to a folder of yours and use that")
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
