@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--shape", default="32x32x3", help="input HxWxC")
     parser.add_argument("--seconds", type=float, default=1.0, help="time each kernel for at least this long")
     args = parser.parse_args()
-    from imgclf.train import keep_freed_memory
+    from imgclf.device import keep_freed_memory
 
     keep_freed_memory()  # as training does: without it, page faults on fresh outputs inflate every figure
     height, _, channels = (int(v) for v in args.shape.split("x"))

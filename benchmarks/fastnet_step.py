@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclf import kernels
-from imgclf.evaluate import autocast, memory_format
+from imgclf.device import autocast, keep_freed_memory, memory_format, resolve_precision
 from imgclf.models import Conv3x3, MaxPool2x2, create_model
-from imgclf.train import keep_freed_memory, resolve_precision
 
 
 def with_torch_layers(net: nn.Module) -> None:
@@ -65,7 +64,7 @@ def main() -> None:
     if args.torch_layers:
         with_torch_layers(net)
     net.whiten.bias.requires_grad_(not args.frozen_whiten_bias)
-    precision = resolve_precision(args.precision, torch.device("cpu"), net)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     layout = memory_format(net, precision)
     net = net.to(memory_format=layout)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,

@@ -38,7 +38,7 @@ def matmul_tflops() -> tuple[str, float]:
     the morning of 2026-12-01 and at 0.4-0.9 that evening: seconds in two rows compare only at the same speed."""
     import torch
 
-    from imgclf.evaluate import cpu_has_fast_bf16
+    from imgclf.device import cpu_has_fast_bf16
 
     dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
@@ -54,8 +54,7 @@ def matmul_tflops() -> tuple[str, float]:
 def machine(*speeds: tuple[str, float]) -> str:
     """Cores, processor name, its bf16 units and the matmul speeds measured around the runs (before, after: a
     drift shows)."""
-    from imgclf.evaluate import cpu_bf16_units
-    from imgclf.train import cpu_name
+    from imgclf.device import cpu_bf16_units, cpu_name
 
     tflops = " then ".join(f"{t:.2f}" for _, t in speeds)
     return (f"{os.cpu_count()} cores {cpu_name()} ({cpu_bf16_units() or 'no bf16 units'}), "
@@ -187,7 +186,7 @@ def images_per_second(net, batch_size: int, shape: tuple[int, int, int], precisi
     import torch
     import torch.nn.functional as F
 
-    from imgclf.evaluate import autocast, memory_format
+    from imgclf.device import autocast, memory_format
 
     cpu = torch.device("cpu")
     fmt = memory_format(net, precision)
@@ -222,8 +221,8 @@ def images_per_second(net, batch_size: int, shape: tuple[int, int, int], precisi
 def throughput(args: argparse.Namespace) -> None:
     import torch
 
+    from imgclf.device import keep_freed_memory
     from imgclf.models import MODELS, create_model
-    from imgclf.train import keep_freed_memory
 
     keep_freed_memory()  # as training does
     names = args.models.split(",") if args.models else sorted(MODELS)

@@ -15,7 +15,8 @@ from PIL import Image
 from test_export import saved_run
 
 from imgclf import serve as serve_module
-from imgclf.evaluate import predict, prediction_precision, predictions_json, read_images
+from imgclf.device import prediction_precision
+from imgclf.evaluate import predict, predictions_json, read_images
 from imgclf.serve import create_app
 
 
@@ -85,9 +86,9 @@ def test_tta_can_be_switched_per_request(tmp_path):
 
 def test_a_reduced_precision_run_predicts_in_what_this_cpu_does_fast(tmp_path, monkeypatch):
     run = saved_run(tmp_path / "run", "lenet", 1, 28, precision="bf16")
-    cpu, evaluate_module = torch.device("cpu"), importlib.import_module("imgclf.evaluate")
+    cpu, device_module = torch.device("cpu"), importlib.import_module("imgclf.device")
     for fast_bf16, expected in ((False, "fp32"), (True, "bf16")):
-        monkeypatch.setattr(evaluate_module, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
+        monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
         assert prediction_precision("bf16", cpu) == prediction_precision("fp16", cpu) == expected
         assert prediction_precision("fp32", cpu) == "fp32"
         assert TestClient(create_app(run)).get("/info").json()["precision"] == expected

@@ -10,15 +10,16 @@ import safetensors.torch
 import torch
 
 import imgclf
+import imgclf.device as device_module
 from imgclf import evaluate, train
 from imgclf.config import TrainConfig, load_recipe
 from imgclf.data import load_dataset
+from imgclf.device import memory_format, resolve_precision
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import memory_format, predict_logits, tta_views
+from imgclf.evaluate import predict_logits, tta_views
 from imgclf.models import create_model
 from imgclf.optim import hidden_matrices, lr_factor, orthogonalize
 from imgclf.runs import load_model, read_metrics
-from imgclf.train import resolve_precision
 
 FAST = dict(dataset="digits", model="cnn", batch_size=64, lr=3e-3, quiet=True)
 
@@ -272,15 +273,13 @@ def test_a_batch_of_one_with_batch_norm_is_a_one_line_error(tmp_path):
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_fast_bf16(monkeypatch):
     device = torch.device("cpu")
-    mlp = create_model("mlp", in_channels=1, image_size=8)
-    train_module = importlib.import_module("imgclf.train")
-    monkeypatch.setattr(train_module, "cpu_has_fast_bf16", lambda: True)
-    assert resolve_precision("auto", device, mlp) == "bf16"
-    monkeypatch.setattr(train_module, "cpu_has_fast_bf16", lambda: False)
-    assert resolve_precision("auto", device, mlp) == "fp32"
-    assert resolve_precision("fp32", device, create_model("cnn")) == "fp32"
+    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", device) == "bf16"
+    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", device) == "fp32"
+    assert resolve_precision("fp32", device) == "fp32"
     with pytest.raises(ImgclfError, match="fp16"):
-        resolve_precision("fp16", device, create_model("cnn"))
+        resolve_precision("fp16", device)
 
 
 def test_fast_training_options(tmp_path):
@@ -299,10 +298,9 @@ def test_fast_training_options(tmp_path):
 
 
 def test_convnets_take_channels_last_where_it_was_measured_faster(monkeypatch):
-    evaluate_module = importlib.import_module("imgclf.evaluate")
     cnn, mlp = create_model("cnn"), create_model("mlp")
     for fast_bf16, fp32_layout in ((True, torch.contiguous_format), (False, torch.channels_last)):
-        monkeypatch.setattr(evaluate_module, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
+        monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda fast=fast_bf16: fast)
         assert memory_format(cnn, "bf16") == torch.channels_last
         assert memory_format(cnn, "fp32") == fp32_layout
         assert memory_format(mlp, "bf16") == memory_format(mlp, "fp32") == torch.contiguous_format
@@ -407,7 +405,7 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path):
 def test_freed_activation_memory_stays_with_the_process_for_reuse():
     # A freed 200 MB tensor normally goes straight back to the system (a fresh mmap every step, paid in page
     # faults); after keep_freed_memory the heap keeps it.
-    script = ("import torch\nfrom imgclf.train import keep_freed_memory\n"
+    script = ("import torch\nfrom imgclf.device import keep_freed_memory\n"
               "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
               "keep_freed_memory()\n"
               "before = rss(); x = torch.ones(50_000_000); del x\n"

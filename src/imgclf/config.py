@@ -86,7 +86,7 @@ class TrainConfig:
     # centre and two diagonal 1-pixel shifts (airbench)
     tta_margin: float | None = None  # probability: only images whose centre view (and its flip) puts the top two
     # classes closer than this get the other TTA views, a fraction of the cost; None or 1: every image gets every view
-    precision: str = "auto"  # auto: bf16 where it is faster (convnets on AMX CPUs, CUDA), else fp32
+    precision: str = "auto"  # auto: bf16 on CPUs with AMX or AVX512-BF16 and on CUDA (else fp16 there), else fp32
     device: str = "auto"
     seed: int = 0
     threads: int | None = None  # CPU threads; None: all physical cores

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import itertools
 import numbers
 import os
@@ -29,58 +26,10 @@ from imgclf.data import (
     load_dataset,
     read_image,
 )
+from imgclf.device import autocast, keep_freed_memory, memory_format, prediction_precision
 from imgclf.errors import ImgclfError
 from imgclf.loader import normalize
 from imgclf.runs import TrainedModel, load_model, warn_if_unfinished
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@functools.cache
-def cpu_bf16_units() -> str | None:
-    """The CPU's bf16 matrix instructions: "AMX", "AVX512-BF16" (e.g. AMD Zen 4) or None."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 make bf16 convolutions 2-4x faster than fp32; elsewhere bf16 is slower."""
-    return cpu_bf16_units() is not None
-
-
-def memory_format(net: torch.nn.Module, precision: str) -> torch.memory_format:
-    """channels_last for convnets in reduced precision (oneDNN's fast bf16 layout on AMX CPUs) and in fp32 on
-    CPUs without fast bf16 (faster on an AVX2 EPYC: the throughput rows at 6521ec7 in benchmarks/RESULTS.md),
-    else contiguous."""
-    if not any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
-        return torch.contiguous_format
-    on_cpu = next(net.parameters()).device.type == "cpu"
-    fp32_fast = precision == "fp32" and on_cpu and not cpu_has_fast_bf16()
-    return torch.channels_last if precision != "fp32" or fp32_fast else torch.contiguous_format
-
-
-@functools.cache  # once per process: training and every prediction call ask for it
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep and reuse freed blocks instead of handing every large one back to the system.
-
-    By default each block above 32 MB (a batch of activations or their gradients) is a fresh mmap whose pages
-    fault in on first touch, every step: 7-13% of a fastnet step on CIFAR-10 (benchmarks/fastnet_step.py
-    --no-keep-freed-memory). The process keeps its peak heap until it ends. Elsewhere (macOS, musl) a no-op.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, not from mmap
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
 
 
 def tta_shifts(augment: list[str], shift: int | None = None) -> list[tuple[int, int]]:
@@ -256,20 +205,6 @@ def _align_labels(split_labels: torch.Tensor, data_classes: list[str], model_cla
                           "evaluate on data whose class names match the model's")
     mapping = torch.tensor([model_classes.index(c) for c in data_classes])
     return mapping[split_labels]
-
-
-def prediction_precision(run_precision: str, device: torch.device) -> str:
-    """The run's precision, unless this device lacks it: a run trained in bf16 on a CPU with AMX, or in fp16 on a
-    GPU, is predicted in fp32 on a CPU without fast bf16, where bf16 runs many times slower (fastnet trained at
-    8 against 101 img/s on an AVX2 EPYC, benchmarks/RESULTS.md), and fp16 is never used on a CPU."""
-    if run_precision == "fp32":
-        return "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if (run_precision == "bf16" and device.type == "cuda"
-            and not torch.cuda.is_bf16_supported(including_emulation=False)):  # emulated bf16: far slower
-        return "fp16"
-    return run_precision
 
 
 def prediction_options(model: TrainedModel, tta: bool | None,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from imgclf.device import cpuinfo
 from imgclf.errors import disk_full
 
 _SOURCE = r"""
@@ -247,11 +248,8 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 
 def _cpu_signature() -> str:
     """-march=native builds for this processor: the cached library is keyed by its model and flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    return "\n".join(sorted({line for line in text.splitlines() if line.startswith(("model name", "flags"))}))
+    lines = {line for line in cpuinfo().splitlines() if line.startswith(("model name", "flags"))}
+    return "\n".join(sorted(lines)) if lines else platform.processor()
 
 
 def _build(compiler: str, path: Path) -> None:

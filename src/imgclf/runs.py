@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 
 from imgclf import __version__
-from imgclf.config import DEVICES
+from imgclf.device import resolve_device
 from imgclf.errors import ImgclfError
 from imgclf.models import create_model
 
@@ -250,17 +250,6 @@ def save_model(run_dir: Path, net: torch.nn.Module, class_names: list[str], mean
         **info,
     }
     atomic_write(run_dir / "model.json", json.dumps(meta, indent=2))
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """'auto' is the GPU where there is one; 'cuda:1' names one of several."""
-    if str(name).split(":")[0] not in DEVICES:
-        raise ImgclfError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise ImgclfError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedModel:

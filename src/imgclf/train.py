@@ -41,8 +41,17 @@ from imgclf.data import (
     folder_stamp,
     load_dataset,
 )
+from imgclf.device import (
+    autocast,
+    cpu_has_fast_bf16,
+    cpu_name,
+    keep_freed_memory,
+    memory_format,
+    resolve_device,
+    resolve_precision,
+)
 from imgclf.errors import ImgclfError, check_flags
-from imgclf.evaluate import autocast, cpu_has_fast_bf16, keep_freed_memory, memory_format, predict_logits
+from imgclf.evaluate import predict_logits
 from imgclf.loader import alternating_flip, augment, batches, mixup, normalize, random_window
 from imgclf.models import count_params, create_model, imagenet_weights
 from imgclf.optim import Lookahead, build_optimizer, lr_factor
@@ -55,7 +64,6 @@ from imgclf.runs import (
     output_folder,
     read_json,
     read_metrics,
-    resolve_device,
     save_checkpoint,
     save_model,
     write_metrics,
@@ -99,19 +107,6 @@ class TrainImages:
 
 
 # ---- choices made from the config and the machine ---------------------------------------------------
-
-def resolve_precision(precision: str, device: torch.device, net: torch.nn.Module) -> str:
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ImgclfError("fp16 is for CUDA GPUs; use --precision bf16 or fp32 on the CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"  # T4, V100: fp16
-    # Measured (benchmarks/RESULTS.md, throughput): bf16 trains every registered model faster than fp32, from
-    # 1.5x (mlp, lenet) to 4x (resnet18) with AMX, 1.6x to 2.3x with AVX512-BF16 alone (Zen 4); without either
-    # it is slower.
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
 
 # ---- the run folder -----------------------------------------------------------------------------------
 
@@ -368,7 +363,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         raise ImgclfError(f"batches of {per_rank} image{'s' if per_rank != 1 else ''}"
                           f"{' per process' if ctx.enabled else ''}: batch norm needs 2 or more; use a larger "
                           "--batch-size, or a model without batch norm")
-    precision = resolve_precision(cfg.precision, device, net)
+    precision = resolve_precision(cfg.precision, device)
     layout = memory_format(net, precision)
     net = net.to(memory_format=layout)
     optimizer = build_optimizer(net, cfg, precision)
@@ -599,16 +594,6 @@ def _tensorboard_writer(run_dir: Path) -> Callable[[], Any]:
         raise ImgclfError("--tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or the imgclf[tensorboard] extra)") from None
     return partial(SummaryWriter, str(run_dir / "tensorboard"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def whitening_bias(net: torch.nn.Module) -> torch.nn.Parameter | None:
