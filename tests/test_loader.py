@@ -45,8 +45,8 @@ def test_cutout_zeroes_a_square_and_nothing_else():
 
 def test_augment_is_seeded():
     x = images()
-    a = augment(x, ["crop", "flip", "cutout"], torch.Generator().manual_seed(1))
-    b = augment(x, ["crop", "flip", "cutout"], torch.Generator().manual_seed(1))
+    a = augment(x, ["crop", "flip", "cutout"], torch.Generator().manual_seed(1), 4, 8)
+    b = augment(x, ["crop", "flip", "cutout"], torch.Generator().manual_seed(1), 4, 8)
     assert torch.equal(a, b)
 
 

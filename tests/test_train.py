@@ -430,7 +430,7 @@ def test_the_api_takes_what_a_notebook_gives_it_and_leaves_its_matplotlib_alone(
         with pytest.raises(ImgclfError, match=message):
             train(config, out=tmp_path / "other", **options)
     data = load_dataset("digits")
-    with pytest.raises(ImgclfError, match="subset, val_split would be ignored: the Dataset passed is already loaded"):
+    with pytest.raises(ImgclfError, match="val_split, subset would be ignored: the Dataset passed is already loaded"):
         train(dataset=data, model="mlp", subset=50, val_split=0.5, out=tmp_path / "other")
     with pytest.raises(ImgclfError, match=r"images are a torch.float32 tensor .* give uint8 pixels"):
         predict(result, data.test.images[:3].float() / 255)

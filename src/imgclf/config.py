@@ -73,7 +73,7 @@ class TrainConfig:
     step_size: int = 10  # 'step' schedule: multiply lr by step_gamma every step_size epochs
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
-    augment: list[str] = field(default_factory=list)  # any of crop, flip, altflip, cutout
+    augment: list[str] = field(default_factory=list)  # any of AUGMENTATIONS (above)
     crop_padding: int | None = None  # pixels of translation by random crop; None: image size / 8 (4 for 32x32)
     cutout_size: int | None = None  # pixels: side of the cutout square; None: image size / 4 (8 for 32x32)
     mixup_alpha: float = 0.2  # mixup: the blend weight is drawn from Beta(alpha, alpha); small alpha, mild blends

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
 from imgclf.config import MAX_IMAGE_SIZE
-from imgclf.errors import ImgclfError, check_flags, did_you_mean
+from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_whole
 from imgclf.runs import outside_datasets, sweep_stale, temporary_file
 
 SPLITS = ("train", "val", "test")
@@ -139,6 +139,9 @@ class Split:
         return h.hexdigest()[:16]
 
 
+LOAD_OPTIONS = ("val_split", "subset", "grayscale", "image_size")  # how load_dataset read a Dataset
+
+
 @dataclass
 class Dataset:
     """A loaded dataset. A folder with only test/ loads with an empty train split, for evaluation; its mean
@@ -152,8 +155,8 @@ class Dataset:
     mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] pixel units
     std: tuple[float, ...]
     folder_stamp: str | None = None  # an image folder's files as loaded (folder_stamp()), None for a named dataset
-    # load_dataset's val_split, subset, grayscale and image_size, which a run trained on this object records in its
-    # config.yaml (not the seed: a run's own seed carves the split evaluate rebuilds)
+    # load_dataset's LOAD_OPTIONS, which a run trained on this object records in its config.yaml (not the seed: a
+    # run's own seed carves the split evaluate rebuilds)
     loaded_with: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -896,17 +899,16 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
     if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
         raise ImgclfError(f"data_dir is a folder path, not {data_dir!r}")
     check_flags(grayscale=grayscale, download=download)
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+    if not is_whole(seed, 0, 2**32 - 1):
         raise ImgclfError(f"seed {seed!r}: use a whole number from 0 to 2**32 - 1")
     if channels not in (None, 1, 3):
         raise ImgclfError(f"channels must be 1 or 3, got {channels}; pass channels=1 or channels=3")
     if grayscale and channels == 3:
         raise ImgclfError("grayscale means 1 channel but channels=3; drop grayscale or channels")
-    if image_size is not None and (not isinstance(image_size, numbers.Integral) or isinstance(image_size, bool)
-                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):  # as RunConfig.validate says it
+    if image_size is not None and not is_whole(image_size, 1, MAX_IMAGE_SIZE):  # as RunConfig.validate says it
         raise ImgclfError(f"invalid image size {image_size!r}; use 1 to {MAX_IMAGE_SIZE} pixels (small-image "
                           "classifiers)")
-    if subset is not None and (not isinstance(subset, numbers.Integral) or isinstance(subset, bool) or subset < 1):
+    if subset is not None and not is_whole(subset):
         raise ImgclfError(f"invalid subset {subset!r}; use a positive whole number of images")
     channels = 1 if grayscale else channels
     root = data_root(data_dir)
@@ -939,5 +941,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                           "training on all of them", stacklevel=2)
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
-    return Dataset(name, class_names, Split(images, labels), val, test, mean, std, stamp, {
-        "val_split": val_split, "subset": subset, "grayscale": grayscale, "image_size": image_size})
+    loaded_with = {"val_split": val_split, "subset": subset, "grayscale": grayscale, "image_size": image_size}
+    return Dataset(name, class_names, Split(images, labels), val, test, mean, std, stamp, loaded_with)

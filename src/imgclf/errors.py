@@ -2,6 +2,7 @@
 
 import difflib
 import errno
+import numbers
 import shutil
 import sys
 from collections.abc import Iterable
@@ -19,6 +20,12 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
     """' (did you mean 'lr'?)' for a misspelt name close to one of the choices, else ''."""
     close = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def is_whole(value: object, minimum: int = 1, maximum: int | None = None) -> bool:
+    """Whether value is a whole number (numpy's too, never a bool) from minimum to maximum."""
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+            and (maximum is None or value <= maximum))
 
 
 def disk_full(folder: str | Path) -> bool:

@@ -27,7 +27,7 @@ from imgclf.data import (
     read_image,
 )
 from imgclf.device import autocast, keep_freed_memory, memory_format, prediction_precision
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, is_whole
 from imgclf.loader import normalize
 from imgclf.runs import TrainedModel, load_model, warn_if_unfinished
 
@@ -267,7 +267,7 @@ def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | N
     """
     if dataset is not None and not isinstance(dataset, str | os.PathLike | Dataset):
         raise ImgclfError(f"dataset is a name, an image folder or a loaded Dataset, not {dataset!r}")
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_whole(batch_size):
         raise ImgclfError(f"batch_size {batch_size!r}: give a whole number of images, 1 or more")
     model, run_dir = as_model(run_or_model, device)
     data = dataset if isinstance(dataset, Dataset) else load_run_dataset(model, run_dir, dataset, data_dir)
@@ -325,7 +325,7 @@ def predictions_json(names: list[str], results: list[list[tuple[str, float]]]) -
 
 
 def _check_top_k(top_k) -> None:
-    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
+    if not is_whole(top_k):
         raise ImgclfError(f"top-k {top_k!r}: ask for 1 or more labels per image (a whole number)")
 
 

@@ -29,24 +29,26 @@ def _windows(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by up to `padding` pixels (a random crop of the reflect-padded image)."""
-    n, _, h, w = images.shape
     padded = F.pad(images.float(), (padding,) * 4, mode="reflect").to(images.dtype)
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
-    return _windows(padded, dy, dx, h, w)
+    return random_window(padded, images.shape[2:], generator)
 
 
-def random_window(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """A random size x size window of each image (progressive resizing: cheaper early epochs)."""
+def random_window(images: torch.Tensor, size: int | tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """A random window of each image, size x size or (height, width) pixels."""
     n, _, h, w = images.shape
-    dy = torch.randint(0, h - size + 1, (n,), generator=generator, device=images.device)
-    dx = torch.randint(0, w - size + 1, (n,), generator=generator, device=images.device)
-    return _windows(images, dy, dx, size, size)
+    height, width = (size, size) if isinstance(size, int) else size
+    dy = torch.randint(0, h - height + 1, (n,), generator=generator, device=images.device)
+    dx = torch.randint(0, w - width + 1, (n,), generator=generator, device=images.device)
+    return _windows(images, dy, dx, height, width)
+
+
+def flip_where(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The images left-right flipped where the boolean `flip` (one per image) is set."""
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    return flip_where(images, torch.rand(len(images), generator=generator, device=images.device) < 0.5)
 
 
 def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -66,8 +68,7 @@ def alternating_flip(images: torch.Tensor, epoch: int, seed: int) -> torch.Tenso
     Every image is seen both ways within two epochs, which random flipping only gives on average.
     """
     halves = torch.rand(len(images), generator=torch.Generator().manual_seed(seed)).to(images.device) < 0.5
-    flip = halves ^ bool(epoch % 2)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    return flip_where(images, halves ^ bool(epoch % 2))
 
 
 def mixup(images: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -80,8 +81,9 @@ def mixup(images: torch.Tensor, alpha: float, generator: torch.Generator) -> tup
     return weight * images + (1 - weight) * images[partner], partner, weight
 
 
-def augment(images: torch.Tensor, kinds: list[str], generator: torch.Generator,
-            crop_padding: int = 4, cutout_size: int = 8) -> torch.Tensor:
+def augment(images: torch.Tensor, kinds: list[str], generator: torch.Generator, crop_padding: int,
+            cutout_size: int) -> torch.Tensor:
+    """The batch with the crop (translate), random flip and cutout of `kinds` applied, in that order."""
     if "crop" in kinds and crop_padding > 0:
         images = random_crop(images, crop_padding, generator)
     if "flip" in kinds:

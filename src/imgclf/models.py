@@ -7,7 +7,6 @@ instead of a shape error deep inside torch.
 
 import functools
 import inspect
-import numbers
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch import nn
 
 from imgclf import kernels
 from imgclf.config import typed_option
-from imgclf.errors import ImgclfError, did_you_mean
+from imgclf.errors import ImgclfError, did_you_mean, is_whole
 
 Builder = Callable[..., nn.Module]
 
@@ -86,7 +85,7 @@ def create_model(
     defaults = check_model_options(name, options)
     builder = MODELS[name].builder
     for arg, value in zip(_SHAPE_ARGS, (num_classes, in_channels, image_size), strict=True):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:  # numpy's ints too
+        if not is_whole(value):  # numpy's ints too
             raise ImgclfError(f"{arg} must be a positive integer, got {value!r}")
     try:
         model = builder(int(num_classes), int(in_channels), int(image_size), **options)
@@ -348,7 +347,7 @@ def imagenet_weights(model: str, options: dict[str, Any], data_dir: str | None =
         return pretrained_file("resnet18", data_dir)
     if model != "vgg":
         raise ImgclfError(f"weights: imagenet is for vgg and resnet18, not {model}")
-    defaults = {k: p.default for k, p in inspect.signature(vgg).parameters.items()}
+    defaults = _option_defaults(vgg)
     layout, batch_norm = options.get("layout", defaults["layout"]), options.get("batch_norm", defaults["batch_norm"])
     if not isinstance(layout, str) or layout not in _VGG_LAYOUTS:
         raise ImgclfError(f"weights: imagenet is for the layouts {', '.join(_VGG_LAYOUTS)}, not {layout!r}; give a "

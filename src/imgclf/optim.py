@@ -119,6 +119,10 @@ class Muon(torch.optim.SGD):
         return super().step(closure)
 
 
+LOOKAHEAD_EVERY = 5  # steps between two pulls of the weights to the slow weights (airbench)
+LOOKAHEAD_ALPHA = 0.95**5  # the slow weights' share after a pull at the peak lr; times lr factor cubed later
+
+
 class Lookahead:
     """Slow weights that follow the net's weights, and pull them back: w_slow += (1 - alpha) (w - w_slow); w = w_slow.
 

@@ -33,6 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from imgclf import __version__, distributed
 from imgclf.config import RunConfig, apply_overrides, make_config, unused_settings
 from imgclf.data import (
+    LOAD_OPTIONS,
     Dataset,
     canonical_data_dir,
     canonical_dataset,
@@ -54,7 +55,7 @@ from imgclf.errors import ImgclfError, check_flags
 from imgclf.evaluate import predict_logits
 from imgclf.loader import alternating_flip, augment, batches, mixup, normalize, random_window
 from imgclf.models import count_params, create_model, imagenet_weights
-from imgclf.optim import Lookahead, build_optimizer, lr_factor
+from imgclf.optim import LOOKAHEAD_ALPHA, LOOKAHEAD_EVERY, Lookahead, build_optimizer, lr_factor
 from imgclf.runs import (
     atomic_write,
     held_folder,
@@ -200,22 +201,20 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         if ignored:
             raise ImgclfError(f"resume=True continues the run with its own settings, so {', '.join(ignored)} would "
                               "be ignored; drop them, or train with them into a new out")
-    loading = sorted({"subset", "val_split", "image_size", "grayscale"} & overrides.keys())
+    loading = [key for key in LOAD_OPTIONS if key in overrides]
     if dataset_obj is not None and loading:
         raise ImgclfError(f"{', '.join(loading)} would be ignored: the Dataset passed is already loaded; give "
                           "them to load_dataset instead")
+    dataset_name = dataset_obj.name if dataset_obj else dataset
     if config is None:
-        name = dataset_obj.name if dataset_obj else dataset
-        config = make_config(recipe=recipe, model=model, dataset=name, **overrides)
+        config = make_config(recipe=recipe, model=model, dataset=dataset_name, **overrides)
     elif recipe or model:
         raise ImgclfError("pass a RunConfig or recipe= / model=, not both (set config.model.name to change its model)")
     else:  # options given beside a config change it, as they would change a recipe
-        dataset_name = dataset_obj.name if dataset_obj else dataset
-        config = apply_overrides(copy.deepcopy(config), **overrides, **({"dataset": dataset_name} if dataset else {}))
+        config = apply_overrides(copy.deepcopy(config), dataset=dataset_name, **overrides)
     if dataset_obj is not None:  # config.yaml says how the object was loaded, not the recipe's own data settings
-        for key in ("val_split", "subset", "grayscale", "image_size"):
-            if key in dataset_obj.loaded_with:
-                setattr(config.data, key, dataset_obj.loaded_with[key])
+        for key, value in dataset_obj.loaded_with.items():
+            setattr(config.data, key, value)
     world_size = distributed.world_size()  # checked before joining: then no rank has a process group to tear down
     if config.train.batch_size % world_size:
         raise ImgclfError(f"batch size {config.train.batch_size} does not split evenly over {world_size} processes; "
@@ -660,8 +659,8 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         learner.scaler.update()
         if learner.ema is not None:
             learner.ema.update_parameters(inner)
-        if learner.lookahead is not None and (first_step + step) % 5 == 0:
-            learner.lookahead.step(inner, 0.95 ** 5 * factor ** 3)  # hold on tighter as the lr decays
+        if learner.lookahead is not None and (first_step + step) % LOOKAHEAD_EVERY == 0:
+            learner.lookahead.step(inner, LOOKAHEAD_ALPHA * factor**3)  # hold on tighter as the lr decays
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
