@@ -31,7 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
-from imgclf.config import RunConfig, apply_overrides, make_config, unused_settings
+from imgclf.config import RunConfig, TrainConfig, apply_overrides, make_config, unused_settings
 from imgclf.data import (
     LOAD_OPTIONS,
     Dataset,
@@ -282,28 +282,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
             raise ImgclfError(f"{run_dir} holds a run started on other images than the Dataset passed; resume it "
                               "with the Dataset it started with (or without one, if it started from a name)")
     if mode == "reuse":
-        recorded = read_json(run_dir / "model.json")
-        digest, stamp, folder = recorded.get("train_digest"), recorded.get("folder_stamp"), config.data.dataset
-        if dataset_obj is not None and digest and dataset_obj.train.digest() != digest:
-            raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
-                              "the Dataset passed; choose another out (or delete the folder) to train on these")
-        if dataset_obj is None and stamp and Path(folder).is_dir() and folder_stamp(folder) != stamp:
-            raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
-                              "on it; choose another --out (or delete that run) to train on the folder as it is now")
-        weights, weights_md5 = config.model.options.get("weights"), recorded.get("weights_md5")
-        if weights_md5 and Path(weights).is_file() and file_digest(weights) != weights_md5:
-            raise ImgclfError(f"{weights} changed since {run_dir} was trained from it; choose another --out (or "
-                              "delete that run) to train from the file as it is now")
-        # Read first: a damaged file is said before "reusing".
-        trained = load_model(run_dir, rank_device or resolve_device(config.train.device)).net.eval()
-        reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
-                             reused=True, model=trained)
-        say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
-            "retraining (delete the folder or choose another --out to train again)")
-        if report and ctx.is_main:
-            from imgclf.report import write_report
-            say(f"report: {escape(str(write_report(run_dir)))}")
-        return reused
+        return _reuse_finished_run(config, run_dir, dataset_obj, rank_device, say, report and ctx.is_main)
 
     # Checked before any writing; made after config.yaml (its folder alone would make --out "not a run folder").
     make_board, board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None, None
@@ -347,21 +326,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         warnings.warn("freeze_features without weights: the frozen conv base is random and only the head learns; "
                       "give the base's weights with --set model.weights=FILE.safetensors (a vgg run's "
                       "model.safetensors will do)", stacklevel=3)
-    if cfg.whiten_bias_epochs is not None and whitening_bias(net) is None:
-        raise ImgclfError(f"whiten_bias_epochs is for nets with a patch-whitening layer (fastnet); "
-                          f"{config.model.name} has none: remove it from the recipe")
-    if cfg.progressive_size:
-        _check_progressive(net, config.model.name, cfg.progressive_size, (c, h, w), device)
-    for name, pixels, used in (("crop_padding", cfg.crop_padding, "crop" in cfg.augment),
-                               ("cutout_size", cfg.cutout_size, "cutout" in cfg.augment),
-                               ("tta_shift", cfg.tta_shift, cfg.tta)):
-        if used and pixels is not None and pixels >= min(h, w):
-            raise ImgclfError(f"{name} {pixels} is not smaller than the {h}x{w} images; use fewer pixels")
-    per_rank = min(cfg.batch_size, len(data.train)) // ctx.world_size
-    if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-        raise ImgclfError(f"batches of {per_rank} image{'s' if per_rank != 1 else ''}"
-                          f"{' per process' if ctx.enabled else ''}: batch norm needs 2 or more; use a larger "
-                          "--batch-size, or a model without batch norm")
+    _check_trainable(net, config.model.name, cfg, (c, h, w), len(data.train), ctx, device)
     precision = resolve_precision(cfg.precision, device)
     layout = memory_format(net, precision)
     net = net.to(memory_format=layout)
@@ -567,6 +532,54 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         from imgclf.report import write_report
         say(f"report: {escape(str(write_report(run_dir)))}")
     return TrainResult(run_dir, history, summary, model=evaluation_net().eval())
+
+
+def _reuse_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset | None,
+                        rank_device: torch.device | None, say: Callable[..., None], report: bool) -> TrainResult:
+    """The finished run in run_dir, after checking it was trained on these images (and weights file)."""
+    recorded = read_json(run_dir / "model.json")
+    digest, stamp, folder = recorded.get("train_digest"), recorded.get("folder_stamp"), config.data.dataset
+    if dataset_obj is not None and digest and dataset_obj.train.digest() != digest:
+        raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
+                          "the Dataset passed; choose another out (or delete the folder) to train on these")
+    if dataset_obj is None and stamp and Path(folder).is_dir() and folder_stamp(folder) != stamp:
+        raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
+                          "on it; choose another --out (or delete that run) to train on the folder as it is now")
+    weights, weights_md5 = config.model.options.get("weights"), recorded.get("weights_md5")
+    if weights_md5 and Path(weights).is_file() and file_digest(weights) != weights_md5:
+        raise ImgclfError(f"{weights} changed since {run_dir} was trained from it; choose another --out (or "
+                          "delete that run) to train from the file as it is now")
+    # Read first: a damaged file is said before "reusing".
+    trained = load_model(run_dir, rank_device or resolve_device(config.train.device)).net.eval()
+    reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
+                         reused=True, model=trained)
+    say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
+        "retraining (delete the folder or choose another --out to train again)")
+    if report:
+        from imgclf.report import write_report
+        say(f"report: {escape(str(write_report(run_dir)))}")
+    return reused
+
+
+def _check_trainable(net: torch.nn.Module, name: str, cfg: TrainConfig, shape: tuple[int, int, int], train_images: int,
+                     ctx: distributed.Context, device: torch.device) -> None:
+    """Fail before training on settings this net and these images cannot train with."""
+    h, w = shape[1:]
+    if cfg.whiten_bias_epochs is not None and whitening_bias(net) is None:
+        raise ImgclfError(f"whiten_bias_epochs is for nets with a patch-whitening layer (fastnet); "
+                          f"{name} has none: remove it from the recipe")
+    if cfg.progressive_size:
+        _check_progressive(net, name, cfg.progressive_size, shape, device)
+    for setting, pixels, used in (("crop_padding", cfg.crop_padding, "crop" in cfg.augment),
+                                  ("cutout_size", cfg.cutout_size, "cutout" in cfg.augment),
+                                  ("tta_shift", cfg.tta_shift, cfg.tta)):
+        if used and pixels is not None and pixels >= min(h, w):
+            raise ImgclfError(f"{setting} {pixels} is not smaller than the {h}x{w} images; use fewer pixels")
+    per_rank = min(cfg.batch_size, train_images) // ctx.world_size
+    if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        raise ImgclfError(f"batches of {per_rank} image{'s' if per_rank != 1 else ''}"
+                          f"{' per process' if ctx.enabled else ''}: batch norm needs 2 or more; use a larger "
+                          "--batch-size, or a model without batch norm")
 
 
 def _check_progressive(net: torch.nn.Module, name: str, size: int, shape: tuple[int, int, int],
