@@ -298,3 +298,16 @@ def test_fastnet_input_pad_repeats_the_edge_so_a_28_pixel_image_gets_a_7x7_last_
     with pytest.raises(ImgclfError, match="whiten_kernel 4 must be smaller than the image"):
         create_model("fastnet", in_channels=1, image_size=4, whiten_kernel=4, widths=[8, 8, 8])
     assert create_model("fastnet", in_channels=1, image_size=4, whiten_kernel=4, widths=[8, 8, 8], input_pad=1)
+
+
+def test_model_summary_is_of_the_net_train_would_build():
+    from imgclf.models import model_summary
+
+    summary = model_summary("cnn", dataset="mnist", model_options={"filters": [4, 8]})
+    net = create_model("cnn", num_classes=10, in_channels=1, image_size=28, filters=[4, 8])
+    assert (summary.model, summary.dataset, summary.num_classes) == ("cnn", "mnist", 10)
+    assert summary.input_shape == (1, 28, 28)
+    assert summary.rows == summarize(net, (1, 28, 28)).rows
+    assert model_summary(recipe="mnist-fast", image_size=32, grayscale=True).input_shape == (1, 32, 32)
+    with pytest.raises(ImgclfError, match="give a model name or a recipe"):
+        model_summary()

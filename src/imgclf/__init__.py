@@ -3,6 +3,7 @@
 The Python API:
     load_dataset(name, ...)          -> Dataset (uint8 tensors, class names, normalization)
     create_model(name, ...)          -> torch.nn.Module from the model registry
+    model_summary(model, recipe, dataset) -> ModelSummary (Keras-style: layers, output shapes, params; .table())
     train(dataset=..., model=..., ...) -> TrainResult (a run folder with the trained model)
     evaluate(run_dir, ...)           -> dict of metrics
     predict(run_dir, image_paths)    -> top-k (class name, probability) per image
@@ -22,7 +23,8 @@ import types
 __version__ = "0.1.0"
 
 # Imported on first use (PEP 562), so `imgclf --help` and one-line errors need not load torch and scikit-learn.
-_API = {"load_dataset": "imgclf.data", "create_model": "imgclf.models", "train": "imgclf.train",
+_API = {"load_dataset": "imgclf.data", "create_model": "imgclf.models", "model_summary": "imgclf.models",
+        "train": "imgclf.train",
         "evaluate": "imgclf.evaluate", "predict": "imgclf.evaluate",
         "predict_files": "imgclf.evaluate", "load_model": "imgclf.runs",
         "export_onnx": "imgclf.export", "write_report": "imgclf.report", "compare_runs": "imgclf.report",

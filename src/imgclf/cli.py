@@ -27,7 +27,6 @@ from imgclf.config import (
     SAMPLERS,
     SCHEDULES,
     list_recipes,
-    make_config,
     parse_settings,
 )
 from imgclf.errors import ImgclfError, PeerLost, UsageError, one_line_warning, unexpected
@@ -145,8 +144,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _summary(args: argparse.Namespace) -> None:
-    from imgclf.data import dataset_info, load_dataset
-    from imgclf.models import create_model, summarize
+    from imgclf.models import model_summary
 
     if not args.recipe and not args.model:
         raise UsageError("give --model NAME or --recipe NAME_OR_YAML")
@@ -154,31 +152,15 @@ def _summary(args: argparse.Namespace) -> None:
     settings = parse_settings(args.set)
     if args.image_size is not None and "image_size" in settings:
         raise UsageError("image_size given both as a flag and in --set; give it once")
-    config = make_config(recipe=args.recipe, model=args.model, **{"image_size": args.image_size, **settings})
-    name, options, grayscale = config.model.name, config.model.options, config.data.grayscale
-    image_size = config.data.image_size
-    dataset = args.dataset or (config.data.dataset if args.recipe else "cifar10")
-    info = dataset_info(dataset)
-    if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
-        data = load_dataset(dataset, val_split=0, grayscale=grayscale, image_size=image_size,
-                            data_dir=args.data_dir)
-        data.check_trainable()  # not the summary of a model that train refuses
-        channels, size, classes = data.in_channels, data.image_size, data.num_classes
-    else:
-        channels, classes = 1 if grayscale else info.channels, info.num_classes
-        size = image_size or info.image_size
-    if not args.json:
-        console.print(f"{escape(name)} for {escape(dataset)}: {channels}x{size}x{size} images, {classes} classes"
-                      f"{' (--dataset NAME for another)' if not args.dataset else ''}")
-    # Shapes and counts only: a transfer base's weights are not read (nor ImageNet's downloaded).
-    options = {k: v for k, v in options.items() if k != "weights"}
-    net = create_model(name, num_classes=classes, in_channels=channels, image_size=size, **options)
-    summary = summarize(net, (channels, size, size))
+    summary = model_summary(args.model, args.recipe, args.dataset, args.data_dir,
+                            **{"image_size": args.image_size, **settings})
     if args.json:
-        print(json.dumps({"model": name, "input_shape": [channels, size, size], "num_classes": classes,
-                          **summary.to_dict()}))
-    else:
-        console.print(summary.table())
+        print(json.dumps(summary.to_dict()))
+        return
+    channels, size = summary.input_shape[:2]
+    console.print(f"{escape(summary.model)} for {escape(summary.dataset)}: {channels}x{size}x{size} images, "
+                  f"{summary.num_classes} classes{' (--dataset NAME for another)' if not args.dataset else ''}")
+    console.print(summary.table())
 
 
 def _models(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ Builders validate their options up front so a bad config fails with a one-line I
 instead of a shape error deep inside torch.
 """
 
+import dataclasses
 import functools
 import inspect
 from collections import OrderedDict
@@ -571,6 +572,10 @@ class ModelSummary:
     trainable_params: int
     total_params: int
     non_trainable_params: int
+    input_shape: tuple[int, int, int]  # channels, height, width
+    num_classes: int | None = None  # what model_summary fills in: the classes and dataset it was built for
+    model: str | None = None
+    dataset: str | None = None
 
     def table(self) -> Table:
         table = Table(show_footer=True)
@@ -588,6 +593,8 @@ class ModelSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model": self.model, "dataset": self.dataset, "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "non_trainable_params": self.non_trainable_params,
@@ -619,7 +626,34 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
         for m, training in modes.items():
             m.training = training
     trainable, total = count_params(model)
-    return ModelSummary(rows, trainable, total, total - trainable)
+    return ModelSummary(rows, trainable, total, total - trainable, tuple(input_shape))
+
+
+def model_summary(model: str | None = None, recipe: str | Path | None = None, dataset: str | None = None,
+                  data_dir: str | None = None, **settings: Any) -> ModelSummary:
+    """The Keras-style summary of the net `train` would build with these arguments (the model of the recipe, or
+    `model`, for the dataset's images: the recipe's, else CIFAR-10's). `settings` are train's (image_size,
+    grayscale, model_options, ...). No weights file is read or downloaded: shapes and counts only."""
+    from imgclf.config import make_config
+    from imgclf.data import dataset_info, load_dataset
+
+    if not recipe and not model:
+        raise ImgclfError("give a model name or a recipe (see `imgclf models` and `imgclf recipes`)")
+    config = make_config(recipe=recipe, model=model, **settings)
+    dataset = dataset or (config.data.dataset if recipe else "cifar10")
+    grayscale, image_size = config.data.grayscale, config.data.image_size
+    info = dataset_info(dataset)
+    if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
+        data = load_dataset(dataset, val_split=0, grayscale=grayscale, image_size=image_size, data_dir=data_dir)
+        data.check_trainable()  # not the summary of a model that train refuses
+        channels, size, classes = data.in_channels, data.image_size, data.num_classes
+    else:
+        channels, classes = 1 if grayscale else info.channels, info.num_classes
+        size = image_size or info.image_size
+    options = {k: v for k, v in config.model.options.items() if k != "weights"}
+    net = create_model(config.model.name, num_classes=classes, in_channels=channels, image_size=size, **options)
+    return dataclasses.replace(summarize(net, (channels, size, size)), num_classes=classes,
+                               model=config.model.name, dataset=str(dataset))
 
 
 # ---------------------------------------------------------------------------------------------------------
