@@ -207,3 +207,11 @@ def test_more_processes_than_gpus_is_said_in_one_line(monkeypatch):
     with pytest.raises(ImgclfError, match=r"2 processes on this machine but 1 GPU\(s\): one process per GPU; use "
                                           r"--nproc 1"):
         distributed.setup("cuda")
+
+
+def test_ranks_split_the_cores_where_the_system_has_no_cpu_affinity(monkeypatch):
+    from imgclf import distributed
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert distributed.threads_per_rank(distributed.Context(0, 2, 2, "gloo")) == 2

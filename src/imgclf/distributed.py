@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from imgclf.device import usable_cpus
 from imgclf.errors import ImgclfError, PeerLost
 
 # A rank that waits longer than this for the others gives up, so a stuck or dead peer ends the job
@@ -126,7 +127,7 @@ def setup(device_name: str) -> tuple[Context, torch.device | None]:
 
 def threads_per_rank(ctx: Context) -> int:
     """This machine's cores split between its ranks (torchrun itself sets 1 thread per rank)."""
-    return max(1, len(os.sched_getaffinity(0)) // ctx.local_world_size)
+    return max(1, usable_cpus() // ctx.local_world_size)
 
 
 def wrap(net: torch.nn.Module, ctx: Context, device: torch.device) -> torch.nn.Module:

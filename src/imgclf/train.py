@@ -50,6 +50,7 @@ from imgclf.device import (
     memory_format,
     resolve_device,
     resolve_precision,
+    usable_cpus,
 )
 from imgclf.errors import ImgclfError, check_flags
 from imgclf.evaluate import predict_logits
@@ -289,10 +290,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     cfg = config.train
     started = time.perf_counter()
     threads = cfg.threads
-    if threads and threads > (os.cpu_count() or 1):  # more threads than CPUs made a test suite 6x slower
-        warnings.warn(f"--threads {threads} is more than this machine's {os.cpu_count()} CPUs, which would slow "
-                      f"training down; using {os.cpu_count()}", stacklevel=3)
-        threads = os.cpu_count()
+    if threads and threads > usable_cpus():  # more threads than CPUs made a test suite 6x slower
+        warnings.warn(f"--threads {threads} is more than the {usable_cpus()} CPUs this process may use, which would "
+                      f"slow training down; using {usable_cpus()}", stacklevel=3)
+        threads = usable_cpus()
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:  # fine for a quick try of a recipe, not for a result
         warnings.warn(f"the warm-up ({cfg.warmup_epochs:g} epochs) lasts the whole {cfg.epochs}-epoch run, so the "
                       f"learning rate never reaches its peak {cfg.lr:g}; use fewer --warmup-epochs", stacklevel=3)

@@ -42,6 +42,7 @@ from rich.table import Table
 
 from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describe_settings, override_path
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_dataset
+from imgclf.device import usable_cpus
 from imgclf.distributed import end_with_parent
 from imgclf.errors import ImgclfError, disk_full, one_line_warning, unexpected
 from imgclf.models import check_model_options
@@ -449,7 +450,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     failed_workers = []
     if n_trials > 0:
         processes = min(workers, n_trials)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cpus()
         if processes > cores:  # each still gets a thread: the trials share the cores and all run slower
             warnings.warn(f"--workers {processes} is more than this machine's {cores} CPUs; each trial gets one "
                           f"thread and they share the CPUs (use --workers {cores} or fewer)", stacklevel=2)
