@@ -640,8 +640,12 @@ def test_a_folder_cache_with_missing_arrays_is_decoded_again(tmp_path):
     first = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
     (cache,) = (tmp_path / "cache" / "folder-cache").glob("*.npz")
     np.savez(cache, skipped=np.array([], dtype=str))
+    stray = cache.with_name(f".{cache.name}.x1y2.tmp")  # as a kill during an earlier write of the cache left it
+    stray.write_bytes(b"half")
+    os.utime(stray, (time.time() - 3600, time.time() - 3600))
     again = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
     assert torch.equal(first.train.images, again.train.images)
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # rewritten whole; the stray swept
 
 
 def test_folder_with_only_test_serves_evaluation(tmp_path):

@@ -35,7 +35,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from imgclf.config import MAX_IMAGE_SIZE
 from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_whole
-from imgclf.runs import outside_datasets, sweep_stale, temporary_file
+from imgclf.runs import atomic_write, outside_datasets, sweep_stale, temporary_file
 
 SPLITS = ("train", "val", "test")
 # The names each split's folder goes by in the layouts users bring (Roboflow's valid/, Kaggle's Training/),
@@ -727,20 +727,11 @@ def _carved_test(files: np.ndarray, labels: np.ndarray, fraction: float = 0.2) -
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # uncompressed: reading the cache must be much faster than decoding
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
+    try:  # uncompressed: reading the cache must be much faster than decoding
+        atomic_write(path, lambda file: np.savez(file, **arrays))
+    except (OSError, ImgclfError) as e:
         warnings.warn(f"could not write the folder cache {path} ({e}); the next load decodes again",
                       stacklevel=4)
-    finally:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def _file_stamp(path: str) -> tuple[int, int, int]:

@@ -23,9 +23,10 @@ import re
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
@@ -117,7 +118,8 @@ def sweep_stale(folder: Path, name: str, suffix: str) -> None:
                 stray.unlink()
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], object]) -> None:
+    """Write `data` (or what the function `data` writes into the open file) as `path`, whole or not at all."""
     path = Path(path)
     # The folders this write makes, deepest first: a failed write leaves none of them behind.
     made = [] if path.parent.is_dir() else [p for p in (path.parent, *path.parent.parents) if not p.exists()]
@@ -136,7 +138,10 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):  # large arrays: written straight to the file, not copied in memory first
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
