@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -479,6 +480,10 @@ def test_the_api_names_an_unknown_sampler_or_pruner(tmp_path):
         tune("digits", pruner="asha", out=tmp_path / "out")
     with pytest.raises(ImgclfError, match="trials must be a positive whole number, got 1.5"):
         tune("digits", trials=1.5, out=tmp_path / "out")
+    # numpy's numbers, as a notebook's sweep gives them
+    result = tune("digits", pruner="none", trials=np.int64(1), epochs=np.int64(1), timeout=np.float32(600),
+                  out=tmp_path / "numpy", quiet=True)
+    assert result.counts["COMPLETE"] == 1
 
 
 def test_a_worker_process_says_any_failure_in_one_line(monkeypatch, capsys):

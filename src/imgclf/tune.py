@@ -44,7 +44,7 @@ from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describ
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_dataset
 from imgclf.device import usable_cpus
 from imgclf.distributed import end_with_parent
-from imgclf.errors import ImgclfError, disk_full, one_line_warning, unexpected
+from imgclf.errors import ImgclfError, disk_full, is_whole, one_line_warning, unexpected
 from imgclf.models import check_model_options
 from imgclf.runs import atomic_write, natural_key, output_folder, written_together
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
@@ -378,12 +378,17 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
     if pruner not in PRUNERS:
         raise ImgclfError(f"unknown pruner '{pruner}'; choose one of {', '.join(PRUNERS)}")
-    for label, value, kind in (("trials", trials, int), ("epochs", epochs, int), ("executions per trial", executions,
-                               int), ("workers", workers, int), ("subset", subset, int), ("timeout", timeout, float)):
-        # not `<= 0`: NaN passes that and would mean no limit at all
-        if value is not None and not (isinstance(value, int | kind) and not isinstance(value, bool) and value > 0):
-            raise ImgclfError(f"{label} must be a positive {'number' if kind is float else 'whole number'}, "
-                              f"got {value!r}")
+    for label, value in (("trials", trials), ("epochs", epochs), ("executions per trial", executions),
+                         ("workers", workers), ("subset", subset)):
+        if value is not None and not is_whole(value):
+            raise ImgclfError(f"{label} must be a positive whole number, got {value!r}")
+    # not `<= 0`: NaN passes that and would mean no limit at all
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0):
+        raise ImgclfError(f"timeout must be a positive number, got {timeout!r}")
+    # numpy's numbers as Python's: they go into the study's JSON records
+    trials, epochs, executions, workers, subset = (v if v is None else int(v)
+                                                   for v in (trials, epochs, executions, workers, subset))
+    timeout = timeout if timeout is None else float(timeout)
     say = (lambda *a: None) if quiet else console.print
     space_obj = load_space(space)
     base = RunConfig.from_dict(space_obj.base, source=f"search space {space_obj.name}: base")
