@@ -272,12 +272,8 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 def _evaluate_default_split(model: TrainedModel, data: Dataset, split: str | None, tta: bool | None
                             ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    if split is not None:
-        return evaluate_with_logits(model, data, split, tta)
-    try:
-        return evaluate_with_logits(model, data, "test", tta)
-    except ImgclfError:  # e.g. a folder of training images only: the held-out val split is the best we have
-        return evaluate_with_logits(model, data, "val", tta)
+    # A folder of training images only has no test split: its held-out val split is the best there is.
+    return evaluate_with_logits(model, data, split or ("test" if "test" in data.splits() else "val"), tta)
 
 
 def _pick(indices: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
