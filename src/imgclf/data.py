@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
-from imgclf.config import MAX_IMAGE_SIZE
+from imgclf.config import MAX_IMAGE_SIZE, RunConfig
 from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_whole
 from imgclf.runs import atomic_write, outside_datasets, sweep_stale, temporary_file
 
@@ -875,6 +875,13 @@ def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
     std = np.sqrt(np.maximum(p @ values**2 - mean**2, 0))
     std[std < 1e-3] = 1.0  # a constant channel: nothing to scale, and dividing by 0 would train on NaN
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def load_config_dataset(config: RunConfig) -> Dataset:
+    """The images a run of `config` trains on, with the validation split its seed carves."""
+    data = config.data
+    return load_dataset(data.dataset, data.data_dir, val_split=data.val_split, subset=data.subset,
+                        grayscale=data.grayscale, seed=config.train.seed, image_size=data.image_size)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: float = 0.1,

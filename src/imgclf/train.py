@@ -40,7 +40,7 @@ from imgclf.data import (
     dataset_label,
     file_digest,
     folder_stamp,
-    load_dataset,
+    load_config_dataset,
 )
 from imgclf.device import (
     autocast,
@@ -308,9 +308,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         keep_freed_memory()
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
-    data = dataset_obj or load_dataset(config.data.dataset, config.data.data_dir, val_split=config.data.val_split,
-                                       subset=config.data.subset, grayscale=config.data.grayscale,
-                                       seed=cfg.seed, image_size=config.data.image_size)
+    data = dataset_obj or load_config_dataset(config)
     data.check_trainable()
     if cfg.early_stopping and (data.val is None or len(data.val) == 0):
         raise ImgclfError(f"early stopping watches the val accuracy, and {data.name} has no val split here; "

@@ -41,7 +41,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describe_settings, override_path
-from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_dataset
+from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_config_dataset
 from imgclf.device import usable_cpus
 from imgclf.distributed import end_with_parent
 from imgclf.errors import ImgclfError, disk_full, is_whole, one_line_warning, unexpected
@@ -190,9 +190,7 @@ def run_worker(job: Job, n_trials: int, dataset: Dataset | None = None, tag: str
     """Run up to n_trials trials of the study here (fewer if the study reaches job.trials or time runs out)."""
     torch.set_num_threads(job.threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line of ours instead
-    data = dataset or load_dataset(job.base.data.dataset, job.base.data.data_dir, val_split=job.base.data.val_split,
-                                   subset=job.base.data.subset, grayscale=job.base.data.grayscale,
-                                   seed=job.base.train.seed, image_size=job.base.data.image_size)
+    data = dataset or load_config_dataset(job.base)
     # Its sampler is a placeholder: draw seeds one for each trial.
     study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage), sampler=make_sampler(
         job.sampler, 0), pruner=make_pruner(job.pruner, job.base.train.epochs))
@@ -421,8 +419,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     if study is not None and not study.strip():  # not quietly the default study, which may be another's
         raise ImgclfError("--study is empty; give the study a name, or leave --study out for DATASET-SPACE")
     study_name = study or f"{Path(dataset).name}-{space_obj.name}"
-    data = load_dataset(dataset, base.data.data_dir, val_split=base.data.val_split, subset=base.data.subset,
-                        grayscale=base.data.grayscale, seed=base.train.seed, image_size=base.data.image_size)
+    data = load_config_dataset(base)
     data.check_trainable()  # here too: before the study holds --out for data that cannot train
 
     write_claim = _check_claim(out, study_name, claimed, given_storage)  # before a storage is made for nothing
