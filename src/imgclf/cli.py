@@ -78,9 +78,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _note_own_val_folder(dataset: str | None, val_split: float | None) -> None:
-    from imgclf.data import DATASETS
+    from imgclf.data import image_folder
 
-    if val_split is not None and dataset and dataset not in DATASETS and (Path(dataset).expanduser() / "val").is_dir():
+    if val_split is not None and dataset and (folder := image_folder(dataset)) and (folder / "val").is_dir():
         warnings.warn(f"{dataset} has its own val/ folder, which is the validation split: --val-split is ignored",
                       stacklevel=3)
 

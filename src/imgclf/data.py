@@ -247,29 +247,34 @@ def _unknown(name: str) -> ImgclfError:
                        f"existing folder; use one of {', '.join(DATASETS)}, or the path of an image folder")
 
 
+def image_folder(name: str | os.PathLike) -> Path | None:
+    """The folder an image-folder dataset names, or None: a dataset's name wins over a same-named folder."""
+    path = Path(name).expanduser()
+    return path if name not in DATASETS and path.is_dir() else None
+
+
 def dataset_info(name: str) -> DatasetInfo:
     if name in DATASETS:
         d = DATASETS[name]
         c, h, _ = d["shape"]
         return DatasetInfo(name, len(d["classes"]), c, h, d["train_size"], d["test_size"], list(d["classes"]),
                            d["description"])
-    if not Path(name).expanduser().is_dir():
+    if (folder := image_folder(name)) is None:
         raise _unknown(name)
-    class_names, _, _ = _scan_folder(Path(name).expanduser())
+    class_names, _, _ = _scan_folder(folder)
     return DatasetInfo(name, len(class_names), None, None, None, None, class_names, "image folder")
 
 
 def carves_test(name: str) -> bool:
     """Whether load_dataset carves name's test split: a folder of class folders only, without split folders."""
-    return name not in DATASETS and Path(name).expanduser().is_dir() and "all" in _split_dirs(
-        Path(name).expanduser().resolve())
+    folder = image_folder(name)
+    return folder is not None and "all" in _split_dirs(folder.resolve())
 
 
 def canonical_dataset(name: str) -> str:
     """A dataset's name, or an image folder's absolute path (a relative one depends on the current folder)."""
-    if name in DATASETS or not Path(name).expanduser().is_dir():
-        return name
-    return str(Path(name).expanduser().resolve())
+    folder = image_folder(name)
+    return str(folder.resolve()) if folder else name
 
 
 def dataset_label(name: str | None) -> str | None:
@@ -914,9 +919,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         spec = DATASETS[name]
         folder = _ensure_files(name, root, download) if spec["files"] else root / spec["folder"]
         (class_names, arrays), stamp = _LOADERS[spec["kind"]](name, folder), None
-    elif Path(name).expanduser().is_dir():
+    elif folder := image_folder(name):
         outside_datasets(root, "its cache of decoded images", name, flag="--data-dir")
-        class_names, arrays, stamp = _load_folder(Path(name).expanduser(), root, channels, image_size)
+        class_names, arrays, stamp = _load_folder(folder, root, channels, image_size)
     else:
         raise _unknown(name)
 

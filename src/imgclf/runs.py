@@ -54,11 +54,11 @@ def output_folder(path: str | Path, contents: str, *datasets: str | None) -> Pat
 def outside_datasets(path: Path, contents: str, *datasets: str | None, flag: str = "--out") -> Path:
     """`path`, unless it lies inside an image-folder dataset, where what is written would become a class (a
     hidden folder's files are never read: there it may go)."""
-    from imgclf.data import DATASETS  # here: runs.py is imported by modules that data.py's imports need
+    from imgclf.data import image_folder  # here: runs.py is imported by modules that data.py's imports need
 
     for dataset in datasets:
-        if dataset and dataset not in DATASETS and Path(dataset).expanduser().is_dir():
-            folder = Path(dataset).expanduser().resolve()
+        if dataset and (folder := image_folder(dataset)):
+            folder = folder.resolve()
             if path.resolve().is_relative_to(folder) and not any(
                     part.startswith(".") for part in path.resolve().relative_to(folder).parts):
                 raise ImgclfError(f"{flag} {path} is inside the dataset folder {folder}, where {contents} would be "
