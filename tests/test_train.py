@@ -691,6 +691,7 @@ def test_a_run_from_a_dataset_object_records_how_it_was_loaded(tmp_path):
     (lambda: imgclf.tune("digits", out=5), "the folder to write the study into is a path such as 'out', not 5"),
     (lambda: evaluate("runs/x", device="gpu"), "unknown device 'gpu'; use one of"),
     (lambda: imgclf.predict("runs/x", "a.png", device="tpu"), "unknown device 'tpu'; use one of"),
+    (lambda: evaluate("runs/x", device="auto:0"), "unknown device 'auto:0'; use one of auto, cpu, cuda (cuda:N"),
 ])
 def test_api_arguments_of_the_wrong_type_are_named(call, said):
     with pytest.raises(ImgclfError, match=re.escape(said)):

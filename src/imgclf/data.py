@@ -944,5 +944,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                           "training on all of them", stacklevel=2)
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
-    loaded_with = {"val_split": val_split, "subset": subset, "grayscale": grayscale, "image_size": image_size}
+    loaded_with = dict(zip(LOAD_OPTIONS, (val_split, subset, grayscale, image_size), strict=True))
     return Dataset(name, class_names, Split(images, labels), val, test, mean, std, stamp, loaded_with)

@@ -47,8 +47,9 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """'auto' is the GPU where there is one; 'cuda:1' names one of several."""
-    if str(name).split(":")[0] not in DEVICES:
-        raise ImgclfError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+    kind, _, index = str(name).partition(":")
+    if kind not in DEVICES or (index and not (kind == "cuda" and index.isdigit())):
+        raise ImgclfError(f"unknown device {name!r}; use one of {', '.join(DEVICES)} (cuda:N for one of several GPUs)")
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise ImgclfError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
     if name == "auto":

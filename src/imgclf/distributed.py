@@ -146,13 +146,13 @@ def unwrap(net: torch.nn.Module) -> torch.nn.Module:
     return getattr(net, "module", net)
 
 
-def cleanup(ctx: Context, finished: bool = False) -> None:
+def leave_together(ctx: Context) -> None:
     """After a finished run, leave the process group, all ranks together (a rank that tore its gloo group down
     while another was still finishing aborted now and then: "terminate called without an active exception").
 
     A rank that stops on an error keeps its connections until its process ends: a peer waiting for it in a
     collective would otherwise say it lost contact and end the job before this rank has said why it stopped."""
-    if finished and ctx.enabled and dist.is_initialized():
+    if ctx.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

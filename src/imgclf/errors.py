@@ -1,4 +1,5 @@
-"""The exception types that reach users as a one-line message, and a spelling hint for its messages."""
+"""The exceptions that reach users as one-line messages, the messages of the others, and the small input checks
+(flags, whole numbers, spelling hints) that raise them."""
 
 import difflib
 import errno

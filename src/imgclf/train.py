@@ -235,7 +235,8 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
         raise distributed.peer_failure(ctx, e) or e from None
     finally:
         torch.set_num_threads(threads)  # the caller's (a notebook's) setting outlives the run's --threads
-        distributed.cleanup(ctx, finished)
+        if finished:
+            distributed.leave_together(ctx)
 
 
 def _open_run(config: RunConfig, out: str | Path | None, resume: bool, ctx: distributed.Context,

@@ -241,7 +241,7 @@ def run_worker(job: Job, n_trials: int, dataset: Dataset | None = None, tag: str
             step = trial.last_step
             console.print(f"{tag}trial {trial.number}: pruned after epoch {step} "
                           f"(val acc {trial.intermediate_values.get(step, float('nan')):.2%})")
-        elif not trial.user_attrs.get("fail_reason", "").startswith("not run"):
+        elif not _not_run(trial):
             console.print(f"{tag}trial {trial.number}: [red]failed[/]: {escape(_fail_reason(trial))}")
 
     with warnings.catch_warnings():
