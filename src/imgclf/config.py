@@ -290,13 +290,14 @@ def recipe_dir() -> Path:
     return Path(str(resources.files("imgclf") / "recipes"))
 
 
+def list_shipped(folder: Path) -> list[tuple[str, str]]:
+    """(name, description) of every shipped YAML file in folder (recipes, search spaces)."""
+    return [(path.stem, (yaml.safe_load(path.read_text()) or {}).get("description", ""))
+            for path in sorted(folder.glob("*.yaml"))]
+
+
 def list_recipes() -> list[tuple[str, str]]:
-    """(name, description) of every shipped recipe."""
-    out = []
-    for path in sorted(recipe_dir().glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text()) or {}
-        out.append((path.stem, raw.get("description", "")))
-    return out
+    return list_shipped(recipe_dir())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

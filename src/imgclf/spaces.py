@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
-from imgclf.config import RunConfig, TrainConfig, over_base, read_shipped_or_file, typed_option
+from imgclf.config import RunConfig, TrainConfig, list_shipped, over_base, read_shipped_or_file, typed_option
 from imgclf.errors import ImgclfError
 from imgclf.models import MODELS
 
@@ -48,8 +47,7 @@ def space_dir() -> Path:
 
 
 def list_spaces() -> list[tuple[str, str]]:
-    return [(p.stem, (yaml.safe_load(p.read_text()) or {}).get("description", ""))
-            for p in sorted(space_dir().glob("*.yaml"))]
+    return list_shipped(space_dir())
 
 
 def load_space(name_or_path: str | Path) -> Space:
