@@ -4,7 +4,6 @@ These datasets fit in RAM, and batches sliced from one (N, C, H, W) tensor are f
 per-image DataLoader pipeline, so every source is decoded once into that form.
 """
 
-import contextlib
 import gzip
 import hashlib
 import http.client
@@ -35,7 +34,15 @@ from PIL import ExifTags, Image, ImageOps
 
 from imgclf.config import MAX_IMAGE_SIZE, RunConfig
 from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_whole
-from imgclf.runs import atomic_write, outside_datasets, sweep_stale, temporary_file
+from imgclf.runs import (
+    atomic_write,
+    folder_lock,
+    missing_folders,
+    outside_datasets,
+    remove_empty,
+    sweep_stale,
+    temporary_file,
+)
 
 SPLITS = ("train", "val", "test")
 # The names each split's folder goes by in the layouts users bring (Roboflow's valid/, Kaggle's Training/),
@@ -345,23 +352,6 @@ def _download(urls: list[str], dest: Path, digest: str, algorithm: str = "md5") 
     raise OSError(", ".join(failures))
 
 
-@contextlib.contextmanager
-def _one_download_at_a_time(folder: Path):
-    """Hold `folder` while downloading into it: processes that start together (the ranks of --nproc, tune's
-    workers, two commands) fetch each file once, the others waiting for it. The lock ends with its process."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: each process downloads for itself (each file still lands whole)
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 # torchvision's ImageNet weights of VGG and ResNet-18 (IMAGENET1K_V1): a name's hex starts the file's sha256.
 PRETRAINED = {name: f"https://download.pytorch.org/models/{name}-{digest}.pth" for name, digest in (
     ("vgg11", "8a719046"), ("vgg13", "19584684"), ("vgg16", "397923af"), ("vgg19", "dcbb9e9d"),
@@ -377,7 +367,7 @@ def pretrained_file(name: str, data_dir: str | Path | None = None) -> Path:
     dest = folder / url.rsplit("/", 1)[1]
     if not dest.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        with _one_download_at_a_time(folder):
+        with folder_lock(folder):
             if not dest.is_file():  # another process may have fetched it while this one waited
                 try:
                     _download([url], dest, dest.stem.rsplit("-", 1)[1], "sha256")
@@ -422,10 +412,12 @@ def _ensure_files(name: str, root: Path, download: bool) -> Path:
         if not download:
             raise ImgclfError(f"{name}: {', '.join(missing)} missing from {folder}; {where()}, "
                               "or allow downloads")
-        made = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
+        made = missing_folders(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with _one_download_at_a_time(folder):
+            # Processes that start together (the ranks of --nproc, tune's workers, two commands) fetch each
+            # file once, the others waiting for it.
+            with folder_lock(folder):
                 if missing := missing_files():  # else another process fetched them while this one waited
                     for f in [archive] if archive else missing:
                         if not (folder / f).is_file():
@@ -434,9 +426,7 @@ def _ensure_files(name: str, root: Path, download: bool) -> Path:
                         _verify(name, folder / archive, archive_md5)
                         _extract(name, folder / archive, folder, missing)
         except OSError as e:
-            for made_folder in made:  # a failed download leaves no empty folders behind (rmdir refuses others)
-                with contextlib.suppress(OSError):
-                    made_folder.rmdir()
+            remove_empty(made)  # a failed download leaves no empty folders behind
             raise ImgclfError(f"{name}: could not download ({e}); {where()}") from e
     for f, md5 in spec["files"].items():
         _verify(name, folder / f, md5)

@@ -66,34 +66,55 @@ def outside_datasets(path: Path, contents: str, *datasets: str | None, flag: str
     return path
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """path and those of its parents that do not exist, deepest first: what a write there makes."""
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove these folders where still empty (deepest first): a failed write leaves none behind."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 @contextlib.contextmanager
-def held_folder(path: Path, busy: str):
-    """An exclusive lock on folder `path` (made if missing) while the block runs; ImgclfError(busy) if another
-    process holds it. The system drops it when the process ends, killed or not: no stale lock is left."""
+def folder_lock(folder: Path, busy: str | None = None):
+    """An exclusive lock on `folder` while the block runs: with `busy`, ImgclfError(busy) if another process
+    holds it, else wait for it. The system drops it when the process ends, killed or not: no stale lock is left.
+    Windows has no flock: nothing is locked there."""
     try:
         import fcntl
-    except ImportError:  # Windows: no flock; runs are not guarded there
+    except ImportError:
         yield
         return
-    made = [d for d in (path, *path.parents) if not d.exists()]  # deepest first
-    path.mkdir(parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):  # else the first checkpoint would fail after an epoch of training
-        raise ImgclfError(f"{path} is read-only, so no checkpoint could be saved there; make it writable or copy "
-                          "the run to a folder of yours and use that")
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except BlockingIOError:
             raise ImgclfError(busy) from None
-        for stale in path.rglob(".*.tmp"):  # what a kill during atomic_write left: no other process writes here now
-            stale.unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)
-        for folder in made:  # a run refused before it wrote anything leaves no empty folders behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+
+
+@contextlib.contextmanager
+def held_folder(path: Path, busy: str):
+    """The run folder `path` (made if missing), locked while the block runs: ImgclfError(busy) if another process
+    holds it. Temporary files that killed writes left there are removed."""
+    made = missing_folders(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        if not os.access(path, os.W_OK | os.X_OK):  # else the first checkpoint would fail after an epoch of training
+            raise ImgclfError(f"{path} is read-only, so no checkpoint could be saved there; make it writable or "
+                              "copy the run to a folder of yours and use that")
+        with folder_lock(path, busy):
+            for stale in path.rglob(".*.tmp"):  # what a kill during atomic_write left: no other process writes now
+                stale.unlink(missing_ok=True)
+            yield
+    finally:
+        remove_empty(made)  # a run refused before it wrote anything leaves no empty folders behind
 
 
 STRAY_SECONDS = 60  # a temporary file (of atomic_write, of a download) untouched this long was left by a kill
@@ -122,7 +143,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], object]) -
     """Write `data` (or what the function `data` writes into the open file) as `path`, whole or not at all."""
     path = Path(path)
     # The folders this write makes, deepest first: a failed write leaves none of them behind.
-    made = [] if path.parent.is_dir() else [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    made = missing_folders(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file where a folder should be: name it, not "File exists"
@@ -148,9 +169,7 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], object]) -
         sweep_stale(path.parent, path.name, ".tmp")  # of this file's writes that were killed
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        for folder in made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty(made)
         if isinstance(e, OSError) and e.filename in (None, tmp):  # name the file meant, not the temporary one
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
