@@ -1,8 +1,9 @@
-"""Milliseconds of one fastnet training step (forward, backward, SGD step) on random data, with or without
+"""Milliseconds of one fastnet training step (forward, backward, optimizer step) on random data, with or without
 each CPU speed-up, so their effect can be checked on any machine.
 
     python benchmarks/fastnet_step.py [--batch-size 512] [--shape 32x32x3] [--widths 64,256,256]
         [--torch-layers] [--no-keep-freed-memory] [--frozen-whiten-bias] [--precision auto|bf16|fp32] [--compile]
+        [--optimizer nesterov|muon]
 
 --torch-layers swaps fastnet's Conv3x3 and MaxPool2x2 for torch's nn.Conv2d and nn.MaxPool2d (and turns the
 fused kernel off);
@@ -11,7 +12,8 @@ fused kernel off);
 (inductor; best with --torch-layers, so that no custom autograd function breaks the graph). The precision
 and layout are training's: auto is bf16 autocast with channels_last where the CPU has AMX or AVX512-BF16,
 else fp32. IMGCLF_FUSED=0 in the environment times torch's max-pool, batch norm and GELU instead of the fused
-kernel of imgclf/kernels.py. Nothing is saved.
+kernel of imgclf/kernels.py. --optimizer muon times training's Muon (Newton-Schulz steps for the conv
+filters) instead of Nesterov SGD. Nothing is saved.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclf import kernels
+from imgclf.config import TrainConfig
 from imgclf.device import autocast, keep_freed_memory, memory_format, resolve_precision
 from imgclf.models import Conv3x3, MaxPool2x2, create_model
+from imgclf.optim import build_optimizer
 
 
 def with_torch_layers(net: nn.Module) -> None:
@@ -52,6 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--optimizer", choices=("nesterov", "muon"), default="nesterov")
     args = parser.parse_args()
     if args.torch_layers:
         os.environ["IMGCLF_FUSED"] = "0"  # the fused kernel replaces torch's pool, batch norm and GELU
@@ -67,8 +72,7 @@ def main() -> None:
     precision = resolve_precision(args.precision, torch.device("cpu"))
     layout = memory_format(net, precision)
     net = net.to(memory_format=layout)
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                                nesterov=True)
+    optimizer = build_optimizer(net, TrainConfig(optimizer=args.optimizer, lr=0.01, muon_lr=0.01), precision)
     x = torch.randn(args.batch_size, channels, size, size).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch_size,))
     forward = torch.compile(net) if args.compile else net
@@ -88,6 +92,7 @@ def main() -> None:
     seconds = (time.perf_counter() - started) / args.steps
     print(f"fastnet {args.widths} at {args.shape}, batch {args.batch_size}, {precision}"
           f"{', torch.compile' if args.compile else ''}{', fused kernel' if kernels.library() else ''}, "
+          f"{args.optimizer}, "
           f"{torch.get_num_threads()} threads: "
           f"{seconds * 1000:.1f} ms a step, {args.batch_size / seconds:,.0f} img/s")
 

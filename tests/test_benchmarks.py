@@ -70,7 +70,10 @@ def test_rows_are_appended_under_their_table(tmp_path, monkeypatch):
 def test_fastnet_step():
     out = run_script("fastnet_step.py", "--batch-size", "8", "--widths", "8,16,16", "--steps", "1",
                      "--precision", "fp32")
-    assert "fastnet 8,16,16 at 32x32x3, batch 8, fp32" in out and "ms a step" in out
+    assert "fastnet 8,16,16 at 32x32x3, batch 8, fp32" in out and "nesterov" in out and "ms a step" in out
+    out = run_script("fastnet_step.py", "--batch-size", "8", "--widths", "8,16,16", "--steps", "1",
+                     "--precision", "fp32", "--optimizer", "muon")
+    assert "muon" in out and "ms a step" in out
 
 
 def test_conv_backward_table():
