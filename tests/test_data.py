@@ -712,9 +712,9 @@ def test_dataset_info_and_list(tmp_path, mnist):
     assert folder.class_names == ["x"] and folder.train_size is None and folder.image_size is None
     with pytest.raises(ImgclfError, match="use one of mnist, fashion-mnist, cifar10"):
         dataset_info("imagenet")
-    listed = {d["name"]: d for d in list_datasets()}
-    assert listed["mnist"]["present"] and not listed["cifar10"]["present"] and listed["digits"]["present"]
-    assert listed["cifar10"]["shape"] == (3, 32, 32) and listed["cifar100"]["classes"] == 100
+    listed = {d.name: d for d in list_datasets()}
+    assert listed["mnist"].present and not listed["cifar10"].present and listed["digits"].present
+    assert listed["cifar10"].shape == "3x32x32" and listed["cifar100"].num_classes == 100
 
 
 def test_a_damaged_file_is_listed_as_damaged(mnist, capsys):
@@ -722,10 +722,10 @@ def test_a_damaged_file_is_listed_as_damaged(mnist, capsys):
     root, _ = mnist
     with open(root / "mnist" / "t10k-labels-idx1-ubyte.gz", "ab") as f:
         f.write(b"\0")
-    listed = {d["name"]: d for d in list_datasets()}
-    assert not listed["mnist"]["present"]
-    assert "t10k-labels-idx1-ubyte.gz fails its md5 check" in listed["mnist"]["damaged"]
-    assert listed["cifar10"]["damaged"] is None and listed["digits"]["present"]
+    listed = {d.name: d for d in list_datasets()}
+    assert not listed["mnist"].present
+    assert "t10k-labels-idx1-ubyte.gz fails its md5 check" in listed["mnist"].damaged
+    assert listed["cifar10"].damaged is None and listed["digits"].present
     assert main(["datasets"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "damaged" in out and "fails its md5 check; delete it" in out

@@ -206,11 +206,11 @@ def _datasets(args: argparse.Namespace) -> None:
     table = Table("dataset", "classes", "image", "train", "test", "present")
     listed = list_datasets(args.data_dir)
     for d in listed:
-        table.add_row(d["name"], str(d["classes"]), "x".join(map(str, d["shape"])), f"{d['train']:,}",
-                      f"{d['test']:,}" if d["test"] else "-",
-                      "yes" if d["present"] else "damaged" if d["damaged"] else "no (downloads)")
+        state = "yes" if d.present else "damaged" if d.damaged else "no (downloads)"
+        table.add_row(d.name, str(d.num_classes), d.shape, f"{d.train_size:,}",
+                      f"{d.test_size:,}" if d.test_size else "-", state)
     console.print(table)
-    for problem in dict.fromkeys(d["damaged"] for d in listed if d["damaged"]):  # cifar100's is coarse's too
+    for problem in dict.fromkeys(d.damaged for d in listed if d.damaged):  # cifar100's is coarse's too
         console.print(escape(problem))
     console.print("Any folder of images (one sub-folder per class) works as a dataset too: --dataset PATH")
 

@@ -243,6 +243,12 @@ class DatasetInfo:
     test_size: int | None
     class_names: list[str]
     description: str
+    present: bool | None = None  # list_datasets: all its files are there and pass their md5 checks
+    damaged: str | None = None  # list_datasets: which file is there but fails its check, and the fix
+
+    @property
+    def shape(self) -> str:
+        return f"{self.channels}x{self.image_size}x{self.image_size}" if self.image_size else "any"
 
 
 def data_root(data_dir: str | Path | None = None) -> Path:
@@ -294,7 +300,7 @@ def canonical_data_dir(data_dir: str | Path | None) -> str | None:
     return data_dir and str(Path(data_dir).expanduser().resolve())
 
 
-def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
+def list_datasets(data_dir: str | Path | None = None) -> list[DatasetInfo]:
     """Each named dataset; `present` when all its files are there and pass their md5 checks (as loading needs),
     `damaged` says which file is there but fails its check (a download does not replace it), or is None."""
     root = data_root(data_dir)
@@ -306,9 +312,8 @@ def list_datasets(data_dir: str | Path | None = None) -> list[dict]:
             if path not in passes and path.is_file():
                 passes[path] = file_digest(path) == md5
         damaged = next((f"{path} fails its md5 check; {_FIX}" for path in paths if passes.get(path) is False), None)
-        listed.append({"name": name, "classes": len(d["classes"]), "shape": d["shape"], "train": d["train_size"],
-                       "test": d["test_size"], "description": d["description"], "damaged": damaged,
-                       "present": all(passes.get(path) for path in paths)})
+        listed.append(replace(dataset_info(name), damaged=damaged,
+                              present=all(passes.get(path) for path in paths)))
     return listed
 
 
