@@ -644,7 +644,8 @@ def model_summary(model: str | None = None, recipe: str | Path | None = None, da
     grayscale, image_size = config.data.grayscale, config.data.image_size
     info = dataset_info(dataset)
     if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
-        data = load_dataset(dataset, val_split=0, grayscale=grayscale, image_size=image_size, data_dir=data_dir)
+        data = load_dataset(dataset, data_dir or config.data.data_dir, val_split=0, grayscale=grayscale,
+                            image_size=image_size)
         data.check_trainable()  # not the summary of a model that train refuses
         channels, size, classes = data.in_channels, data.image_size, data.num_classes
     else:

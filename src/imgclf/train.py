@@ -561,7 +561,7 @@ def _reuse_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset |
     return reused
 
 
-def _check_trainable(net: torch.nn.Module, name: str, cfg: TrainConfig, shape: tuple[int, int, int], train_images: int,
+def _check_trainable(net: torch.nn.Module, name: str, cfg: TrainConfig, shape: tuple[int, int, int], train_size: int,
                      ctx: distributed.Context, device: torch.device) -> None:
     """Fail before training on settings this net and these images cannot train with."""
     h, w = shape[1:]
@@ -575,7 +575,7 @@ def _check_trainable(net: torch.nn.Module, name: str, cfg: TrainConfig, shape: t
                                   ("tta_shift", cfg.tta_shift, cfg.tta)):
         if used and pixels is not None and pixels >= min(h, w):
             raise ImgclfError(f"{setting} {pixels} is not smaller than the {h}x{w} images; use fewer pixels")
-    per_rank = min(cfg.batch_size, train_images) // ctx.world_size
+    per_rank = min(cfg.batch_size, train_size) // ctx.world_size
     if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
         raise ImgclfError(f"batches of {per_rank} image{'s' if per_rank != 1 else ''}"
                           f"{' per process' if ctx.enabled else ''}: batch norm needs 2 or more; use a larger "
