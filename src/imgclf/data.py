@@ -141,9 +141,13 @@ class Split:
 
     def digest(self) -> str:
         """Of its images and labels: tells whether a rebuilt split holds the same images as before."""
-        h = hashlib.sha256(self.images.contiguous().numpy())
+        return self.hash_into(hashlib.sha256()).hexdigest()[:16]
+
+    def hash_into(self, h: Any) -> Any:
+        """h (a hashlib object), updated with the split's images and then its labels."""
+        h.update(self.images.contiguous().numpy())
         h.update(self.labels.contiguous().numpy())
-        return h.hexdigest()[:16]
+        return h
 
 
 LOAD_OPTIONS = ("val_split", "subset", "grayscale", "image_size")  # how load_dataset read a Dataset

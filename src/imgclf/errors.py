@@ -1,8 +1,10 @@
 """The exceptions that reach users as one-line messages, the messages of the others, and the small input checks
 (flags, whole numbers, spelling hints) that raise them."""
 
+import contextlib
 import difflib
 import errno
+import logging
 import numbers
 import shutil
 import sys
@@ -15,6 +17,20 @@ class ImgclfError(Exception):
 
     The CLI prints it as a single line and exits with status 1; it never shows a traceback.
     """
+
+
+@contextlib.contextmanager
+def quieter_loggers(level: int, *names: str):
+    """The libraries' loggers `names` show only `level` and above while the block runs, then their own levels."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, levels, strict=True):
+            logger.setLevel(old)
 
 
 def did_you_mean(name: object, choices: Iterable[str]) -> str:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from imgclf import __version__
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, quieter_loggers
 from imgclf.evaluate import as_model, prediction_options, tta_view_count, tta_views
 from imgclf.loader import normalize
 from imgclf.runs import atomic_write, outside_datasets
@@ -77,17 +77,9 @@ def _import_onnx():
 def _quiet_exporter():
     """The exporter and the onnxscript it drives log notes on torchvision ops, deprecations and each of their
     passes (dozens of INFO lines in a notebook that logs INFO) that say nothing about this model."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    with quieter_loggers(logging.ERROR, "torch.onnx", "onnxscript", "onnx_ir"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None = None) -> ExportResult:

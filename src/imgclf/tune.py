@@ -44,7 +44,7 @@ from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describ
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_config_dataset
 from imgclf.device import usable_cpus
 from imgclf.distributed import end_with_parent
-from imgclf.errors import ImgclfError, disk_full, is_whole, one_line_warning, unexpected
+from imgclf.errors import ImgclfError, disk_full, is_whole, one_line_warning, quieter_loggers, unexpected
 from imgclf.models import check_model_options
 from imgclf.runs import atomic_write, natural_key, output_folder, written_together
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
@@ -585,8 +585,7 @@ def dataset_identity(dataset: str, data: Dataset) -> str:
         return dataset
     digest = hashlib.sha256(json.dumps(data.class_names).encode())
     for split in data.splits().values():
-        digest.update(split.images.contiguous().numpy())
-        digest.update(split.labels.contiguous().numpy())
+        split.hash_into(digest)
     return f"folder {Path(dataset).name}, sha256 {digest.hexdigest()[:16]}"
 
 
@@ -727,12 +726,10 @@ def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
 
     drawn, opened = {}, set(plt.get_fignums())  # a notebook's own figures stay open
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    category = logging.getLogger("matplotlib.category")  # "strings that look like numbers" for each int choice
-    category_level = category.level
-    category.setLevel(logging.WARNING)
-    # Optuna's plots switch matplotlib to its ggplot style: a notebook's own style comes back afterwards.
+    # matplotlib.category logs "strings that look like numbers" for each int choice. Optuna's plots switch
+    # matplotlib to its ggplot style: a notebook's own style comes back afterwards.
     try:
-        with matplotlib.rc_context():
+        with quieter_loggers(logging.WARNING, "matplotlib.category"), matplotlib.rc_context():
             for name, (title, function) in PLOTS.items():
                 if len(complete) < (2 if name == "importances" else 1):
                     continue
@@ -757,7 +754,6 @@ def plot_study(study: optuna.Study, folder: Path) -> dict[str, str]:
     finally:
         for number in set(plt.get_fignums()) - opened:  # Optuna draws with pyplot, which keeps figures until closed
             plt.close(number)
-        category.setLevel(category_level)
     return drawn
 
 
