@@ -635,20 +635,20 @@ def model_summary(model: str | None = None, recipe: str | Path | None = None, da
     `model`, for the dataset's images: the recipe's, else CIFAR-10's). `settings` are train's (image_size,
     grayscale, model_options, ...). No weights file is read or downloaded: shapes and counts only."""
     from imgclf.config import make_config
-    from imgclf.data import dataset_info, load_dataset
+    from imgclf.data import dataset_info, image_folder, load_dataset
 
     if not recipe and not model:
         raise ImgclfError("give a model name or a recipe (see `imgclf models` and `imgclf recipes`)")
     config = make_config(recipe=recipe, model=model, **settings)
     dataset = dataset or (config.data.dataset if recipe else "cifar10")
     grayscale, image_size = config.data.grayscale, config.data.image_size
-    info = dataset_info(dataset)
-    if info.image_size is None:  # an image folder: its shape is known once decoded (cached)
+    if image_folder(dataset):  # its shape is known once decoded (cached), which also reads its classes
         data = load_dataset(dataset, data_dir or config.data.data_dir, val_split=0, grayscale=grayscale,
                             image_size=image_size)
         data.check_trainable()  # not the summary of a model that train refuses
         channels, size, classes = data.in_channels, data.image_size, data.num_classes
     else:
+        info = dataset_info(dataset)  # a named dataset's facts, or the one-line error for an unknown name
         channels, classes = 1 if grayscale else info.channels, info.num_classes
         size = image_size or info.image_size
     options = {k: v for k, v in config.model.options.items() if k != "weights"}

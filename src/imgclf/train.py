@@ -291,10 +291,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     cfg = config.train
     started = time.perf_counter()
     threads = cfg.threads
-    if threads and threads > usable_cpus():  # more threads than CPUs made a test suite 6x slower
-        warnings.warn(f"--threads {threads} is more than the {usable_cpus()} CPUs this process may use, which would "
-                      f"slow training down; using {usable_cpus()}", stacklevel=3)
-        threads = usable_cpus()
+    if threads and threads > (cpus := usable_cpus()):  # more threads than CPUs made a test suite 6x slower
+        warnings.warn(f"--threads {threads} is more than the {cpus} CPUs this process may use, which would slow "
+                      f"training down; using {cpus}", stacklevel=3)
+        threads = cpus
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:  # fine for a quick try of a recipe, not for a result
         warnings.warn(f"the warm-up ({cfg.warmup_epochs:g} epochs) lasts the whole {cfg.epochs}-epoch run, so the "
                       f"learning rate never reaches its peak {cfg.lr:g}; use fewer --warmup-epochs", stacklevel=3)
