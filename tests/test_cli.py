@@ -94,6 +94,7 @@ def test_predict_a_folder_predicts_each_image_below_it(digits_run, tmp_path, cap
     for call, message in ((lambda: imgclf.predict(digits_run, []), "no images given"),
                           (lambda: imgclf.predict(digits_run, digits, tta="false"), "tta is True, False or None"),
                           (lambda: imgclf.predict(digits_run, digits, tta_margin="0.5"), "TTA margin '0.5'"),
+                          (lambda: imgclf.predict(digits_run, digits, tta_margin=True), "TTA margin True"),
                           (lambda: imgclf.predict(5, digits), "give a run folder .* not 5")):
         with pytest.raises(imgclf.ImgclfError, match=message):
             call()

@@ -688,6 +688,8 @@ def test_a_run_from_a_dataset_object_records_how_it_was_loaded(tmp_path):
     (lambda: imgclf.compare_runs(["runs/x"], None), "the folder to write the comparison into is a path"),
     (lambda: imgclf.tune(load_dataset("digits")), "tune takes a dataset name or image folder"),
     (lambda: imgclf.tune("digits", val_split="0.2"), "val split '0.2' must be a fraction between 0 and 1"),
+    (lambda: imgclf.tune("digits", timeout=True), "timeout must be a positive number, got True"),
+    (lambda: load_dataset("digits", val_split=True), "val_split must be a number in"),
     (lambda: imgclf.tune("digits", out=5), "the folder to write the study into is a path such as 'out', not 5"),
     (lambda: evaluate("runs/x", device="gpu"), "unknown device 'gpu'; use one of"),
     (lambda: imgclf.predict("runs/x", "a.png", device="tpu"), "unknown device 'tpu'; use one of"),

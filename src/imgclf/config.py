@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from imgclf.errors import ImgclfError, did_you_mean
+from imgclf.errors import ImgclfError, did_you_mean, is_number
 
 OPTIMIZERS = ("sgd", "nesterov", "muon", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
@@ -247,7 +246,7 @@ def typed_option(name: str, kind: str, value: Any, source: str) -> Any:
     optional, base = kind.endswith(" | None"), kind.removesuffix(" | None")
     if value is None and optional:
         return None
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
+    number = is_number(value)  # numpy scalars too
     if base == "float":
         # Finite: an infinite warm-up or lr passes validate()'s range checks, then trains at lr 0 or diverges.
         expected = "a finite number"

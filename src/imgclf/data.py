@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
 from imgclf.config import MAX_IMAGE_SIZE, RunConfig
-from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_whole
+from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_number, is_whole
 from imgclf.runs import (
     atomic_write,
     folder_lock,
@@ -893,7 +893,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                  image_size: int | None = None, channels: int | None = None) -> Dataset:
     """Load a named dataset (see DATASETS) or an image folder. A name wins over a same-named folder in the
     working directory (write ./mnist for the folder). A folder's own val/ is used whatever val_split says."""
-    if not isinstance(val_split, numbers.Real) or isinstance(val_split, bool) or not 0 <= val_split < 1:
+    if not is_number(val_split) or not 0 <= val_split < 1:
         raise ImgclfError(f"val_split must be a number in [0, 1), got {val_split!r}; use e.g. --val-split 0.1, "
                           "or 0")
     if not isinstance(name, str | os.PathLike):

@@ -45,6 +45,11 @@ def is_whole(value: object, minimum: int = 1, maximum: int | None = None) -> boo
             and (maximum is None or value <= maximum))
 
 
+def is_number(value: object) -> bool:
+    """Whether value is a real number (numpy's too, never a bool: True would pass as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def disk_full(folder: str | Path) -> bool:
     """Whether the disk of `folder` is (nearly) full: a failure there is likely that, whatever a library raised."""
     try:

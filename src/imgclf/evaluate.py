@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 import os
 import warnings
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from imgclf.data import (
     read_image,
 )
 from imgclf.device import autocast, keep_freed_memory, memory_format, prediction_precision
-from imgclf.errors import ImgclfError, is_whole
+from imgclf.errors import ImgclfError, is_number, is_whole
 from imgclf.loader import normalize
 from imgclf.runs import TrainedModel, load_model, warn_if_unfinished
 
@@ -213,7 +212,7 @@ def prediction_options(model: TrainedModel, tta: bool | None,
     (tta_margin 1: every image gets every view); its precision, where the device has it (prediction_precision)."""
     if tta is not None and not isinstance(tta, bool):  # "false" would be true
         raise ImgclfError(f"tta is True, False or None (the run's recipe setting), not {tta!r}")
-    if tta_margin is not None and (not isinstance(tta_margin, numbers.Real) or not 0 < tta_margin <= 1):
+    if tta_margin is not None and (not is_number(tta_margin) or not 0 < tta_margin <= 1):
         raise ImgclfError(f"TTA margin {tta_margin!r}: use a probability in (0, 1]; 1 gives every image every view")
     asked, tta = tta, bool(model.info.get("tta", False)) if tta is None else tta
     device = next(model.net.parameters()).device

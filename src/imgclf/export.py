@@ -120,7 +120,7 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
         raise ImgclfError(f"the ONNX exporter failed on this model ({type(e).__name__}: {first}); "
                           "please report it with the run's model.json") from None
     proto = program.model_proto
-    arch = model.info.get("architecture", {})
+    arch, run_precision = model.info.get("architecture", {}), str(model.info.get("precision", "fp32"))
     onnx.helper.set_model_props(proto, {
         "imgclf_version": __version__,
         "class_names": json.dumps(model.class_names),
@@ -132,7 +132,7 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
         "dataset": str(model.info.get("dataset", "")),
         "tta": json.dumps(tta),
         "tta_views": json.dumps(views),
-        "run_precision": str(model.info.get("precision", "fp32")),  # the graph itself computes in float32
+        "run_precision": run_precision,  # the graph itself computes in float32
     })
     data = proto.SerializeToString()
 
@@ -150,4 +150,4 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     except OSError as e:
         raise ImgclfError(f"cannot write {out} ({e.strerror or e}); choose another --out") from None
     return ExportResult(path=out, tta=tta, views=views, max_difference=difference,
-                        num_bytes=len(data), run_precision=str(model.info.get("precision", "fp32")))
+                        num_bytes=len(data), run_precision=run_precision)

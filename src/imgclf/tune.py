@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import multiprocessing
-import numbers
 import os
 import re
 import socket
@@ -44,7 +43,7 @@ from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describ
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_config_dataset
 from imgclf.device import usable_cpus
 from imgclf.distributed import end_with_parent
-from imgclf.errors import ImgclfError, disk_full, is_whole, one_line_warning, quieter_loggers, unexpected
+from imgclf.errors import ImgclfError, disk_full, is_number, is_whole, one_line_warning, quieter_loggers, unexpected
 from imgclf.models import check_model_options
 from imgclf.runs import atomic_write, natural_key, output_folder, written_together
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
@@ -381,7 +380,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         if value is not None and not is_whole(value):
             raise ImgclfError(f"{label} must be a positive whole number, got {value!r}")
     # not `<= 0`: NaN passes that and would mean no limit at all
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0):
+    if timeout is not None and (not is_number(timeout) or not timeout > 0):
         raise ImgclfError(f"timeout must be a positive number, got {timeout!r}")
     # numpy's numbers as Python's: they go into the study's JSON records
     trials, epochs, executions, workers, subset = (v if v is None else int(v)
@@ -397,8 +396,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"--epochs {epochs} would be overwritten: space {space_obj.name} searches train.epochs; "
                           "drop --epochs")
     base.train.epochs = epochs or base.train.epochs
-    if val_split is not None and (not isinstance(val_split, numbers.Real) or isinstance(val_split, bool)
-                                  or not 0 < val_split < 1):
+    if val_split is not None and (not is_number(val_split) or not 0 < val_split < 1):
         raise ImgclfError(f"val split {val_split!r} must be a fraction between 0 and 1, e.g. 0.1")
     base.data.val_split = val_split or base.data.val_split
     apply_overrides(base, **_fixed_settings(settings or {}, space_obj))
