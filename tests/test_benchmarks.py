@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny offline data and print the rows RESULTS.md would get."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from imgclf.cli import main
+from imgclf.config import list_recipes
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -92,3 +94,18 @@ def test_tta_views_table(tmp_path):
     views = {row[0]: float(row[1]) for row in rows[2:]}
     assert "5x5 shifts (tta_shift: 2) x flip (50 views)" in views
     assert all(0 <= v <= 100 for v in views.values())
+
+
+def test_readme_table_script_names_shipped_recipes(tmp_path):
+    """DRY_RUN lists the runs; each recipe it times exists, and the CIFAR-10 rows need the folder given."""
+    def commands(*args):
+        done = subprocess.run(["bash", str(BENCHMARKS / "readme_table.sh"), *args], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "DRY_RUN": "1"})
+        assert done.returncode == 0, done.stderr
+        return [line.split()[3:] for line in done.stdout.splitlines() if line.startswith("+ python ")]
+
+    without_cifar, with_cifar = commands(str(tmp_path / "missing")), commands(str(tmp_path))
+    recipes = [args[args.index("--recipe") + 1] for args in with_cifar if "--recipe" in args]
+    assert recipes == ["mnist-fast", "fashion-fast", "cifar10-fast", "cifar10-long"]
+    assert set(recipes) <= {name for name, _ in list_recipes()}
+    assert len(without_cifar) == len(with_cifar) - 2 and all(str(tmp_path) in " ".join(a) for a in with_cifar[3:])
