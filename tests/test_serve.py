@@ -120,7 +120,8 @@ def test_a_large_request_is_refused_as_it_arrives_and_unknown_parameters_are_nam
     monkeypatch.setattr(serve_module, "MAX_REQUEST_BYTES", 3000)  # read when the app is made
     client = TestClient(create_app(run))
     response = client.post("/predict", files=[("files", ("a.png", png(0), "image/png"))])  # a 4.9 KB PNG
-    assert response.status_code == 413
+    assert response.status_code == 413 and "more than the 0 MB a request may hold; send its images in several" \
+        in response.json()["detail"]
     response = client.post("/predict", params={"topk": 1}, files=[("files", ("a.png", png(0, 8), "image/png"))])
     assert response.status_code == 422 and response.json()["detail"] == (
         "unknown query parameter topk (did you mean 'top_k'?); use top_k and tta")

@@ -80,6 +80,17 @@ def create_app(run_dir: str | Path, device: str = "auto"):
                 problems.append(f"{where[-1]}: {item.get('msg', 'invalid')}")
         return JSONResponse(status_code=422, content={"detail": "; ".join(dict.fromkeys(problems))})
 
+    @app.middleware("http")
+    async def refuse_a_large_request_in_json(request: Request, call_next):
+        """A request whose declared size is over the limit gets a JSON answer naming the fix; the limit of the
+        route itself (max_body_size, below) also stops one without a size, but answers in Starlette's plain text."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+            return JSONResponse(status_code=413, content={"detail": (
+                f"the request is {int(declared) / 2**20:,.1f} MB, more than the {MAX_REQUEST_BYTES // 2**20} MB a "
+                "request may hold; send its images in several requests")})
+        return await call_next(request)
+
     classes = ", ".join(map(str, about["classes"][:20])) + (", ..." if len(about["classes"]) > 20 else "")
     home_page = _HOME.format(title=html.escape(app.description), classes=html.escape(classes),
                              shape="x".join(map(str, about["input_shape"])), max_images=MAX_IMAGES)
