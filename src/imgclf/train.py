@@ -265,18 +265,7 @@ def _open_run(config: RunConfig, out: str | Path | None, resume: bool, ctx: dist
 def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, quiet: bool, report: bool,
            tensorboard: bool, on_epoch, ctx: distributed.Context, rank_device: torch.device | None,
            held: contextlib.ExitStack) -> TrainResult:
-    # An image folder and a data folder are recorded by their absolute paths, so that `imgclf evaluate RUN`
-    # finds them from any folder.
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, dataset=canonical_dataset(config.data.dataset), data_dir=canonical_data_dir(config.data.data_dir)))
-    if isinstance(weights := config.model.options.get("weights"), str):  # a transfer base: from any folder too
-        # ImageNet's is fetched into the data folder (each rank waits for one download): the run records that file.
-        weights = (imagenet_weights(config.model.name, config.model.options, config.data.data_dir)
-                   if weights == "imagenet"
-                   else Path(weights).expanduser().resolve())
-        config = dataclasses.replace(config, model=dataclasses.replace(
-            config.model, options={**config.model.options, "weights": str(weights)}))
-    config, run_dir, mode = _open_run(config, out, resume, ctx, held)
+    config, run_dir, mode = _open_run(_with_absolute_paths(config), out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
     if mode == "resume" and dataset_obj is not None:
         digest = read_json(run_dir / "model.json").get("train_digest")
@@ -290,17 +279,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     make_board, board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None, None
     cfg = config.train
     started = time.perf_counter()
-    threads = cfg.threads
-    if threads and threads > (cpus := usable_cpus()):  # more threads than CPUs made a test suite 6x slower
-        warnings.warn(f"--threads {threads} is more than the {cpus} CPUs this process may use, which would slow "
-                      f"training down; using {cpus}", stacklevel=3)
-        threads = cpus
-    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:  # fine for a quick try of a recipe, not for a result
-        warnings.warn(f"the warm-up ({cfg.warmup_epochs:g} epochs) lasts the whole {cfg.epochs}-epoch run, so the "
-                      f"learning rate never reaches its peak {cfg.lr:g}; use fewer --warmup-epochs", stacklevel=3)
-    if mode == "new" and (unused := unused_settings(cfg)):  # accepted and recorded, yet they would change nothing
-        warnings.warn(f"{', '.join(unused)}: not used by this configuration, so they change nothing; drop them or "
-                      "change what they go with", stacklevel=3)
+    threads = _threads_with_warnings(cfg, new_run=mode == "new")
     if threads or ctx.enabled:
         torch.set_num_threads(threads or distributed.threads_per_rank(ctx))
     torch.manual_seed(cfg.seed)
@@ -532,6 +511,38 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         from imgclf.report import write_report
         say(f"report: {escape(str(write_report(run_dir)))}")
     return TrainResult(run_dir, history, summary, model=evaluation_net().eval())
+
+
+def _with_absolute_paths(config: RunConfig) -> RunConfig:
+    """An image folder, a data folder and a transfer base by their absolute paths, so that `imgclf evaluate RUN`
+    finds them from any folder; weights "imagenet" as the file fetched into the data folder (each rank waits for
+    one download), so the run records that file."""
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, dataset=canonical_dataset(config.data.dataset), data_dir=canonical_data_dir(config.data.data_dir)))
+    if isinstance(weights := config.model.options.get("weights"), str):
+        weights = (imagenet_weights(config.model.name, config.model.options, config.data.data_dir)
+                   if weights == "imagenet"
+                   else Path(weights).expanduser().resolve())
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, options={**config.model.options, "weights": str(weights)}))
+    return config
+
+
+def _threads_with_warnings(cfg: TrainConfig, new_run: bool) -> int | None:
+    """The --threads to use (None: torch's default), capped at the usable CPUs; warns of settings that would
+    waste the run. stacklevel 4: the warnings name the caller of train()."""
+    threads = cfg.threads
+    if threads and threads > (cpus := usable_cpus()):  # more threads than CPUs made a test suite 6x slower
+        warnings.warn(f"--threads {threads} is more than the {cpus} CPUs this process may use, which would slow "
+                      f"training down; using {cpus}", stacklevel=4)
+        threads = cpus
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:  # fine for a quick try of a recipe, not for a result
+        warnings.warn(f"the warm-up ({cfg.warmup_epochs:g} epochs) lasts the whole {cfg.epochs}-epoch run, so the "
+                      f"learning rate never reaches its peak {cfg.lr:g}; use fewer --warmup-epochs", stacklevel=4)
+    if new_run and (unused := unused_settings(cfg)):  # accepted and recorded, yet they would change nothing
+        warnings.warn(f"{', '.join(unused)}: not used by this configuration, so they change nothing; drop them or "
+                      "change what they go with", stacklevel=4)
+    return threads
 
 
 def _reuse_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset | None,
