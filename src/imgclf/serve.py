@@ -82,8 +82,9 @@ def create_app(run_dir: str | Path, device: str = "auto"):
 
     @app.middleware("http")
     async def refuse_a_large_request_in_json(request: Request, call_next):
-        """A request whose declared size is over the limit gets a JSON answer naming the fix; the limit of the
-        route itself (max_body_size, below) also stops one without a size, but answers in Starlette's plain text."""
+        """A request that declares more than the limit is refused before it is read, with the fix. One that does
+        not say its size is stopped by the route's max_body_size as it arrives; through this middleware its 413
+        also reaches FastAPI's handler, so it is JSON too (Starlette answers it in plain text otherwise)."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
             return JSONResponse(status_code=413, content={"detail": (
