@@ -108,8 +108,6 @@ class TrainImages:
     memory_format: torch.memory_format  # the net's layout (channels_last for bf16 convnets)
 
 
-# ---- choices made from the config and the machine ---------------------------------------------------
-
 # ---- the run folder -----------------------------------------------------------------------------------
 
 def default_run_dir(config: RunConfig) -> Path:
