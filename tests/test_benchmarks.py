@@ -109,3 +109,13 @@ def test_readme_table_script_names_shipped_recipes(tmp_path):
     assert recipes == ["mnist-fast", "fashion-fast", "cifar10-fast", "cifar10-long"]
     assert set(recipes) <= {name for name, _ in list_recipes()}
     assert len(without_cifar) == len(with_cifar) - 2 and all(str(tmp_path) in " ".join(a) for a in with_cifar[3:])
+
+
+def test_bn_recalibration_table(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--model", "fastnet", "--epochs", "1", "--val-split", "0.2",
+                 "--out", str(run)]) == 0
+    rows = table_rows(run_script("bn_recalibration.py", run))
+    assert [row[0] for row in rows[2:]] == ["as trained", "re-estimated on the training images",
+                                            "re-estimated on the training images, half flipped"]
+    assert all(0 <= float(row[1]) <= 100 for row in rows[2:])
