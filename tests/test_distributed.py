@@ -96,6 +96,27 @@ def test_an_error_of_one_rank_alone_is_said_by_that_rank(tmp_path):
     assert "Traceback" not in job.stderr
 
 
+def test_ranks_on_machines_without_the_run_folder_resume_and_reuse_it(tmp_path):
+    # As on a second machine: rank 1 runs in an empty folder, where the relative --out names no run folder.
+    elsewhere, site = tmp_path / "elsewhere", tmp_path / "site"
+    elsewhere.mkdir(), site.mkdir()
+    env = _at_rank_start(site, f"if os.environ.get('RANK') == '1':\n    os.chdir({str(elsewhere)!r})\n")
+    command = [sys.executable, "-m", "imgclf", "train", "--dataset", "digits", "--model", "cnn", "--epochs", "2",
+               "--out", "run", "--nproc", "2"]
+
+    def run(*args):
+        return subprocess.run(list(args), cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+
+    first = run(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed while saving the model: resumable
+    resumed = run(sys.executable, "-m", "imgclf", "train", "--resume", "--out", "run", "--nproc", "2")
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    again = run(*command)
+    assert again.returncode == 0 and "reusing its model" in again.stdout, again.stderr[-2000:]
+    assert (tmp_path / "run" / "summary.json").exists() and not any(elsewhere.iterdir())
+
+
 def _rank_pids(rank: int) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():

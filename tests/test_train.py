@@ -1,4 +1,6 @@
+import dataclasses
 import importlib
+import math
 import re
 import subprocess
 import sys
@@ -11,10 +13,10 @@ import torch
 
 import imgclf
 import imgclf.device as device_module
-from imgclf import evaluate, train
+from imgclf import distributed, evaluate, train
 from imgclf.config import TrainConfig, load_recipe
-from imgclf.data import load_dataset
-from imgclf.device import memory_format, resolve_precision
+from imgclf.data import Split, load_dataset
+from imgclf.device import memory_format, prediction_precision, resolve_precision, slow_precision
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import predict_logits, tta_views
 from imgclf.models import create_model
@@ -280,6 +282,30 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_fast_bf16(monkeypatch):
     assert resolve_precision("fp32", device) == "fp32"
     with pytest.raises(ImgclfError, match="fp16"):
         resolve_precision("fp16", device)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_a_gpu_without_bf16_units_trains_in_fp16_and_predicts_a_bf16_run_in_fp32(monkeypatch, native_bf16):
+    """T4 and V100 emulate bf16, and fp16 overflows where bf16 does not: read without a GPU, by the CUDA check."""
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    assert resolve_precision("auto", gpu) == ("bf16" if native_bf16 else "fp16")
+    assert prediction_precision("bf16", gpu) == ("bf16" if native_bf16 else "fp32")
+    assert prediction_precision("fp16", gpu) == "fp16"
+    assert (slow_precision("bf16", gpu) is None) == native_bf16
+    assert slow_precision("fp16", gpu) is None
+
+
+def test_a_rank_whose_share_of_a_tiny_val_split_is_empty_still_validates():
+    class FirstOfThreeRanks(distributed.Context):  # its sums are its own: no process group in a unit test
+        def sum(self, *values):
+            return [torch.as_tensor(v).double() for v in values]
+
+    data = load_dataset("digits", val_split=0.1)
+    data = dataclasses.replace(data, val=Split(data.val.images[:2], data.val.labels[:2]))  # rank 0 of 3 gets none
+    net = create_model("cnn", num_classes=10, in_channels=1, image_size=8)
+    row = importlib.import_module("imgclf.train").validate(net, data, "fp32", FirstOfThreeRanks(rank=0, world_size=3))
+    assert math.isnan(row["val_acc"]) and math.isnan(row["val_loss"])  # 0 / 0 alone; the other ranks' sums fill it
 
 
 def test_fast_training_options(tmp_path):

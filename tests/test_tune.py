@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 from PIL import Image
@@ -32,7 +33,7 @@ from imgclf.errors import ImgclfError
 from imgclf.models import count_params, create_model
 from imgclf.report import write_report
 from imgclf.spaces import grid_points, list_spaces, load_space, suggest, trial_config
-from imgclf.tune import tune
+from imgclf.tune import tune, worker_gpus
 
 TINY_BASE = {"model": {"name": "cnn", "filters": [8], "dense": [16]}, "train": {"epochs": 1, "batch_size": 64}}
 
@@ -567,3 +568,17 @@ def test_a_notebook_keeps_its_matplotlib_style(tmp_path):
     tune("digits", space, sampler="grid", pruner="none", out=tmp_path / "out", quiet=True)
     assert (tmp_path / "out" / "figures" / "history.png").exists()
     assert {k: v for k, v in matplotlib.rcParams.items() if before.get(k) != v} == {}  # Optuna's ggplot undone
+
+
+def test_workers_take_the_visible_gpus_in_turn(monkeypatch):
+    """Read without a GPU, through torch's count: else every worker would put its trials on the first GPU."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert worker_gpus("auto", 2) == worker_gpus("cuda", 2) == ["3", "5"]
+    with pytest.warns(UserWarning, match="--workers 3 share 2 GPU"):
+        assert worker_gpus("auto", 3) == ["3", "5", "3"]
+    assert worker_gpus("cpu", 2) == worker_gpus("cuda:1", 2) == [None, None]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert worker_gpus("auto", 2) == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert worker_gpus("auto", 2) == [None, None]

@@ -57,6 +57,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+def visible_gpus() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES names them (their indices where it is unset)."""
+    count = torch.cuda.device_count()
+    listed = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision a run trains in: "auto" is the fastest one the device has."""
     if precision != "auto":
@@ -64,19 +71,37 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             raise ImgclfError("fp16 is for CUDA GPUs; use --precision bf16 or fp32 on the CPU")
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"  # T4, V100: fp16
+        return "bf16" if _gpu_has_bf16() else "fp16"
     # Measured (benchmarks/RESULTS.md, throughput): bf16 trains every registered model faster than fp32, from
     # 1.5x (mlp, lenet) to 4x (resnet18) with AMX, 1.6x to 2.3x with AVX512-BF16 alone (Zen 4); without either
     # it is slower.
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def _gpu_has_bf16() -> bool:
+    return torch.cuda.is_bf16_supported(including_emulation=False)  # not T4, V100 and older
+
+
+def slow_precision(precision: str, device: torch.device) -> str | None:
+    """Why training in `precision` on `device` would be slow, or None."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        # Measured on an AMD EPYC with AVX2 only: a fastnet step 12x slower in bf16 than in fp32.
+        return ("this CPU has no AMX or AVX512-BF16, so bf16 runs several times slower than fp32 here; use "
+                "--precision auto or fp32")
+    if precision == "bf16" and device.type == "cuda" and not _gpu_has_bf16():
+        return "this GPU has no bf16 units, so bf16 is emulated here; use --precision auto (fp16) or fp32"
+    return None
+
+
 def prediction_precision(run_precision: str, device: torch.device) -> str:
     """The run's precision, unless this device lacks it: a run trained in bf16 on a CPU with AMX, or in fp16 on a
     GPU, is predicted in fp32 on a CPU without fast bf16, where bf16 runs many times slower (fastnet trained at
-    8 against 101 img/s on an AVX2 EPYC, benchmarks/RESULTS.md), and fp16 is never used on a CPU."""
+    8 against 101 img/s on an AVX2 EPYC, benchmarks/RESULTS.md), and fp16 is never used on a CPU. A bf16 run is
+    never predicted in fp16 on a GPU without bf16: activations that bf16 holds can overflow fp16 to inf."""
     if run_precision == "fp32" or (run_precision == "fp16" and device.type == "cuda"):
         return run_precision
+    if device.type == "cuda":
+        return "bf16" if _gpu_has_bf16() else "fp32"
     return resolve_precision("auto", device)
 
 

@@ -82,9 +82,9 @@ def predict_logits(net: torch.nn.Module, images: torch.Tensor, mean, std, *, bat
     With tta_margin, only images whose centre view (and its flip) leaves the top two classes' probabilities
     closer than tta_margin get the other views: the confident rest keep their prediction at a fraction of
     the cost (fashion-fast: 15% of the validation images, the same predictions)."""
-    if len(images) > batch_size:  # TTA on 10,000 images would otherwise page-fault every batch in afresh; a
-        keep_freed_memory()  # few images gain nothing, and a server would keep its largest request's heap
     device = next(net.parameters()).device
+    if len(images) > batch_size and device.type == "cpu":  # TTA on 10,000 images would otherwise page-fault
+        keep_freed_memory()  # every batch in afresh; a few gain nothing, a server would keep its largest request's heap
     mean_t = torch.tensor(mean, device=device)
     std_t = torch.tensor(std, device=device)
     layout = memory_format(net, precision)

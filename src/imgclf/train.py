@@ -44,12 +44,12 @@ from imgclf.data import (
 )
 from imgclf.device import (
     autocast,
-    cpu_has_fast_bf16,
     cpu_name,
     keep_freed_memory,
     memory_format,
     resolve_device,
     resolve_precision,
+    slow_precision,
     usable_cpus,
 )
 from imgclf.errors import ImgclfError, check_flags
@@ -80,7 +80,7 @@ class TrainResult:
     history: list[dict[str, float]]  # the metrics.csv rows
     summary: dict[str, Any]  # the summary.json content
     reused: bool = False  # True when an identical finished run was found and nothing was trained
-    model: torch.nn.Module | None = None  # the trained net in memory, in eval mode (loaded when reused)
+    model: torch.nn.Module | None = None  # the trained net in memory, in eval mode (loaded when reused, by rank 0)
 
     def __fspath__(self) -> str:  # evaluate(result), load_model(result), ...: the result stands for its run folder
         return str(self.run_dir)
@@ -265,13 +265,15 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
            held: contextlib.ExitStack) -> TrainResult:
     config, run_dir, mode = _open_run(_with_absolute_paths(config), out, resume, ctx, held)
     say = (lambda *a: None) if quiet else console.print
+    if mode == "reuse":
+        return _reuse_finished_run(config, run_dir, dataset_obj, rank_device, say, report, ctx)
+    # Rank 0 reads the run folder, here and below: the other machines of a multi-machine run have no copy of it.
+    recorded = ctx.broadcast(read_json(run_dir / "model.json") if ctx.is_main else None) if mode == "resume" else {}
     if mode == "resume" and dataset_obj is not None:
-        digest = read_json(run_dir / "model.json").get("train_digest")
+        digest = recorded.get("train_digest")
         if digest is None or dataset_obj.train.digest() != digest:
             raise ImgclfError(f"{run_dir} holds a run started on other images than the Dataset passed; resume it "
                               "with the Dataset it started with (or without one, if it started from a name)")
-    if mode == "reuse":
-        return _reuse_finished_run(config, run_dir, dataset_obj, rank_device, say, report and ctx.is_main)
 
     # Checked before any writing; made after config.yaml (its folder alone would make --out "not a run folder").
     make_board, board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None, None
@@ -297,8 +299,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     net = create_model(config.model.name, num_classes=data.num_classes, in_channels=c, image_size=h,
                        **options).to(device)
     # Of the transfer base as read, so that the same command after the file changed trains again, not reuses.
-    weights_md5 = (read_json(run_dir / "model.json").get("weights_md5") if mode == "resume"
-                   else options.get("weights") and file_digest(options["weights"]))
+    weights_md5 = (recorded.get("weights_md5") if mode == "resume"
+                   else options.get("weights") and ctx.is_main and file_digest(options["weights"]))
     if getattr(net, "freeze_features", False) and not config.model.options.get("weights") and mode == "new":
         warnings.warn("freeze_features without weights: the frozen conv base is random and only the head learns; "
                       "give the base's weights with --set model.weights=FILE.safetensors (a vgg run's "
@@ -327,7 +329,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if mode == "resume":  # rank 0 reads the checkpoint: other machines need no copy of the run folder
+    if mode == "resume":
         state = ctx.broadcast(load_checkpoint(run_dir / "checkpoint.pt") if ctx.is_main else None)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -377,10 +379,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     say(f"[bold]{config.model.name}[/] on {escape(data.name)}: {sizes} images {tuple(data.train.images.shape[1:])}, "
         f"{data.num_classes} classes, {trainable:,} trainable params, {precision} on {device.type} "
         f"({ranks}{torch.get_num_threads()} threads) -> {escape(str(run_dir))}")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
-        # Measured on an AMD EPYC with AVX2 only: a fastnet step 12x slower in bf16 than in fp32.
-        say("[yellow]warning:[/] this CPU has no AMX or AVX512-BF16, so bf16 runs several times slower than "
-            "fp32 here; use --precision auto or fp32")
+    if slow := slow_precision(precision, device):
+        say(f"[yellow]warning:[/] {slow}")
     # DDP wraps the net after init_from_data and resume: it copies rank 0's weights to every rank.
     learner = Learner(distributed.wrap(net, ctx, device), optimizer, scaler, ema, lookahead)
 
@@ -544,8 +544,32 @@ def _threads_with_warnings(cfg: TrainConfig, new_run: bool) -> int | None:
 
 
 def _reuse_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset | None,
-                        rank_device: torch.device | None, say: Callable[..., None], report: bool) -> TrainResult:
-    """The finished run in run_dir, after checking it was trained on these images (and weights file)."""
+                        rank_device: torch.device | None, say: Callable[..., None], report: bool,
+                        ctx: distributed.Context) -> TrainResult:
+    """The finished run in run_dir, after checking it was trained on these images (and weights file). Rank 0
+    checks and loads it; the other ranks (whose machines may have no copy of the folder) get its metrics, and no
+    model."""
+    if not ctx.is_main:
+        error, history, summary = ctx.broadcast(None)
+        if error:
+            raise ImgclfError(error)
+        return TrainResult(run_dir, history, summary, reused=True)
+    try:
+        reused = _check_and_load_finished_run(config, run_dir, dataset_obj, rank_device)
+    except ImgclfError as e:
+        ctx.broadcast((str(e), None, None))
+        raise
+    ctx.broadcast((None, reused.history, reused.summary))
+    say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
+        "retraining (delete the folder or choose another --out to train again)")
+    if report:
+        from imgclf.report import write_report
+        say(f"report: {escape(str(write_report(run_dir)))}")
+    return reused
+
+
+def _check_and_load_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset | None,
+                                 rank_device: torch.device | None) -> TrainResult:
     recorded = read_json(run_dir / "model.json")
     digest, stamp, folder = recorded.get("train_digest"), recorded.get("folder_stamp"), config.data.dataset
     if dataset_obj is not None and digest and dataset_obj.train.digest() != digest:
@@ -560,14 +584,8 @@ def _reuse_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset |
                           "delete that run) to train from the file as it is now")
     # Read first: a damaged file is said before "reusing".
     trained = load_model(run_dir, rank_device or resolve_device(config.train.device)).net.eval()
-    reused = TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
-                         reused=True, model=trained)
-    say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
-        "retraining (delete the folder or choose another --out to train again)")
-    if report:
-        from imgclf.report import write_report
-        say(f"report: {escape(str(write_report(run_dir)))}")
-    return reused
+    return TrainResult(run_dir, read_metrics(run_dir / "metrics.csv"), read_json(run_dir / "summary.json"),
+                       reused=True, model=trained)
 
 
 def _check_trainable(net: torch.nn.Module, name: str, cfg: TrainConfig, shape: tuple[int, int, int], train_size: int,
@@ -707,8 +725,10 @@ def validate(net: torch.nn.Module, data: Dataset, precision: str, ctx: distribut
     part = ctx.shard(len(data.val))
     logits = predict_logits(net, data.val.images[part], data.mean, data.std, precision=precision)
     labels = data.val.labels[part].to(logits.device)
-    loss_sum = F.cross_entropy(logits, labels, reduction="sum") if len(labels) else torch.zeros(())
-    loss_sum, correct, n = ctx.sum(loss_sum, (logits.argmax(1) == labels).sum(), torch.tensor(len(labels)))
+    # A val split smaller than the world leaves some ranks nothing to predict (empty logits have no classes).
+    loss_sum, correct = ((F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum())
+                         if len(labels) else (torch.zeros(()), torch.zeros(())))
+    loss_sum, correct, n = ctx.sum(loss_sum, correct, torch.tensor(len(labels)))
     return {"val_loss": (loss_sum / n).item(), "val_acc": (correct / n).item()}
 
 

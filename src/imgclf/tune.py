@@ -41,7 +41,7 @@ from rich.table import Table
 
 from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describe_settings, override_path
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_config_dataset
-from imgclf.device import usable_cpus
+from imgclf.device import usable_cpus, visible_gpus
 from imgclf.distributed import end_with_parent
 from imgclf.errors import ImgclfError, disk_full, is_number, is_whole, one_line_warning, quieter_loggers, unexpected
 from imgclf.models import check_model_options
@@ -269,9 +269,11 @@ def _redundant(trial: optuna.Trial, job: Job) -> str | None:
     return None
 
 
-def _worker_process(job: Job, n_trials: int, tag: str, parent: int | None = None) -> None:
+def _worker_process(job: Job, n_trials: int, tag: str, parent: int | None = None, gpu: str | None = None) -> None:
     if parent is not None:  # a killed `imgclf tune` leaves no workers training on
         end_with_parent(parent)
+    if gpu is not None:  # before anything starts CUDA: this worker's trials see one GPU, as its "cuda"
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     warnings.showwarning = one_line_warning  # a new process: as the CLI says them
     try:
         run_worker(job, n_trials, tag=tag)
@@ -522,9 +524,10 @@ def _run_processes(job: Job, n_trials: int, processes: int) -> list[int]:
     # spawn, not fork: a forked copy of a process that already ran torch can deadlock in its thread pools
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // processes + (i < n_trials % processes) for i in range(processes)]
+    gpus = worker_gpus(job.base.train.device, processes)
     workers = [context.Process(target=_worker_process,
-                               args=(job, share, f"worker {i + 1}: ", os.getpid()))
-               for i, share in enumerate(shares)]
+                               args=(job, share, f"worker {i + 1}: ", os.getpid(), gpu))
+               for i, (share, gpu) in enumerate(zip(shares, gpus, strict=True))]
     for w in workers:
         w.start()
     try:
@@ -535,6 +538,18 @@ def _run_processes(job: Job, n_trials: int, processes: int) -> list[int]:
             w.join(timeout=30)
         raise
     return [i + 1 for i, w in enumerate(workers) if w.exitcode != 0]
+
+
+def worker_gpus(device: str, processes: int) -> list[str | None]:
+    """The GPU of each worker process, in turn (else each would put its trials on the first GPU), or None each
+    where the trials do not choose their GPU themselves (--device cpu, cuda:N) or there is none."""
+    gpus = visible_gpus() if device in ("auto", "cuda") else []
+    if not gpus:
+        return [None] * processes
+    if processes > len(gpus):
+        warnings.warn(f"--workers {processes} share {len(gpus)} GPU(s): trials on the same GPU share its memory "
+                      f"and time (use --workers {len(gpus)} to give each its own)", stacklevel=4)
+    return [gpus[i % len(gpus)] for i in range(processes)]
 
 
 def _check_claim(out: Path, study: str, storage: str, as_given: str | None) -> Callable[[], None]:
