@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from imgclf.device import autocast, memory_format  # noqa: E402
+from imgclf.device import autocast, memory_format, prediction_precision  # noqa: E402
 from imgclf.evaluate import evaluate_with_logits, load_run_dataset  # noqa: E402
 from imgclf.loader import normalize  # noqa: E402
 from imgclf.runs import load_model  # noqa: E402
@@ -31,7 +31,8 @@ def recalibrate(run_dir: str, images: torch.Tensor, flip_half: bool):
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over all the batches
-    precision = model.info.get("precision", "fp32")
+    # As evaluate_with_logits scores it: the run's precision where this CPU has it fast, else fp32.
+    precision = prediction_precision(model.info.get("precision", "fp32"), torch.device("cpu"))
     mean, std = torch.tensor(model.mean), torch.tensor(model.std)
     flips = torch.Generator().manual_seed(0)
     model.net.train()

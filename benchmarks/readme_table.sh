@@ -8,9 +8,11 @@
 # times longer on CPUs without AMX. MNIST and Fashion-MNIST come from IMGCLF_DATA (default ~/.cache/imgclf),
 # downloaded if missing. DRY_RUN=1 prints the commands only. PYTHON names the interpreter (default .venv's).
 set -euo pipefail
+given=${1:-}
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
-cifar10=${1:-data/cifar10-jpeg}
+cifar10=data/cifar10-jpeg
+[ -z "$given" ] || cifar10=$(cd "$OLDPWD" && realpath -m -- "$given")  # a relative folder is the caller's
 
 grep -qs amx_bf16 /proc/cpuinfo \
     || echo "note: this CPU has no AMX; the README's times were measured on 2 Sapphire Rapids cores with it"

@@ -236,3 +236,27 @@ def test_ranks_split_the_cores_where_the_system_has_no_cpu_affinity(monkeypatch)
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert distributed.threads_per_rank(distributed.Context(0, 2, 2, "gloo")) == 2
+
+
+def test_rank_0s_error_while_reading_for_all_reaches_every_rank():
+    """Else the other ranks would wait in the broadcast, until the 300 s timeout if rank 0's caller went on."""
+    from imgclf import distributed
+    from imgclf.errors import ImgclfError
+
+    class Rank(distributed.Context):  # rank 0's broadcast, recorded, and what the other ranks receive
+        sent: list = []
+
+        def broadcast(self, obj):
+            self.sent.append(obj)
+            return obj if self.is_main else self.sent[0]
+
+    def unreadable():
+        raise PermissionError("checkpoint.pt: permission denied")
+
+    with pytest.raises(PermissionError):
+        Rank(rank=0, world_size=2).from_main(unreadable)
+    with pytest.raises(ImgclfError, match=r"^rank 0 failed \(PermissionError: checkpoint.pt: permission denied\)$"):
+        Rank(rank=1, world_size=2).from_main(unreadable)  # not called there
+    Rank.sent.clear()
+    assert Rank(rank=0, world_size=2).from_main(lambda: {"epoch": 3}) == {"epoch": 3}
+    assert Rank(rank=1, world_size=2).from_main(unreadable) == {"epoch": 3}

@@ -122,7 +122,7 @@ def test_a_large_request_is_refused_as_it_arrives_and_unknown_parameters_are_nam
     response = client.post("/predict", files=[("files", ("a.png", png(0), "image/png"))])  # a 4.9 KB PNG
     assert response.status_code == 413 and "more than the 0 MB a request may hold; send its images in several" \
         in response.json()["detail"]
-    body, boundary = png(0), "b0undary"  # the same upload, streamed without a declared size
+    body, boundary = png(0), "b0undary"  # the same upload, streamed without a declared size: the route's limit
     form = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
             f"Content-Type: image/png\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
     response = client.post("/predict", content=(form[i:i + 1000] for i in range(0, len(form), 1000)),

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -582,3 +583,26 @@ def test_workers_take_the_visible_gpus_in_turn(monkeypatch):
     assert worker_gpus("auto", 2) == ["0", "1"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert worker_gpus("auto", 2) == [None, None]
+
+
+def test_each_worker_starts_with_its_gpu_and_tune_keeps_its_own(monkeypatch):
+    started = []
+
+    class Process:  # records the environment each worker would start with
+        exitcode = 0
+
+        def __init__(self, target, args):
+            pass
+
+        def start(self):
+            started.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+        def join(self, timeout=None):
+            pass
+
+    tune_module = importlib.import_module("imgclf.tune")
+    monkeypatch.setattr(tune_module.multiprocessing, "get_context", lambda method: SimpleNamespace(Process=Process))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert tune_module._run_processes(SimpleNamespace(base=RunConfig()), 4, 2) == []
+    assert started == ["3", "5"] and os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -58,6 +58,24 @@ class Context:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def from_main(self, read: Callable[[], Any]) -> Any:
+        """Rank 0's `read()` on every rank: rank 0 reads (a run folder the other machines may not have), the
+        others get its value, or its error as an ImgclfError, so no rank waits for a broadcast that never comes."""
+        if not self.enabled:
+            return read()
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = (None, read())
+            except Exception as e:
+                self.broadcast((str(e) if isinstance(e, ImgclfError) else f"rank 0 failed ({type(e).__name__}: {e})",
+                                None))
+                raise
+        error, value = self.broadcast(outcome)
+        if error is not None:
+            raise ImgclfError(error)
+        return value
 
     def broadcast_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         """Rank 0's values of `tensors` on every rank, in place (e.g. batch-norm statistics)."""

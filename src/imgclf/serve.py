@@ -82,11 +82,11 @@ def create_app(run_dir: str | Path, device: str = "auto"):
 
     @app.middleware("http")
     async def refuse_a_large_request_in_json(request: Request, call_next):
-        """A request that declares more than the limit is refused before it is read, with the fix. One that does
-        not say its size is stopped by the route's max_body_size as it arrives; through this middleware its 413
-        also reaches FastAPI's handler, so it is JSON too (Starlette answers it in plain text otherwise)."""
+        """A request that declares more than the limit is refused before it is read, in JSON with the fix:
+        Starlette's limit (the route's max_body_size) answers it in plain text. One that does not declare its size
+        is stopped by that limit as it arrives, with a JSON 413 from FastAPI's handler."""
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        if declared.isascii() and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
             return JSONResponse(status_code=413, content={"detail": (
                 f"the request is {int(declared) / 2**20:,.1f} MB, more than the {MAX_REQUEST_BYTES // 2**20} MB a "
                 "request may hold; send its images in several requests")})

@@ -241,23 +241,16 @@ def _open_run(config: RunConfig, out: str | Path | None, resume: bool, ctx: dist
               held: contextlib.ExitStack) -> tuple[RunConfig, Path, str]:
     """Rank 0 decides the run folder and what to do with it, and holds it while it trains there (a second
     process, say a --resume while the run goes on, is refused); every rank gets its decision (or its error)."""
-    decision = None
-    if ctx.is_main:
+    def decide() -> tuple[RunConfig, Path, str]:
         run_dir = Path(out) if out else default_run_dir(config)
-        try:
-            given = config
-            config, mode = prepare_run_dir(given, run_dir, resume)
-            if mode != "reuse":
-                held.enter_context(held_folder(run_dir, f"{run_dir} is in use by another imgclf process (training "
-                                               "there); wait for it to end or stop it, or choose another --out"))
-                config, mode = prepare_run_dir(given, run_dir, resume)  # as it is now that no one else writes
-            decision = (config, run_dir, mode, None)
-        except ImgclfError as e:
-            decision = (None, None, None, str(e))
-    config, run_dir, mode, error = ctx.broadcast(decision)
-    if error:
-        raise ImgclfError(error)
-    return config, run_dir, mode
+        decided, mode = prepare_run_dir(config, run_dir, resume)
+        if mode != "reuse":
+            held.enter_context(held_folder(run_dir, f"{run_dir} is in use by another imgclf process (training "
+                                           "there); wait for it to end or stop it, or choose another --out"))
+            decided, mode = prepare_run_dir(config, run_dir, resume)  # as it is now that no one else writes
+        return decided, run_dir, mode
+
+    return ctx.from_main(decide)
 
 
 def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, quiet: bool, report: bool,
@@ -268,7 +261,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if mode == "reuse":
         return _reuse_finished_run(config, run_dir, dataset_obj, rank_device, say, report, ctx)
     # Rank 0 reads the run folder, here and below: the other machines of a multi-machine run have no copy of it.
-    recorded = ctx.broadcast(read_json(run_dir / "model.json") if ctx.is_main else None) if mode == "resume" else {}
+    recorded = ctx.from_main(lambda: read_json(run_dir / "model.json")) if mode == "resume" else {}
     if mode == "resume" and dataset_obj is not None:
         digest = recorded.get("train_digest")
         if digest is None or dataset_obj.train.digest() != digest:
@@ -330,7 +323,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if mode == "resume":
-        state = ctx.broadcast(load_checkpoint(run_dir / "checkpoint.pt") if ctx.is_main else None)
+        state = ctx.from_main(lambda: load_checkpoint(run_dir / "checkpoint.pt"))
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -549,17 +542,16 @@ def _reuse_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset |
     """The finished run in run_dir, after checking it was trained on these images (and weights file). Rank 0
     checks and loads it; the other ranks (whose machines may have no copy of the folder) get its metrics, and no
     model."""
+    loaded: list[TrainResult] = []  # rank 0's, with its model
+
+    def check_and_load() -> tuple[list[dict[str, float]], dict[str, Any]]:
+        loaded.append(_check_and_load_finished_run(config, run_dir, dataset_obj, rank_device))
+        return loaded[0].history, loaded[0].summary
+
+    history, summary = ctx.from_main(check_and_load)
     if not ctx.is_main:
-        error, history, summary = ctx.broadcast(None)
-        if error:
-            raise ImgclfError(error)
         return TrainResult(run_dir, history, summary, reused=True)
-    try:
-        reused = _check_and_load_finished_run(config, run_dir, dataset_obj, rank_device)
-    except ImgclfError as e:
-        ctx.broadcast((str(e), None, None))
-        raise
-    ctx.broadcast((None, reused.history, reused.summary))
+    reused = loaded[0]
     say(f"{escape(str(run_dir))} already holds a finished run of this configuration: reusing its model, not "
         "retraining (delete the folder or choose another --out to train again)")
     if report:

@@ -269,11 +269,9 @@ def _redundant(trial: optuna.Trial, job: Job) -> str | None:
     return None
 
 
-def _worker_process(job: Job, n_trials: int, tag: str, parent: int | None = None, gpu: str | None = None) -> None:
+def _worker_process(job: Job, n_trials: int, tag: str, parent: int | None = None) -> None:
     if parent is not None:  # a killed `imgclf tune` leaves no workers training on
         end_with_parent(parent)
-    if gpu is not None:  # before anything starts CUDA: this worker's trials see one GPU, as its "cuda"
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     warnings.showwarning = one_line_warning  # a new process: as the CLI says them
     try:
         run_worker(job, n_trials, tag=tag)
@@ -524,12 +522,19 @@ def _run_processes(job: Job, n_trials: int, processes: int) -> list[int]:
     # spawn, not fork: a forked copy of a process that already ran torch can deadlock in its thread pools
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // processes + (i < n_trials % processes) for i in range(processes)]
-    gpus = worker_gpus(job.base.train.device, processes)
-    workers = [context.Process(target=_worker_process,
-                               args=(job, share, f"worker {i + 1}: ", os.getpid(), gpu))
-               for i, (share, gpu) in enumerate(zip(shares, gpus, strict=True))]
-    for w in workers:
-        w.start()
+    workers = [context.Process(target=_worker_process, args=(job, share, f"worker {i + 1}: ", os.getpid()))
+               for i, share in enumerate(shares)]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        for w, gpu in zip(workers, worker_gpus(job.base.train.device, processes), strict=True):
+            if gpu is not None:  # in the environment it starts with: set before anything there can start CUDA
+                os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            w.start()
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     try:
         for w in workers:
             w.join()
@@ -541,8 +546,8 @@ def _run_processes(job: Job, n_trials: int, processes: int) -> list[int]:
 
 
 def worker_gpus(device: str, processes: int) -> list[str | None]:
-    """The GPU of each worker process, in turn (else each would put its trials on the first GPU), or None each
-    where the trials do not choose their GPU themselves (--device cpu, cuda:N) or there is none."""
+    """The GPU of each worker process (its CUDA_VISIBLE_DEVICES), in turn: else each would put its trials on the
+    first GPU. None each for trials on the CPU (--device cpu) or on a machine without a GPU."""
     gpus = visible_gpus() if device in ("auto", "cuda") else []
     if not gpus:
         return [None] * processes
