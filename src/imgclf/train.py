@@ -272,7 +272,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     make_board, board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None, None
     cfg = config.train
     started = time.perf_counter()
-    threads = _threads_with_warnings(cfg, new_run=mode == "new")
+    threads = _capped_threads(cfg.threads)
+    _warn_of_wasted_settings(cfg, new_run=mode == "new")
     if threads or ctx.enabled:
         torch.set_num_threads(threads or distributed.threads_per_rank(ctx))
     torch.manual_seed(cfg.seed)
@@ -519,21 +520,23 @@ def _with_absolute_paths(config: RunConfig) -> RunConfig:
     return config
 
 
-def _threads_with_warnings(cfg: TrainConfig, new_run: bool) -> int | None:
-    """The --threads to use (None: torch's default), capped at the usable CPUs; warns of settings that would
-    waste the run. stacklevel 4: the warnings name the caller of train()."""
-    threads = cfg.threads
+def _capped_threads(threads: int | None) -> int | None:
+    """The --threads to use (None: torch's default), at most the usable CPUs. stacklevel 4: the caller of train()."""
     if threads and threads > (cpus := usable_cpus()):  # more threads than CPUs made a test suite 6x slower
         warnings.warn(f"--threads {threads} is more than the {cpus} CPUs this process may use, which would slow "
                       f"training down; using {cpus}", stacklevel=4)
-        threads = cpus
+        return cpus
+    return threads
+
+
+def _warn_of_wasted_settings(cfg: TrainConfig, new_run: bool) -> None:
+    """Settings that train, but waste the run. stacklevel 4: the warnings name the caller of train()."""
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:  # fine for a quick try of a recipe, not for a result
         warnings.warn(f"the warm-up ({cfg.warmup_epochs:g} epochs) lasts the whole {cfg.epochs}-epoch run, so the "
                       f"learning rate never reaches its peak {cfg.lr:g}; use fewer --warmup-epochs", stacklevel=4)
     if new_run and (unused := unused_settings(cfg)):  # accepted and recorded, yet they would change nothing
         warnings.warn(f"{', '.join(unused)}: not used by this configuration, so they change nothing; drop them or "
                       "change what they go with", stacklevel=4)
-    return threads
 
 
 def _reuse_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset | None,
