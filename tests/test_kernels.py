@@ -134,6 +134,20 @@ def test_a_failed_build_falls_back_to_torch_and_is_not_tried_again(monkeypatch, 
         kernels.library.cache_clear()
 
 
+def test_a_compiler_killed_by_a_signal_is_tried_again_by_the_next_process(monkeypatch, tmp_path):
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\nkill -9 $$\n")  # as the OOM killer would
+    cc.chmod(0o755)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(cc))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+        assert not kernels.cached_path(str(cc)).with_suffix(".failed").exists()
+    finally:
+        kernels.library.cache_clear()
+
+
 def test_an_upgraded_compiler_at_the_same_path_gets_its_own_cached_kernel(tmp_path):
     cc = tmp_path / "cc"
     paths = []

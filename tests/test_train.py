@@ -2,6 +2,7 @@ import dataclasses
 import importlib
 import math
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -133,8 +134,10 @@ def test_resume_continues_without_repeating_epochs(tmp_path, monkeypatch, extra)
     monkeypatch.undo()
 
     before = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["seconds"]
+    (tmp_path / "resumed" / "model.onnx").write_bytes(b"exported after epoch 2")
     resumed = train(out=tmp_path / "resumed", resume=True, quiet=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert not (tmp_path / "resumed" / "model.onnx").exists()  # it would pass for the finished model
     assert resumed.summary["seconds"] > before > 0  # the whole training, not only the last process's
     a = safetensors.torch.load_file(straight.run_dir / "model.safetensors")
     b = safetensors.torch.load_file(resumed.run_dir / "model.safetensors")
@@ -659,6 +662,22 @@ def test_resume_refuses_what_it_would_ignore_and_other_images(tmp_path, monkeypa
         train(out=tmp_path / "run", resume=True, dataset=load_dataset("digits", subset=200, val_split=0.5))
     resumed = train(out=tmp_path / "run", resume=True, dataset=data, threads=1, quiet=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_resume_refuses_an_image_folder_that_changed_since_the_run_started(tmp_path, monkeypatch, write_shapes):
+    folder = write_shapes(tmp_path / "shapes", 40)
+    stop_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset=str(folder), model="mlp", epochs=2, val_split=0.2, out=tmp_path / "run", quiet=True)
+    monkeypatch.undo()
+    added = [folder / "a" / f"new{i}.png" for i in range(20)]
+    for path in added:
+        shutil.copy(folder / "a" / "0.png", path)
+    with pytest.raises(ImgclfError, match="shapes changed .* since .*run started on it; put the images back"):
+        train(out=tmp_path / "run", resume=True, quiet=True)
+    for path in added:
+        path.unlink()
+    assert [r["epoch"] for r in train(out=tmp_path / "run", resume=True, quiet=True).history] == [1, 2]
 
 
 def test_a_read_only_run_folder_is_refused_before_training(tmp_path, monkeypatch):

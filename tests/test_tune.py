@@ -34,7 +34,7 @@ from imgclf.errors import ImgclfError
 from imgclf.models import count_params, create_model
 from imgclf.report import write_report
 from imgclf.spaces import grid_points, list_spaces, load_space, suggest, trial_config
-from imgclf.tune import tune, worker_gpus
+from imgclf.tune import open_storage, tune, worker_gpus
 
 TINY_BASE = {"model": {"name": "cnn", "filters": [8], "dense": [16]}, "train": {"epochs": 1, "batch_size": 64}}
 
@@ -416,6 +416,15 @@ def test_a_half_written_journal_record_is_dropped_and_a_damaged_journal_is_a_one
     journal.write_bytes(b"this line is not json\n" + complete)
     with pytest.raises(ImgclfError, match="study journal .* is damaged"):
         tune("digits", space, sampler="grid", pruner="none", trials=3, out=tmp_path / "out", quiet=True)
+
+
+def test_a_lock_left_by_a_killed_worker_can_be_broken_under_a_relative_out(tmp_path, monkeypatch):
+    # Optuna breaks a lock held too long by its target's age: a link resolving to nothing made tune wait forever.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(optuna.storages.journal.JournalFileSymlinkLock, "release", lambda self: None)  # killed
+    open_storage("tune/study.log").create_new_study([optuna.study.StudyDirection.MAXIMIZE], "s")
+    assert os.path.islink("tune/study.log.lock")
+    assert os.stat("tune/study.log.lock").st_size > 0  # the link reaches the journal
 
 
 @pytest.mark.parametrize("text", ["mine\nno newline at the end",  # was cut at its last newline, then appended to

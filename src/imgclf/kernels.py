@@ -311,7 +311,8 @@ def library() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:
                 lib = _load(cc, Path(scratch) / path.name)
     except (OSError, subprocess.SubprocessError) as e:
-        if disk_full(path.parent):  # not the compiler's fault: try again once there is room
+        killed = isinstance(e, subprocess.CalledProcessError) and e.returncode < 0  # by a signal: Ctrl-C, OOM
+        if killed or disk_full(path.parent):  # not the compiler's fault: try again in the next process
             return None
         try:
             failed.write_text(getattr(e, "stderr", b"").decode(errors="replace") or str(e))

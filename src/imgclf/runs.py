@@ -179,7 +179,8 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], object]) -
 def written_together(folder: Path):
     """A scratch folder whose files replace folder's only when the block ends without error. Outputs that
     belong together (a page and its figures) take seconds to draw: a kill meanwhile leaves folder's earlier set
-    whole, not half old and half new. Pages go last, so one never names figures still to come."""
+    whole, not half old and half new (only one in the milliseconds of the final copies mixes them). Pages go
+    last, so one never names figures still to come."""
     with tempfile.TemporaryDirectory(prefix="imgclf-") as scratch:
         yield Path(scratch)
         files = [p for p in Path(scratch).rglob("*") if p.is_file()]

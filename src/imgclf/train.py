@@ -284,6 +284,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     data = dataset_obj or load_config_dataset(config)
     data.check_trainable()
+    if mode == "resume" and recorded.get("folder_stamp") not in (None, data.folder_stamp):
+        raise ImgclfError(f"{config.data.dataset} changed (images added, removed or rewritten) since {run_dir} started "
+                          "on it; put the images back to resume, or start a new run with another --out")
     if cfg.early_stopping and (data.val is None or len(data.val) == 0):
         raise ImgclfError(f"early stopping watches the val accuracy, and {data.name} has no val split here; "
                           "set --val-split above 0, or drop --early-stopping")
@@ -343,6 +346,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         earlier_seconds = state.get("seconds", 0.0)  # checkpoints before 2026-12-07 lack it
         start_epoch = state["epoch"] + 1
         say(f"resuming {escape(str(run_dir))} after epoch {state['epoch']} of {cfg.epochs}")
+        if ctx.is_main and (run_dir / "model.onnx").exists():  # else it would pass for the finished model
+            (run_dir / "model.onnx").unlink()
+            say(f"removed model.onnx, exported after epoch {state['epoch']}: export the run again once it ends")
         if patience_spent(state["epoch"]) and best["state"] is not None:
             start_epoch = cfg.epochs + 1  # it had stopped early and was killed while saving: no more epochs
             say(f"early stopping had ended it: keeping the weights of epoch {best['epoch']}")
@@ -350,7 +356,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         if ctx.is_main:
             # A run that stopped before its first checkpoint may have left its model and curves: they are not
             # this configuration's, so evaluate must not find them.
-            for leftover in ("model.safetensors", "model.json", "metrics.csv", "report.html"):
+            for leftover in ("model.safetensors", "model.json", "metrics.csv", "report.html", "model.onnx"):
                 (run_dir / leftover).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "figures", ignore_errors=True)
             atomic_write(run_dir / "config.yaml", config.to_yaml())

@@ -58,6 +58,9 @@ console = Console(highlight=False, soft_wrap=True)
 # ---- storage, samplers, pruners ------------------------------------------------------------------------
 
 def _open_journal(path: Path) -> optuna.storages.JournalStorage:
+    # Absolute: Optuna's lock is a symlink to the journal, and a relative target resolves from the link's own
+    # folder, to nothing; Optuna then never breaks a lock left by a killed worker, and every later tune waits.
+    path = path.absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))  # the lock every append takes
     if path.is_file():
