@@ -211,6 +211,8 @@ def test_usage_errors_exit_2(tmp_path):
     (["models", "cnn"], "imgclf models: error: unrecognized arguments: cnn"),  # the command's usage, not imgclf's
     (["train", "--dataset", "digits", "--out", ""], "imgclf train: error: argument --out: empty; give a path"),
     (["compare", "run", "--out", " "], "argument --out: empty"),
+    (["predict", "no/such/run", ""], "argument images: empty (an unset shell variable?); give a path"),
+    (["compare", "", "--out", "x"], "argument runs: empty (an unset shell variable?); give a path"),
     (["train", "--epochs", "1.5"], "imgclf train: error: argument --epochs: invalid int value: '1.5' (see imgclf "
                                    "train --help)"),
     (["tune", "--sampler", "bayes"], "--sampler: invalid choice: 'bayes' (choose from 'random', 'grid', 'tpe')"),
@@ -320,6 +322,8 @@ def test_naming_the_runs_own_dataset_keeps_its_validation_split(tmp_path, capsys
     (["predict", "no/such/run", "x.png", "--top-k", "0"], "top-k 0: ask for 1 or more"),
     (["train", "--dataset", "digits", "--augment", "cutout", "--set", "cutout_size=8"], "cutout_size 8 is not smaller"),
     (["train", "--dataset", "digits", "--set", "lr="], "setting 'lr=' has no value; give one, or lr=null"),
+    (["train", "--dataset", "digits", "--set", "data.lr=1"], "lr is train.lr, not data.lr; write train.lr=1 or lr=1"),
+    (["train", "--dataset", "digits", "--set", "train.data.epochs=1"], "epochs is train.epochs, not train.data"),
 ])
 def test_bad_input_in_process(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -348,6 +352,31 @@ def test_warnings_are_one_line(tmp_path, capsys):
     assert main(["datasets", str(tmp_path / "f"), "--data-dir", str(tmp_path / "cache")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("imgclf: warning: ") and "skipped 1 file(s) that are not" in err[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"mean": [0.1, 0.2]}, "(ValueError: mean and std are not 1 finite numbers each, std above 0)"),
+    ({"std": [0.0]}, "mean and std are not 1 finite numbers each, std above 0"),
+    ({"mean": ["a"]}, "mean and std are not 1 finite numbers each"),
+    ({"input_shape": [3, 8, 8]}, "class names or input shape do not match the architecture"),
+    ({"weights": "nan"}, "holds weights that are not finite (training diverged); train the run again with a lower"),
+])
+def test_a_hand_edited_or_diverged_model_is_a_one_line_error(digits_run, tmp_path, capsys, edit, message):
+    import shutil
+
+    import safetensors.torch
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    if edit.pop("weights", None):
+        state = safetensors.torch.load_file(run / "model.safetensors")
+        next(iter(state.values())).fill_(float("nan"))
+        safetensors.torch.save_file(state, run / "model.safetensors")
+    (run / "model.json").write_text(json.dumps({**json.loads((run / "model.json").read_text()), **edit}))
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    for args in (["predict", str(run), str(tmp_path / "x.png")], ["evaluate", str(run)], ["export", str(run)]):
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
 
 
 @pytest.mark.parametrize("name, content, command, message", [

@@ -260,3 +260,15 @@ def test_rank_0s_error_while_reading_for_all_reaches_every_rank():
     Rank.sent.clear()
     assert Rank(rank=0, world_size=2).from_main(lambda: {"epoch": 3}) == {"epoch": 3}
     assert Rank(rank=1, world_size=2).from_main(unreadable) == {"epoch": 3}
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "inf", "nan"])
+def test_a_bad_timeout_setting_is_said_in_one_line(monkeypatch, value):
+    from imgclf import distributed
+    from imgclf.errors import ImgclfError
+
+    monkeypatch.setenv("IMGCLF_DIST_TIMEOUT", value)
+    with pytest.raises(ImgclfError, match=f"IMGCLF_DIST_TIMEOUT='{value}' is not a number of seconds above 0"):
+        distributed.timeout_seconds()
+    monkeypatch.setenv("IMGCLF_DIST_TIMEOUT", "600")
+    assert distributed.timeout_seconds() == 600

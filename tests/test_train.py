@@ -170,6 +170,21 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     assert (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_weights_the_last_step_left_not_finite_are_not_saved(tmp_path, monkeypatch):
+    train_module = importlib.import_module("imgclf.train")
+    real_epoch = train_module.train_one_epoch
+
+    def last_step_diverges(learner, *args, **kwargs):  # its loss, read before the step, was finite
+        row = real_epoch(learner, *args, **kwargs)
+        next(learner.net.parameters()).data.fill_(float("nan"))
+        return row
+
+    monkeypatch.setattr(train_module, "train_one_epoch", last_step_diverges)
+    with pytest.raises(ImgclfError, match=r"diverged \(weights are not finite\) in epoch 1; nothing was saved"):
+        train(epochs=1, out=tmp_path / "run", **FAST)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "muon", "adam", "adamw", "rmsprop"])
 def test_every_optimizer_trains(tmp_path, optimizer):
     lr = 0.05 if optimizer in ("sgd", "nesterov", "muon") else 1e-3

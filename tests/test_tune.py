@@ -332,6 +332,7 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--set", "model.name=mlp"], "not --set model.name"),
     (["--out", "NOTES"], "is a file, not a folder"),
     (["--storage", "RUN"], "is a folder; give a journal file in it"),
+    (["--storage", "sqlite:/x.db"], "looks like a database URL short of a slash; write e.g. sqlite:///FILE.db"),
     (["--out", "RUN"], "holds a training run; give the study a folder of its own"),
     (["--dataset", "ONE_CLASS", "--data-dir", "CACHE"], "has 1 class; a classifier needs 2 or more"),
 ])

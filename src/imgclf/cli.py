@@ -283,6 +283,12 @@ def _path(text: str) -> str:
     return text
 
 
+def _named_path(text: str) -> str:
+    if not text.strip():  # would mean the current folder: every image or run below it
+        raise argparse.ArgumentTypeError("empty (an unset shell variable?); give a path")
+    return text
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535; 0: any free one)")
@@ -339,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a split")
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", type=_named_path, help="run folder")
     p.add_argument("--dataset", help="another dataset or folder with the same class names")
     p.add_argument("--data-dir", type=_path)
     p.add_argument("--split", default="test", choices=("test", "val", "train"))
@@ -351,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="top-k labels for image files")
-    p.add_argument("run", help="run folder")
-    p.add_argument("images", nargs="+", help="image files, or folders of them")
+    p.add_argument("run", type=_named_path, help="run folder")
+    p.add_argument("images", nargs="+", type=_named_path, help="image files, or folders of them")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="average the test-time augmentation views (default: the run's recipe setting)")
@@ -362,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="write the trained model as one ONNX file (normalization included)")
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", type=_named_path, help="run folder")
     p.add_argument("--out", type=_path,
                    help="the .onnx file to write, or a folder for FOLDER/model.onnx (default: RUN/model.onnx)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
@@ -370,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("serve", help="HTTP prediction server for a trained run (POST images to /predict)")
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", type=_named_path, help="run folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only; 0.0.0.0 for every network)")
     p.add_argument("--port", type=_port, default=8000, help="default: 8000; 0 picks a free one")
@@ -392,14 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the shipped recipes").set_defaults(func=_recipes)
 
     p = sub.add_parser("report", help="figures and an HTML report of a trained run")
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", type=_named_path, help="run folder")
     p.add_argument("--split", choices=("test", "val"), help="default: test, or val when there is no test split")
     p.add_argument("--open", action="store_true", help="open the report in a web browser")
     _device_option(p)
     p.set_defaults(func=_report)
 
     p = sub.add_parser("compare", help="compare finished runs: table, CSV, charts and an HTML page")
-    p.add_argument("runs", nargs="+", help="run folders, or folders of runs (runs/, a study's trials/)")
+    p.add_argument("runs", nargs="+", type=_named_path,
+                   help="run folders, or folders of runs (runs/, a study's trials/)")
     p.add_argument("--out", type=_path, default="compare", help="output folder (default: compare/)")
     _device_option(p)
     p.set_defaults(func=_compare)

@@ -426,9 +426,12 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
         if key.startswith("model."):
             overrides.setdefault("model_options", {})[key.removeprefix("model.")] = parsed
         else:
-            key = key.removeprefix("train.").removeprefix("data.")
-            override_path(key)  # only recipe settings: never train()'s own arguments (out, quiet, resume)
-            overrides[key] = parsed
+            name = key.rpartition(".")[2]
+            path = override_path(name)  # only recipe settings: never train()'s own arguments (out, quiet, resume)
+            if "." in key and key != path:  # data.lr would set train.lr
+                raise ImgclfError(f"setting '{setting}': {name} is {path}, not {key}; write {path}={value.strip()} "
+                                  f"or {name}={value.strip()}")
+            overrides[name] = parsed
     return overrides
 
 

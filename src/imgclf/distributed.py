@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -29,9 +30,20 @@ import torch.distributed as dist
 from imgclf.device import usable_cpus
 from imgclf.errors import ImgclfError, PeerLost
 
-# A rank that waits longer than this for the others gives up, so a stuck or dead peer ends the job
-# instead of hanging it. Rank 0 writes checkpoints and plots between epochs, far below this.
-TIMEOUT_SECONDS = float(os.environ.get("IMGCLF_DIST_TIMEOUT", 300))
+
+def timeout_seconds() -> float:
+    """A rank that waits longer than this for the others gives up, so a stuck or dead peer ends the job
+    instead of hanging it. Rank 0 writes checkpoints and plots between epochs, far below the default 300 s."""
+    value = os.environ.get("IMGCLF_DIST_TIMEOUT", "300")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ImgclfError(f"IMGCLF_DIST_TIMEOUT={value!r} is not a number of seconds above 0; set e.g. 600, or unset "
+                          "it for the default 300")
+    return seconds
+
 
 LAUNCHER_PID = "IMGCLF_LAUNCHER_PID"  # set by `imgclf train --nproc` for its ranks, which end with it
 
@@ -137,7 +149,7 @@ def setup(device_name: str) -> tuple[Context, torch.device | None]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_SECONDS))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
     world = dist.get_world_size()
     ctx = Context(dist.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), backend)
     return ctx, device

@@ -142,7 +142,8 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
     with torch.no_grad():
         expected = deployable(check).numpy()
     difference = float(np.abs(got - expected).max())
-    if got.shape != expected.shape or difference > MAX_RELATIVE_DIFFERENCE * max(1.0, float(np.abs(expected).max())):
+    limit = MAX_RELATIVE_DIFFERENCE * max(1.0, float(np.abs(expected).max()))
+    if got.shape != expected.shape or not difference <= limit:  # "not <=": a NaN difference fails too
         raise ImgclfError(f"the exported graph's logits differ from PyTorch's by {difference:.3g}, so {out} was not "
                           "written; please report it with the run's model.json")
     try:

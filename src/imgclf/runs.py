@@ -18,6 +18,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -34,7 +35,7 @@ from safetensors import SafetensorError
 
 from imgclf import __version__
 from imgclf.device import resolve_device
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, is_number
 from imgclf.models import create_model
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -302,8 +303,12 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
                                image_size=arch["image_size"], **arch.get("options", {}))
         class_names, mean, std = list(map(str, meta["class_names"])), tuple(meta["mean"]), tuple(meta["std"])
         input_shape = tuple(int(n) for n in meta["input_shape"])
-        if len(class_names) != arch["num_classes"] or len(input_shape) != 3:
+        if (len(class_names) != arch["num_classes"] or len(input_shape) != 3
+                or input_shape[:2] != (arch["in_channels"], arch["image_size"])):
             raise ValueError("class names or input shape do not match the architecture")
+        if not (len(mean) == len(std) == input_shape[0] and all(map(is_number, mean + std))
+                and all(math.isfinite(v) for v in mean) and all(0 < v < math.inf for v in std)):
+            raise ValueError(f"mean and std are not {input_shape[0]} finite numbers each, std above 0")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ImgclfError) as e:
         raise ImgclfError(f"{meta_path} is not an imgclf model description ({type(e).__name__}: {e}); "
                           "retrain the run or restore the file") from None
@@ -314,6 +319,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImgclfError(f"{weights_path} does not hold this model's weights ({first}); "
                           "retrain the run or restore the file") from None
+    if any(not t.isfinite().all() for t in state.values() if t.is_floating_point()):  # a run that diverged
+        raise ImgclfError(f"{weights_path} holds weights that are not finite (training diverged); train the run "
+                          "again with a lower --lr")
     net.to(device).eval()
     return TrainedModel(net=net, class_names=class_names, mean=mean, std=std, input_shape=input_shape,
                         info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")})

@@ -439,6 +439,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                     ctx.broadcast_tensors(lookahead.slow)
                     if epoch == cfg.epochs:  # end on the slow weights, before they are scored and saved
                         lookahead.step(net, 1.0)
+                # The loss is read before each step: the last step can still leave weights no model should keep.
+                if any(not t.isfinite().all() for t in evaluation_net().state_dict().values() if t.is_floating_point()):
+                    raise diverged(f"weights are not finite) in epoch {epoch}", epoch)
                 if data.val is not None and len(data.val) > 0:
                     row.update(validate(evaluation_net(), data, precision, ctx))
                 progress.remove_task(task)
@@ -642,6 +645,11 @@ def whitening_bias(net: torch.nn.Module) -> torch.nn.Parameter | None:
     return getattr(whiten, "bias", None)
 
 
+def diverged(how: str, epoch: int) -> ImgclfError:
+    kept = "the checkpoint of the last finished epoch is kept" if epoch > 1 else "nothing was saved"
+    return ImgclfError(f"training diverged ({how}; {kept}: lower --lr, set grad_clip, or use --precision fp32")
+
+
 def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, steps_per_epoch: int,
                     generator: torch.Generator, precision: str, ctx: distributed.Context,
                     on_progress: Callable[..., None]) -> dict[str, float]:
@@ -707,10 +715,7 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         seen += len(y)
         if step % 10 == 0 or step + 1 == steps_per_epoch:  # reading a value waits for a GPU: not every step
             if not torch.isfinite(loss_sum):
-                kept = ("the checkpoint of the last finished epoch is kept" if epoch > 1
-                        else "nothing was saved")
-                raise ImgclfError(f"training diverged (loss is {loss_sum.item() / seen}) by step {step + 1} of "
-                                  f"epoch {epoch}; {kept}: lower --lr, set grad_clip, or use --precision fp32")
+                raise diverged(f"loss is {loss_sum.item() / seen}) by step {step + 1} of epoch {epoch}", epoch)
             rate = seen / (time.perf_counter() - started)
             on_progress(completed=step + 1,
                         stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} {rate:,.0f} img/s")

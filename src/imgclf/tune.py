@@ -590,6 +590,9 @@ def _check_claim(out: Path, study: str, storage: str, as_given: str | None) -> C
 
 def absolute_storage(storage: str) -> str:
     """A journal path or SQLite URL made absolute: a relative one names another file from another folder."""
+    if "://" not in storage and re.match(r"[A-Za-z][\w+.-]+:/", storage):  # else a journal named sqlite:/x.db
+        raise ImgclfError(f"storage '{storage}' looks like a database URL short of a slash; write e.g. "
+                          "sqlite:///FILE.db or postgresql://USER:PASSWORD@HOST/DB")
     if "://" not in storage:
         return str(Path(storage).expanduser().resolve())
     prefix = "sqlite:///"
