@@ -133,6 +133,10 @@ def test_summary_model_replaces_the_recipe_model_and_uses_its_image_size(tmp_pat
     assert main(["summary", "--model", "cnn", "--set", "model.filters=[4]", "--set", "grayscale=true", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["input_shape"] == [1, 32, 32] and shown["layers"][0]["output_shape"][0] == 4
+    assert main(["summary", "--model", "mlp", "--set", "dataset=fashion-mnist", "--json"]) == 0  # as --dataset
+    assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 28, 28]
+    assert main(["summary", "--model", "mlp", "--dataset", "mnist", "--set", "dataset=fashion-mnist"]) == 2
+    assert "dataset given both as a flag and in --set; give each setting once" in capsys.readouterr().err
     for size in ("0", "5000"):  # as train checks it (0 was ignored, 5000 an internal error)
         assert main(["summary", "--model", "mlp", "--image-size", size]) == 1
         assert f"invalid image size {size}; use 1 to 1024" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from imgclf.config import (
     AUGMENTATIONS,
+    DEFAULT,
     OPTIMIZERS,
     PRECISIONS,
     PRUNERS,
@@ -150,10 +151,13 @@ def _summary(args: argparse.Namespace) -> None:
         raise UsageError("give --model NAME or --recipe NAME_OR_YAML")
     # --model replaces the recipe's, as in train; --image-size and --set are checked as train checks them
     settings = parse_settings(args.set)
-    if args.image_size is not None and "image_size" in settings:
-        raise UsageError("image_size given both as a flag and in --set; give it once")
-    summary = model_summary(args.model, args.recipe, args.dataset, args.data_dir,
-                            **{"image_size": args.image_size, **settings})
+    flags = {"image_size": args.image_size, "dataset": args.dataset, "data_dir": args.data_dir}
+    if twice := [key for key, value in flags.items() if value is not None and key in settings]:
+        raise UsageError(f"{', '.join(twice)} given both as a flag and in --set; give each setting once")
+    settings = {**{k: v for k, v in flags.items() if v is not None}, **settings}
+    dataset, data_dir = (None if v is DEFAULT else v for v in (settings.pop("dataset", None),
+                                                                settings.pop("data_dir", None)))
+    summary = model_summary(args.model, args.recipe, dataset, data_dir, **settings)
     if args.json:
         print(json.dumps(summary.to_dict()))
         return
