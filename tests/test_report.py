@@ -152,6 +152,11 @@ def test_compare_takes_a_folder_of_runs_and_prints_brackets(runs, tmp_path, caps
         assert [r["run"] for r in compare_runs([tmp_path / "runs"], tmp_path / "out")] == ["b/crop"]
     with pytest.raises(ImgclfError, match="model.safetensors"):  # named on its own: its damage is the answer
         compare_runs([tmp_path / "runs" / "a [copy]"], tmp_path / "out")
+    config = tmp_path / "runs" / "b" / "crop" / "config.yaml"
+    config.write_text(config.read_text().replace("lr: ", "lr: x  # "))  # a hand edit
+    with pytest.warns(UserWarning, match=r"skipped recipe .*b/crop/config.yaml: train: option lr is 'x'"):
+        with pytest.raises(ImgclfError, match="none of the runs could be read"):
+            compare_runs([tmp_path / "runs"], tmp_path / "out")
     for wrong in (5, [5]):
         with pytest.raises(ImgclfError, match="give run folders: a path or a list of paths, not"):
             compare_runs(wrong, tmp_path / "out")

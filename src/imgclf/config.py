@@ -388,7 +388,7 @@ def load_recipe(name_or_path: str | Path) -> RunConfig:
         raise ImgclfError(f"a recipe is a shipped recipe's name (see `imgclf recipes`) or a YAML file's path, not "
                           f"{name_or_path!r}")
     path, raw = _read_recipe(name_or_path)
-    config = RunConfig.from_dict(raw, source=f"recipe {path.name}")
+    config = RunConfig.from_dict(raw, source=f"recipe {path.name if path.parent == recipe_dir() else path}")
     config.recipe = config.recipe or (path.stem if path.parent == recipe_dir() else str(path))
     return config
 

@@ -492,7 +492,8 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
     for run_dir, name, found, summary, config, model_json in runs:
         try:
             model = load_model(run_dir, device)
-        except ImgclfError as e:  # weights missing or damaged
+            data = load_run_dataset(model, run_dir)
+        except ImgclfError as e:  # weights missing or damaged, a config.yaml changed by hand
             skipped(e, found)
             continue
         architecture, given = model_json.get("architecture") or {}, config.get("model") or {}
@@ -501,7 +502,7 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
             config = {**config, "model": {"name": architecture.get("name"), **architecture["options"],
                                           **{k: given[k] for k in ("weights",) if k in given}}}
         configs.append(config)
-        metrics = _evaluate_default_split(model, load_run_dataset(model, run_dir), None, None)[0]
+        metrics = _evaluate_default_split(model, data, None, None)[0]
         rows.append({
             "run": name,
             "dataset": summary.get("dataset") or (config.get("data") or {}).get("dataset"),
