@@ -457,6 +457,10 @@ def test_a_journal_whose_first_record_was_cut_short_is_started_again(tmp_path):
       "train.lr": {"type": "float", "low": 0.001, "high": 0.1}}, "parameters a and train.lr both set train.lr"),
     ({"train.epochs": {"type": "categorical", "choices": ["one", "two"]}}, "option epochs is 'one', which is not"),
     ({"train.lr": {"type": "float", "low": 0.001, "high": 0.1, "step": 0}}, "step must be a number above 0"),
+    ({"train.lr": {"type": "float", "low": float("nan"), "high": 0.1}}, "float needs numbers low <= high"),
+    ({"train.lr": {"type": "float", "low": 0.001, "high": float("inf")}}, "float needs numbers low <= high"),
+    ({"train.lr": [0.1, 0.2]}, "option lr is [0.1, 0.2], which is not"),
+    ({1: 2}, "parameter 1 is not a config path; name it like train.lr"),
 ])
 def test_a_space_whose_values_would_be_ignored_or_fail_every_trial_is_refused(params, message, tmp_path):
     with pytest.raises(ImgclfError, match=re.escape(message)):

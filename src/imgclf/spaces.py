@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import inspect
 import itertools
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import optuna
 
 from imgclf.config import RunConfig, TrainConfig, list_shipped, over_base, read_shipped_or_file, typed_option
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, is_number
 from imgclf.models import MODELS
 
 SPEC_KEYS = {"type", "low", "high", "step", "log", "choices", "value", "per_layer", "set"}
@@ -70,6 +71,9 @@ def load_space(name_or_path: str | Path) -> Space:
     base = RunConfig.from_dict(space.base, source=f"{source}: base")
     written: dict[str, str] = {}
     for name, spec in space.params.items():
+        if not isinstance(name, str):
+            raise ImgclfError(f"{source}: parameter {name!r} is not a config path; name it like train.lr or "
+                              "model.filters")
         _check_param(source, space, name, spec, base.model.name)
         for path in param_paths(name, spec):
             if path in written:  # the later value would win, and the trial's record would show both
@@ -95,13 +99,13 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         kind = part.get("type")
         if kind in ("int", "float"):
             low, high = part.get("low"), part.get("high")
-            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or low > high:
+            if not all(is_number(v) and math.isfinite(v) for v in (low, high)) or low > high:
                 raise ImgclfError(f"{where}: {kind} needs numbers low <= high, e.g. {{type: {kind}, low: 1, high: 5}}")
             if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
                 raise ImgclfError(f"{where}: int needs integer low and high; use type: float for fractions")
             if part.get("log") and (low <= 0 or part.get("step") is not None):
                 raise ImgclfError(f"{where}: log scale needs low > 0 and no step")
-            if part.get("step") is not None and not (isinstance(part["step"], int | float) and part["step"] > 0):
+            if part.get("step") is not None and not (is_number(part["step"]) and 0 < part["step"] < math.inf):
                 raise ImgclfError(f"{where}: step must be a number above 0, got {part['step']!r}")
         elif kind == "categorical":
             choices = part.get("choices")
@@ -122,7 +126,9 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         if valid is None or key not in valid:
             raise ImgclfError(f"{where}: '{path}' is not a config path; use train.X (see `imgclf train --help`) "
                               f"or model.X with an option of model {model} (see README, Models)")
-        if section == "train" and not isinstance(spec, list):  # each value a trial may take, typed as a recipe's
+        if section == "train" and isinstance(spec, list) and not any(isinstance(p, dict) for p in spec):
+            typed_option(key, TRAIN_TYPES[key], spec, where)  # a fixed list: augment: [crop, flip], not lr: [0.1, 1]
+        elif section == "train" and not isinstance(spec, list):  # each value a trial may take, typed as a recipe's
             if not isinstance(spec, dict):
                 values = [spec]
             else:
