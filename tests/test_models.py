@@ -136,6 +136,7 @@ def test_registered_builder_options_are_validated_from_its_signature(monkeypatch
         ("resnet18", {"width": 0}, "option width takes integers >= 1; got 0"),
         ("cnn", {"kernel_size": "3"}, "option kernel_size takes integers >= 1; got '3'"),
         ("cnn", {"global_pool": "false"}, "option global_pool must be true or false; got 'false'"),
+        ("mlp", {"hidden": [10**9]}, r"does not fit in memory \(a tensor of 11,444.1 GiB\); choose smaller layers"),
     ],
 )
 def test_bad_options_raise_one_line_errors(name, options, message):

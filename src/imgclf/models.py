@@ -8,6 +8,7 @@ instead of a shape error deep inside torch.
 import dataclasses
 import functools
 import inspect
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,13 @@ def create_model(
         model = builder(int(num_classes), int(in_channels), int(image_size), **options)
     except ImgclfError as e:
         raise ImgclfError(f"model {name}: {e}") from None
+    except RuntimeError as e:
+        wanted = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))  # torch's CPU allocator
+        if wanted is None:
+            raise
+        gib = int(wanted[1]) / 2**30
+        raise ImgclfError(f"model {name} with these options does not fit in memory (a tensor of {gib:,.1f} GiB); "
+                          "choose smaller layers or a smaller image size") from None
     # The state dict carries any loaded weights, so a rebuild must not need the original file.
     resolved = {**defaults, **options, **({"weights": None} if "weights" in defaults else {})}
     model.spec = {
