@@ -215,8 +215,8 @@ def test_usage_errors_exit_2(tmp_path):
     (["models", "cnn"], "imgclf models: error: unrecognized arguments: cnn"),  # the command's usage, not imgclf's
     (["train", "--dataset", "digits", "--out", ""], "imgclf train: error: argument --out: empty; give a path"),
     (["compare", "run", "--out", " "], "argument --out: empty"),
-    (["predict", "no/such/run", ""], "argument images: empty (an unset shell variable?); give a path"),
-    (["compare", "", "--out", "x"], "argument runs: empty (an unset shell variable?); give a path"),
+    (["predict", "no/such/run", ""], "argument images: empty; give a path (an unset shell variable?)"),
+    (["compare", "", "--out", "x"], "argument runs: empty; give a path (an unset shell variable?)"),
     (["train", "--epochs", "1.5"], "imgclf train: error: argument --epochs: invalid int value: '1.5' (see imgclf "
                                    "train --help)"),
     (["tune", "--sampler", "bayes"], "--sampler: invalid choice: 'bayes' (choose from 'random', 'grid', 'tpe')"),
@@ -363,7 +363,7 @@ def test_warnings_are_one_line(tmp_path, capsys):
     ({"std": [0.0]}, "mean and std are not 1 finite numbers each, std above 0"),
     ({"mean": ["a"]}, "mean and std are not 1 finite numbers each"),
     ({"input_shape": [3, 8, 8]}, "class names or input shape do not match the architecture"),
-    ({"weights": "nan"}, "holds weights that are not finite (training diverged); train the run again with a lower"),
+    ({"weights": "nan"}, "holds weights that are not finite (training diverged); train into another --out (or delete"),
 ])
 def test_a_hand_edited_or_diverged_model_is_a_one_line_error(digits_run, tmp_path, capsys, edit, message):
     import shutil
@@ -371,6 +371,7 @@ def test_a_hand_edited_or_diverged_model_is_a_one_line_error(digits_run, tmp_pat
     import safetensors.torch
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
+    edit = dict(edit)  # the parametrized dict stays as it was for a rerun
     if edit.pop("weights", None):
         state = safetensors.torch.load_file(run / "model.safetensors")
         next(iter(state.values())).fill_(float("nan"))

@@ -134,9 +134,12 @@ def test_a_failed_build_falls_back_to_torch_and_is_not_tried_again(monkeypatch, 
         kernels.library.cache_clear()
 
 
-def test_a_compiler_killed_by_a_signal_is_tried_again_by_the_next_process(monkeypatch, tmp_path):
+@pytest.mark.parametrize("script", ["kill -9 $$",  # the driver killed
+                                    # cc1 killed (the OOM killer's choice): the driver says so and exits 1
+                                    "echo 'gcc: fatal error: Killed signal terminated program cc1' >&2; exit 1"])
+def test_a_compiler_killed_by_a_signal_is_tried_again_by_the_next_process(monkeypatch, tmp_path, script):
     cc = tmp_path / "cc"
-    cc.write_text("#!/bin/sh\nkill -9 $$\n")  # as the OOM killer would
+    cc.write_text(f"#!/bin/sh\n{script}\n")
     cc.chmod(0o755)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(cc))

@@ -426,6 +426,12 @@ def test_a_lock_left_by_a_killed_worker_can_be_broken_under_a_relative_out(tmp_p
     open_storage("tune/study.log").create_new_study([optuna.study.StudyDirection.MAXIMIZE], "s")
     assert os.path.islink("tune/study.log.lock")
     assert os.stat("tune/study.log.lock").st_size > 0  # the link reaches the journal
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    os.remove("tune/study.log.lock")
+    os.symlink("tune/study.log", "tune/study.log.lock")  # dangling: as a worker killed before this fix left it
+    open_storage("tune/study.log").create_new_study([optuna.study.StudyDirection.MAXIMIZE], "t")  # not a hang
+    assert not os.path.lexists("tune/study.log.lock")
 
 
 @pytest.mark.parametrize("text", ["mine\nno newline at the end",  # was cut at its last newline, then appended to

@@ -7,6 +7,7 @@ Exit status: 0 success, 1 a problem with the input (one line on stderr), 2 a usa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -157,6 +158,8 @@ def _summary(args: argparse.Namespace) -> None:
     settings = {**{k: v for k, v in flags.items() if v is not None}, **settings}
     dataset, data_dir = (None if v is DEFAULT else v for v in (settings.pop("dataset", None),
                                                                 settings.pop("data_dir", None)))
+    if not all(v is None or isinstance(v, str) for v in (dataset, data_dir)):
+        raise UsageError(f"dataset and data_dir are a name or a path, not {dataset!r}, {data_dir!r}")
     summary = model_summary(args.model, args.recipe, dataset, data_dir, **settings)
     if args.json:
         print(json.dumps(summary.to_dict()))
@@ -281,16 +284,13 @@ def _tune(args: argparse.Namespace) -> None:
          val_split=args.val_split, settings=parse_settings(args.set))
 
 
-def _path(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty; give a path, or leave the flag out for its default")
-    return text
-
-
-def _named_path(text: str) -> str:
+def _path(text: str, fix: str = "give a path, or leave the flag out for its default") -> str:
     if not text.strip():  # would mean the current folder: every image or run below it
-        raise argparse.ArgumentTypeError("empty (an unset shell variable?); give a path")
+        raise argparse.ArgumentTypeError(f"empty; {fix}")
     return text
+
+
+_named_path = functools.partial(_path, fix="give a path (an unset shell variable?)")
 
 
 def _port(text: str) -> int:

@@ -311,8 +311,11 @@ def library() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as scratch:
                 lib = _load(cc, Path(scratch) / path.name)
     except (OSError, subprocess.SubprocessError) as e:
-        killed = isinstance(e, subprocess.CalledProcessError) and e.returncode < 0  # by a signal: Ctrl-C, OOM
-        if killed or disk_full(path.parent):  # not the compiler's fault: try again in the next process
+        # Killed by a signal (Ctrl-C; the OOM killer takes cc1, and the driver then says so) or slowed past the
+        # timeout by a busy machine: not the compiler's fault, so the next process tries again.
+        killed = isinstance(e, subprocess.TimeoutExpired) or isinstance(e, subprocess.CalledProcessError) and (
+            e.returncode < 0 or b"signal terminated program" in (e.stderr or b""))
+        if killed or disk_full(path.parent):
             return None
         try:
             failed.write_text(getattr(e, "stderr", b"").decode(errors="replace") or str(e))

@@ -320,8 +320,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         raise ImgclfError(f"{weights_path} does not hold this model's weights ({first}); "
                           "retrain the run or restore the file") from None
     if any(not t.isfinite().all() for t in state.values() if t.is_floating_point()):  # a run that diverged
-        raise ImgclfError(f"{weights_path} holds weights that are not finite (training diverged); train the run "
-                          "again with a lower --lr")
+        raise ImgclfError(f"{weights_path} holds weights that are not finite (training diverged); train into "
+                          "another --out (or delete this run) with a lower --lr")
     net.to(device).eval()
     return TrainedModel(net=net, class_names=class_names, mean=mean, std=std, input_shape=input_shape,
                         info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")})

@@ -127,7 +127,11 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
             raise ImgclfError(f"{where}: '{path}' is not a config path; use train.X (see `imgclf train --help`) "
                               f"or model.X with an option of model {model} (see README, Models)")
         if section == "train" and isinstance(spec, list) and not any(isinstance(p, dict) for p in spec):
-            typed_option(key, TRAIN_TYPES[key], spec, where)  # a fixed list: augment: [crop, flip], not lr: [0.1, 1]
+            try:  # a fixed list: augment: [crop, flip], not lr: [0.1, 1]
+                typed_option(key, TRAIN_TYPES[key], spec, where)
+            except ImgclfError as e:
+                raise ImgclfError(f"{e}; to search these values, write {{type: categorical, choices: {spec}}}"
+                                  ) from None
         elif section == "train" and not isinstance(spec, list):  # each value a trial may take, typed as a recipe's
             if not isinstance(spec, dict):
                 values = [spec]

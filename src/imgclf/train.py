@@ -267,6 +267,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         if digest is None or dataset_obj.train.digest() != digest:
             raise ImgclfError(f"{run_dir} holds a run started on other images than the Dataset passed; resume it "
                               "with the Dataset it started with (or without one, if it started from a name)")
+    # On rank 0, whose folder the stamp was taken of (another machine's copy has other file times), before decoding.
+    if mode == "resume" and ctx.from_main(lambda: _folder_changed(config, recorded, dataset_obj)):
+        raise ImgclfError(f"{config.data.dataset} changed (images added, removed or rewritten) since {run_dir} "
+                          "started on it, so resuming would train on other images; start a new run with another --out")
 
     # Checked before any writing; made after config.yaml (its folder alone would make --out "not a run folder").
     make_board, board = _tensorboard_writer(run_dir) if tensorboard and ctx.is_main else None, None
@@ -284,9 +288,6 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     data = dataset_obj or load_config_dataset(config)
     data.check_trainable()
-    if mode == "resume" and recorded.get("folder_stamp") not in (None, data.folder_stamp):
-        raise ImgclfError(f"{config.data.dataset} changed (images added, removed or rewritten) since {run_dir} started "
-                          "on it; put the images back to resume, or start a new run with another --out")
     if cfg.early_stopping and (data.val is None or len(data.val) == 0):
         raise ImgclfError(f"early stopping watches the val accuracy, and {data.name} has no val split here; "
                           "set --val-split above 0, or drop --early-stopping")
@@ -348,7 +349,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         say(f"resuming {escape(str(run_dir))} after epoch {state['epoch']} of {cfg.epochs}")
         if ctx.is_main and (run_dir / "model.onnx").exists():  # else it would pass for the finished model
             (run_dir / "model.onnx").unlink()
-            say(f"removed model.onnx, exported after epoch {state['epoch']}: export the run again once it ends")
+            say("removed model.onnx, exported before the run ended: export the run again once it has")
         if patience_spent(state["epoch"]) and best["state"] is not None:
             start_epoch = cfg.epochs + 1  # it had stopped early and was killed while saving: no more epochs
             say(f"early stopping had ended it: keeping the weights of epoch {best['epoch']}")
@@ -440,8 +441,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                     if epoch == cfg.epochs:  # end on the slow weights, before they are scored and saved
                         lookahead.step(net, 1.0)
                 # The loss is read before each step: the last step can still leave weights no model should keep.
-                if any(not t.isfinite().all() for t in evaluation_net().state_dict().values() if t.is_floating_point()):
-                    raise diverged(f"weights are not finite) in epoch {epoch}", epoch)
+                weights = [t for t in evaluation_net().state_dict().values() if t.is_floating_point()]
+                if not torch.stack([t.isfinite().all() for t in weights]).all():  # one wait for a GPU, not one each
+                    raise diverged("weights are not finite", f"in epoch {epoch}", epoch)
                 if data.val is not None and len(data.val) > 0:
                     row.update(validate(evaluation_net(), data, precision, ctx))
                 progress.remove_task(task)
@@ -572,14 +574,20 @@ def _reuse_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset |
     return reused
 
 
+def _folder_changed(config: RunConfig, recorded: dict[str, Any], dataset_obj: Dataset | None) -> bool:
+    """Whether the image folder a run was trained on has other files now (its model.json records their stamp)."""
+    stamp, folder = recorded.get("folder_stamp"), config.data.dataset
+    return dataset_obj is None and bool(stamp) and Path(folder).is_dir() and folder_stamp(folder) != stamp
+
+
 def _check_and_load_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset | None,
                                  rank_device: torch.device | None) -> TrainResult:
     recorded = read_json(run_dir / "model.json")
-    digest, stamp, folder = recorded.get("train_digest"), recorded.get("folder_stamp"), config.data.dataset
+    digest, folder = recorded.get("train_digest"), config.data.dataset
     if dataset_obj is not None and digest and dataset_obj.train.digest() != digest:
         raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
                           "the Dataset passed; choose another out (or delete the folder) to train on these")
-    if dataset_obj is None and stamp and Path(folder).is_dir() and folder_stamp(folder) != stamp:
+    if _folder_changed(config, recorded, dataset_obj):
         raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
                           "on it; choose another --out (or delete that run) to train on the folder as it is now")
     weights, weights_md5 = config.model.options.get("weights"), recorded.get("weights_md5")
@@ -645,9 +653,10 @@ def whitening_bias(net: torch.nn.Module) -> torch.nn.Parameter | None:
     return getattr(whiten, "bias", None)
 
 
-def diverged(how: str, epoch: int) -> ImgclfError:
+def diverged(reason: str, when: str, epoch: int) -> ImgclfError:
     kept = "the checkpoint of the last finished epoch is kept" if epoch > 1 else "nothing was saved"
-    return ImgclfError(f"training diverged ({how}; {kept}: lower --lr, set grad_clip, or use --precision fp32")
+    return ImgclfError(f"training diverged ({reason}) {when}; {kept}: lower --lr, set grad_clip, or use --precision "
+                       "fp32")
 
 
 def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, steps_per_epoch: int,
@@ -715,7 +724,7 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         seen += len(y)
         if step % 10 == 0 or step + 1 == steps_per_epoch:  # reading a value waits for a GPU: not every step
             if not torch.isfinite(loss_sum):
-                raise diverged(f"loss is {loss_sum.item() / seen}) by step {step + 1} of epoch {epoch}", epoch)
+                raise diverged(f"loss is {loss_sum.item() / seen}", f"by step {step + 1} of epoch {epoch}", epoch)
             rate = seen / (time.perf_counter() - started)
             on_progress(completed=step + 1,
                         stats=f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%} {rate:,.0f} img/s")

@@ -62,6 +62,9 @@ def _open_journal(path: Path) -> optuna.storages.JournalStorage:
     # folder, to nothing; Optuna then never breaks a lock left by a killed worker, and every later tune waits.
     path = path.absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
+    stale = path.with_name(path.name + ".lock")
+    if stale.is_symlink() and not stale.exists():  # the dangling lock of a worker killed before this fix: never broken
+        stale.unlink(missing_ok=True)  # (a live lock reaches the journal, which Optuna makes before locking it)
     lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))  # the lock every append takes
     if path.is_file():
         lock.acquire()  # a worker may be appending right now
