@@ -73,6 +73,7 @@ def test_predict_a_folder_predicts_each_image_below_it(digits_run, tmp_path, cap
     Image.new("RGB", (64, 64), "red").save(whole, "JPEG")
     (tmp_path / "imgs" / "cut.jpg").write_bytes(whole.getvalue()[:300])  # its header reads, its pixels do not
     Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "imgs" / "float.tif")  # 32-bit pixels
+    os.mkfifo(tmp_path / "imgs" / "pipe.png")  # opening it would wait for a writer: left out
     (tmp_path / "empty").mkdir()
     one = tmp_path / "one.png"
     Image.fromarray(test.images[3, 0].numpy()).save(one)

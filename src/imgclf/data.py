@@ -563,14 +563,16 @@ _LOADERS = {"idx": _load_idx, "cifar10": _load_cifar10, "cifar100": _load_cifar1
 # ---- image folders ----
 
 def files_under(folder: Path) -> list[str]:
-    """Every file below folder in a stable order, leaving out hidden ones (.DS_Store, .ipynb_checkpoints/).
-    Linked folders are followed (as a linked class folder is), each real folder once: a link loop ends."""
+    """Every file below folder in a stable order, leaving out hidden ones (.DS_Store, .ipynb_checkpoints/) and
+    pipes, sockets and devices (opening a pipe waits for a writer: forever). Linked folders are followed (as a linked
+    class folder is), each real folder once: a link loop ends; dangling links stay, to be skipped with a warning."""
     found, seen = [], {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")
                        and os.path.realpath(os.path.join(dirpath, d)) not in seen]
         seen.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        paths = (os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        found += [p for p in paths if os.path.isfile(p) or os.path.islink(p) and not os.path.exists(p)]
     return found
 
 
