@@ -389,6 +389,8 @@ def test_a_hand_edited_or_diverged_model_is_a_one_line_error(digits_run, tmp_pat
     ("model.json", "[1, 2]", "predict", "model.json is not an imgclf model description"),
     ("model.json", '{"format": "imgclf-model", "architecture": "cnn"}', "predict", "not an imgclf model description"),
     ("summary.json", "{broken", "compare", "summary.json is damaged"),
+    ("summary.json", '{"seconds": "12"}', "compare", "summary.json is damaged (seconds is '12', not a number)"),
+    ("summary.json", '{"trainable_params": "many"}', "report", "damaged (trainable_params is 'many', not a number)"),
     ("metrics.csv", "epoch,val_acc\n1,0.5,extra\n", "report", "metrics.csv is damaged"),
     ("metrics.csv", "a,b\n1,2\n", "report", "metrics.csv is damaged"),
     ("metrics.csv", "epoch,val_acc\n1\n", "report", "metrics.csv is damaged"),

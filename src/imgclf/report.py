@@ -39,6 +39,7 @@ from imgclf.runs import (
     output_folder,
     read_json,
     read_metrics,
+    read_summary,
     runs_below,
     unfinished,
     written_together,
@@ -308,7 +309,7 @@ def write_report(run_dir: str | Path, split: str | None = None, tta: bool | None
     confidence, predicted = logits.softmax(1).max(1)
     grids = example_grids(logits, labels)
 
-    summary = read_json(run_dir / "summary.json")
+    summary = read_summary(run_dir)
     pairs = most_confused_pairs(metrics["confusion_matrix"], model.class_names)
     with written_together(run_dir) as scratch:
         figures = scratch / "figures"
@@ -484,7 +485,7 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
     for run_dir, name, found in named.values():
         try:
             runs.append((run_dir, name if names.count(name) == 1 else str(run_dir), found,  # not m1 twice
-                         read_json(run_dir / "summary.json"), _run_config(run_dir), read_json(run_dir / "model.json")))
+                         read_summary(run_dir), _run_config(run_dir), read_json(run_dir / "model.json")))
         except ImgclfError as e:
             skipped(e, found)
     output_folder(out_dir, "the comparison", *((config.get("data") or {}).get("dataset") for *_, config, _ in runs))

@@ -227,6 +227,17 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A finished run's summary.json, its numbers checked: reports and comparisons compute with them."""
+    path = Path(run_dir) / "summary.json"
+    summary = read_json(path)
+    for key in ("seconds", "trainable_params", "epochs_run", "kept_epoch"):
+        if summary.get(key) is not None and not (is_number(summary[key]) and math.isfinite(summary[key])):
+            raise ImgclfError(f"{path} is damaged ({key} is {summary[key]!r}, not a number); retrain the run or "
+                              "restore the file")
+    return summary
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
