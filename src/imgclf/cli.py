@@ -14,6 +14,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -22,7 +23,6 @@ from rich.table import Table
 
 from imgclf.config import (
     AUGMENTATIONS,
-    DEFAULT,
     OPTIMIZERS,
     PRECISIONS,
     PRUNERS,
@@ -71,12 +71,16 @@ def _train(args: argparse.Namespace) -> None:
         return
     if not args.dataset and not args.recipe:
         raise UsageError("no dataset given; add --dataset NAME (see `imgclf datasets`) or --recipe NAME")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    conflicts = sorted(set(overrides) & set(settings))
-    if conflicts:
-        raise UsageError(f"{', '.join(conflicts)} given both as a flag and in --set; give each setting once")
     train(recipe=args.recipe, model=args.model, out=args.out, report=args.report, tensorboard=args.tensorboard,
-          **overrides, **settings)
+          **_with_flags(settings, overrides))
+
+
+def _with_flags(settings: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """The --set settings and the flags given (not None), each setting given once."""
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if conflicts := sorted(set(flags) & set(settings)):
+        raise UsageError(f"{', '.join(conflicts)} given both as a flag and in --set; give each setting once")
+    return {**flags, **settings}
 
 
 def _note_own_val_folder(dataset: str | None, val_split: float | None) -> None:
@@ -151,16 +155,8 @@ def _summary(args: argparse.Namespace) -> None:
     if not args.recipe and not args.model:
         raise UsageError("give --model NAME or --recipe NAME_OR_YAML")
     # --model replaces the recipe's, as in train; --image-size and --set are checked as train checks them
-    settings = parse_settings(args.set)
     flags = {"image_size": args.image_size, "dataset": args.dataset, "data_dir": args.data_dir}
-    if twice := [key for key, value in flags.items() if value is not None and key in settings]:
-        raise UsageError(f"{', '.join(twice)} given both as a flag and in --set; give each setting once")
-    settings = {**{k: v for k, v in flags.items() if v is not None}, **settings}
-    dataset, data_dir = (None if v is DEFAULT else v for v in (settings.pop("dataset", None),
-                                                                settings.pop("data_dir", None)))
-    if not all(v is None or isinstance(v, str) for v in (dataset, data_dir)):
-        raise UsageError(f"dataset and data_dir are a name or a path, not {dataset!r}, {data_dir!r}")
-    summary = model_summary(args.model, args.recipe, dataset, data_dir, **settings)
+    summary = model_summary(args.model, args.recipe, **_with_flags(parse_settings(args.set), flags))
     if args.json:
         print(json.dumps(summary.to_dict()))
         return

@@ -567,12 +567,25 @@ def files_under(folder: Path) -> list[str]:
     pipes, sockets and devices (opening a pipe waits for a writer: forever). Linked folders are followed (as a linked
     class folder is), each real folder once: a link loop ends; dangling links stay, to be skipped with a warning."""
     found, seen = [], {os.path.realpath(folder)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")
-                       and os.path.realpath(os.path.join(dirpath, d)) not in seen]
-        seen.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
-        paths = (os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
-        found += [p for p in paths if os.path.isfile(p) or os.path.islink(p) and not os.path.exists(p)]
+
+    def visit(path: str) -> None:  # depth first, files before sub-folders, each in name order (as os.walk)
+        try:
+            with os.scandir(path) as listing:
+                entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:  # unreadable: as os.walk, left out
+            return
+        folders = []
+        for entry in entries:  # the entry types come with the listing: no stat per file, except for links
+            if entry.is_dir():
+                if (real := os.path.realpath(entry.path)) not in seen:
+                    seen.add(real)
+                    folders.append(entry.path)
+            elif entry.is_file() or entry.is_symlink() and not os.path.exists(entry.path):
+                found.append(entry.path)
+        for sub in folders:
+            visit(sub)
+
+    visit(str(folder))
     return found
 
 

@@ -5,6 +5,7 @@ import contextlib
 import difflib
 import errno
 import logging
+import math
 import numbers
 import shutil
 import sys
@@ -48,6 +49,11 @@ def is_whole(value: object, minimum: int = 1, maximum: int | None = None) -> boo
 def is_number(value: object) -> bool:
     """Whether value is a real number (numpy's too, never a bool: True would pass as 1)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """A real number that is neither NaN nor infinite."""
+    return is_number(value) and math.isfinite(value)
 
 
 def disk_full(folder: str | Path) -> bool:

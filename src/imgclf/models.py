@@ -647,12 +647,12 @@ def model_summary(model: str | None = None, recipe: str | Path | None = None, da
 
     if not recipe and not model:
         raise ImgclfError("give a model name or a recipe (see `imgclf models` and `imgclf recipes`)")
-    config = make_config(recipe=recipe, model=model, **settings)
-    dataset = dataset or (config.data.dataset if recipe else "cifar10")
+    given = {k: v for k, v in {"dataset": dataset, "data_dir": data_dir}.items() if v is not None}
+    config = make_config(recipe=recipe, model=model, **given, **settings)  # each checked as train checks it
+    dataset = config.data.dataset if recipe or "dataset" in given else "cifar10"  # not the config's default
     grayscale, image_size = config.data.grayscale, config.data.image_size
     if image_folder(dataset):  # its shape is known once decoded (cached), which also reads its classes
-        data = load_dataset(dataset, data_dir or config.data.data_dir, val_split=0, grayscale=grayscale,
-                            image_size=image_size)
+        data = load_dataset(dataset, config.data.data_dir, val_split=0, grayscale=grayscale, image_size=image_size)
         data.check_trainable()  # not the summary of a model that train refuses
         channels, size, classes = data.in_channels, data.image_size, data.num_classes
     else:

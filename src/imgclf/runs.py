@@ -18,7 +18,6 @@ import csv
 import glob
 import io
 import json
-import math
 import os
 import re
 import tempfile
@@ -35,7 +34,7 @@ from safetensors import SafetensorError
 
 from imgclf import __version__
 from imgclf.device import resolve_device
-from imgclf.errors import ImgclfError, is_number
+from imgclf.errors import ImgclfError, is_finite_number
 from imgclf.models import create_model
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -227,12 +226,17 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of the floating-point tensors is finite (one wait for a GPU, not one per tensor)."""
+    return bool(torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all())
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """A finished run's summary.json, its numbers checked: reports and comparisons compute with them."""
     path = Path(run_dir) / "summary.json"
     summary = read_json(path)
     for key in ("seconds", "trainable_params", "epochs_run", "kept_epoch"):
-        if summary.get(key) is not None and not (is_number(summary[key]) and math.isfinite(summary[key])):
+        if summary.get(key) is not None and not is_finite_number(summary[key]):
             raise ImgclfError(f"{path} is damaged ({key} is {summary[key]!r}, not a number); retrain the run or "
                               "restore the file")
     return summary
@@ -317,8 +321,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         if (len(class_names) != arch["num_classes"] or len(input_shape) != 3
                 or input_shape[:2] != (arch["in_channels"], arch["image_size"])):
             raise ValueError("class names or input shape do not match the architecture")
-        if not (len(mean) == len(std) == input_shape[0] and all(map(is_number, mean + std))
-                and all(math.isfinite(v) for v in mean) and all(0 < v < math.inf for v in std)):
+        if not (len(mean) == len(std) == input_shape[0] and all(map(is_finite_number, mean + std))
+                and min(std) > 0):
             raise ValueError(f"mean and std are not {input_shape[0]} finite numbers each, std above 0")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ImgclfError) as e:
         raise ImgclfError(f"{meta_path} is not an imgclf model description ({type(e).__name__}: {e}); "
@@ -330,7 +334,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImgclfError(f"{weights_path} does not hold this model's weights ({first}); "
                           "retrain the run or restore the file") from None
-    if any(not t.isfinite().all() for t in state.values() if t.is_floating_point()):  # a run that diverged
+    if not all_finite(list(state.values())):  # a run that diverged
         raise ImgclfError(f"{weights_path} holds weights that are not finite (training diverged); train into "
                           "another --out (or delete this run) with a lower --lr")
     net.to(device).eval()

@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import inspect
 import itertools
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import optuna
 
 from imgclf.config import RunConfig, TrainConfig, list_shipped, over_base, read_shipped_or_file, typed_option
-from imgclf.errors import ImgclfError, is_number
+from imgclf.errors import ImgclfError, is_finite_number
 from imgclf.models import MODELS
 
 SPEC_KEYS = {"type", "low", "high", "step", "log", "choices", "value", "per_layer", "set"}
@@ -99,13 +98,13 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         kind = part.get("type")
         if kind in ("int", "float"):
             low, high = part.get("low"), part.get("high")
-            if not all(is_number(v) and math.isfinite(v) for v in (low, high)) or low > high:
+            if not all(map(is_finite_number, (low, high))) or low > high:
                 raise ImgclfError(f"{where}: {kind} needs numbers low <= high, e.g. {{type: {kind}, low: 1, high: 5}}")
             if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
                 raise ImgclfError(f"{where}: int needs integer low and high; use type: float for fractions")
             if part.get("log") and (low <= 0 or part.get("step") is not None):
                 raise ImgclfError(f"{where}: log scale needs low > 0 and no step")
-            if part.get("step") is not None and not (is_number(part["step"]) and 0 < part["step"] < math.inf):
+            if part.get("step") is not None and not (is_finite_number(part["step"]) and part["step"] > 0):
                 raise ImgclfError(f"{where}: step must be a number above 0, got {part['step']!r}")
         elif kind == "categorical":
             choices = part.get("choices")

@@ -58,6 +58,7 @@ from imgclf.loader import alternating_flip, augment, batches, mixup, normalize, 
 from imgclf.models import count_params, create_model, imagenet_weights
 from imgclf.optim import LOOKAHEAD_ALPHA, LOOKAHEAD_EVERY, Lookahead, build_optimizer, lr_factor
 from imgclf.runs import (
+    all_finite,
     atomic_write,
     held_folder,
     is_stray,
@@ -441,8 +442,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                     if epoch == cfg.epochs:  # end on the slow weights, before they are scored and saved
                         lookahead.step(net, 1.0)
                 # The loss is read before each step: the last step can still leave weights no model should keep.
-                weights = [t for t in evaluation_net().state_dict().values() if t.is_floating_point()]
-                if not torch.stack([t.isfinite().all() for t in weights]).all():  # one wait for a GPU, not one each
+                if not all_finite(list(evaluation_net().state_dict().values())):
                     raise diverged("weights are not finite", f"in epoch {epoch}", epoch)
                 if data.val is not None and len(data.val) > 0:
                     row.update(validate(evaluation_net(), data, precision, ctx))
