@@ -770,3 +770,9 @@ def test_a_run_resumes_on_another_kind_of_device(tmp_path, monkeypatch):
     torch.save({**state, "generator": torch.zeros(16, dtype=torch.uint8)}, tmp_path / "run" / "checkpoint.pt")
     resumed = train(out=tmp_path / "run", resume=True, quiet=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_a_loaded_model_rebuilds_its_own_validation_split(tmp_path):
+    run = train(dataset="digits", model="mlp", epochs=1, out=tmp_path / "run", quiet=True, seed=3, val_split=0.25)
+    model = imgclf.load_model(run.run_dir)  # carries no config.yaml: model.json records the split
+    assert evaluate(model, split="val")["accuracy"] == pytest.approx(run.history[-1]["val_acc"])

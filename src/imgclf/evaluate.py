@@ -176,18 +176,23 @@ def load_run_dataset(model: TrainedModel, run_dir: Path | None, dataset: str | N
     """The data to evaluate a model on, read at the model's input shape.
 
     By default the run's own dataset with its own val split, seed and grayscale setting (from its
-    config.yaml), so its validation split is rebuilt exactly; `dataset` names another one instead, read whole:
-    no validation split, and a folder of class folders only is all test split.
+    model.json, or the config.yaml of a run saved before model.json kept them), so its validation split is rebuilt
+    exactly; `dataset` names another one instead, read whole: no validation split, and a folder of class folders
+    only is all test split.
     """
     config = load_recipe(run_dir) if run_dir is not None and (run_dir / "config.yaml").exists() else None
-    name = dataset or (config.data.dataset if config else None) or model.info.get("dataset")
+    own_name = config.data.dataset if config else model.info.get("dataset")
+    name = dataset or own_name
     if name is None:
         raise ImgclfError("this model does not record its dataset; pass --dataset NAME_OR_FOLDER")
-    own = dataset is None or (config is not None  # the run's own dataset, also when named again
-                              and canonical_dataset(dataset) == canonical_dataset(config.data.dataset))
+    own = dataset is None or (own_name is not None  # the run's own dataset, also when named again
+                              and canonical_dataset(dataset) == canonical_dataset(own_name))
     options: dict[str, Any] = {"data_dir": data_dir or (config.data.data_dir if config else None)}
-    if own and config is not None:  # its validation split is rebuilt exactly
-        options.update(val_split=config.data.val_split, grayscale=config.data.grayscale, seed=config.train.seed)
+    split = model.info.get("split") or (
+        {"val_split": config.data.val_split, "grayscale": config.data.grayscale, "seed": config.train.seed}
+        if config else None)
+    if own and split:  # its validation split is rebuilt exactly
+        options.update(split)
     elif not own:  # another dataset keeps only how to read it: none of it is held out for a validation split
         options.update(val_split=0)
     options["channels"], options["image_size"] = model.input_shape[:2]

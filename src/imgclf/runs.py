@@ -324,6 +324,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         if not (len(mean) == len(std) == input_shape[0] and all(map(is_finite_number, mean + std))
                 and min(std) > 0):
             raise ValueError(f"mean and std are not {input_shape[0]} finite numbers each, std above 0")
+        if not isinstance(meta.get("split", {}), dict) or set(meta.get("split", {})) - {"val_split", "grayscale",
+                                                                                          "seed"}:
+            raise ValueError("split is not a mapping of val_split, grayscale and seed")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ImgclfError) as e:
         raise ImgclfError(f"{meta_path} is not an imgclf model description ({type(e).__name__}: {e}); "
                           "retrain the run or restore the file") from None

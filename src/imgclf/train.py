@@ -399,6 +399,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
                    tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest,
+                   split={"val_split": config.data.val_split, "grayscale": config.data.grayscale, "seed": cfg.seed},
                    folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None)
 
     def draw_curves(kept_epoch: int | None = None) -> None:
