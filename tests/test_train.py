@@ -776,3 +776,23 @@ def test_a_loaded_model_rebuilds_its_own_validation_split(tmp_path):
     run = train(dataset="digits", model="mlp", epochs=1, out=tmp_path / "run", quiet=True, seed=3, val_split=0.25)
     model = imgclf.load_model(run.run_dir)  # carries no config.yaml: model.json records the split
     assert evaluate(model, split="val")["accuracy"] == pytest.approx(run.history[-1]["val_acc"])
+
+
+def test_evaluate_warns_when_it_scores_images_the_model_trained_on(tmp_path, write_shapes, recwarn):
+    write_shapes(tmp_path / "shapes", 20)  # class folders only: training carves a test split
+    run = train(dataset=str(tmp_path / "shapes"), data_dir=str(tmp_path / "cache"), model="mlp", epochs=1,
+                batch_size=8, val_split=0, quiet=True, out=tmp_path / "run")
+    evaluate(run)  # its own test split: no image of it was trained on
+    assert not [w for w in recwarn if "trained on" in str(w.message)]
+    shutil.copytree(tmp_path / "shapes", tmp_path / "copy")
+    trained = len(load_dataset(str(tmp_path / "shapes"), str(tmp_path / "cache"), val_split=0).train)
+    with pytest.warns(UserWarning, match=rf"^{trained} of the 20 test images of .*copy are images this model trained"):
+        evaluate(run, str(tmp_path / "copy"), data_dir=str(tmp_path / "cache"))
+
+
+def test_a_damaged_record_of_the_training_images_skips_that_check_with_a_warning(tmp_path):
+    run = train(dataset="digits", model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
+    assert imgclf.load_model(run.run_dir).train_fingerprints.shape == (len(load_dataset("digits").train),)
+    (run.run_dir / "train_images.npy").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="train_images.npy is damaged .* train the run again to restore it"):
+        assert evaluate(run)["accuracy"] > 0.5

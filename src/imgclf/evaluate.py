@@ -252,6 +252,13 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
     if tuple(chosen.images.shape[1:]) != tuple(model.input_shape):
         raise ImgclfError(f"{data.name} images are {tuple(chosen.images.shape[1:])} but the model takes "
                           f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
+    if split != "train" and model.train_fingerprints is not None:
+        # e.g. a copy of the training folder, scored whole, or a test folder that shares files with the training one
+        seen = int(np.isin(chosen.fingerprints(), model.train_fingerprints).sum())
+        if seen:
+            warnings.warn(f"{seen:,} of the {len(chosen):,} {split} images of {data.name} are images this model "
+                          "trained on (the same pixels), so its score overstates how it does on new images; "
+                          "evaluate on images kept out of training", stacklevel=2)
     tta, options = prediction_options(model, tta, tta_margin)
     # On the CPU, beside the labels and images: a report picks its example images by them.
     logits = predict_logits(model.net, chosen.images, model.mean, model.std, batch_size=batch_size, **options).cpu()

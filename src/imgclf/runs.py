@@ -5,6 +5,7 @@ A run folder holds:
   metrics.csv        one row per finished epoch
   model.safetensors  the trained weights (tensors only: loading runs no code)
   model.json         how to rebuild the net, class names, normalization, input shape, version
+  train_images.npy   a 64-bit hash of each training image, so evaluate can tell when it scores images it trained on
   checkpoint.pt      the state to resume from, rewritten atomically after every epoch
   summary.json       final metrics and timings, written when the run finishes
 Every file is written to a temporary file first and then renamed, so a crash or a kill
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
@@ -37,6 +39,7 @@ from imgclf.device import resolve_device
 from imgclf.errors import ImgclfError, is_finite_number
 from imgclf.models import create_model
 
+TRAIN_IMAGES = "train_images.npy"  # see the module docstring
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
@@ -269,6 +272,7 @@ class TrainedModel:
     std: tuple[float, ...]
     input_shape: tuple[int, int, int]  # (C, H, W)
     info: dict[str, Any] = field(default_factory=dict)  # the rest of model.json (dataset, augment, tta, ...)
+    train_fingerprints: np.ndarray | None = None  # Split.fingerprints of its training images, where known
 
     @property
     def num_classes(self) -> int:
@@ -276,8 +280,10 @@ class TrainedModel:
 
 
 def save_model(run_dir: Path, net: torch.nn.Module, class_names: list[str], mean, std,
-               input_shape: tuple[int, int, int], **info: Any) -> None:
+               input_shape: tuple[int, int, int], train_fingerprints: np.ndarray | None = None, **info: Any) -> None:
     run_dir = Path(run_dir)
+    if train_fingerprints is not None:
+        atomic_write(run_dir / TRAIN_IMAGES, lambda f: np.save(f, train_fingerprints, allow_pickle=False))
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     atomic_write(run_dir / "model.safetensors", safetensors.torch.save(state))
     meta = {
@@ -342,7 +348,24 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
                           "another --out (or delete this run) with a lower --lr")
     net.to(device).eval()
     return TrainedModel(net=net, class_names=class_names, mean=mean, std=std, input_shape=input_shape,
-                        info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")})
+                        info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")},
+                        train_fingerprints=_read_fingerprints(run_dir / TRAIN_IMAGES))
+
+
+def _read_fingerprints(path: Path) -> np.ndarray | None:
+    """The hashes of a run's training images, or None (a run saved before they were kept, or a damaged file: the
+    check they serve is skipped, with a warning for the damaged file)."""
+    if not path.exists():
+        return None
+    try:
+        hashes = np.load(path, allow_pickle=False)
+        if hashes.dtype != np.uint64 or hashes.ndim != 1:
+            raise ValueError(f"{hashes.dtype} array of {hashes.ndim} dimensions")
+        return hashes
+    except (ValueError, OSError, EOFError) as e:
+        warnings.warn(f"{path} is damaged ({type(e).__name__}), so evaluate cannot tell whether it scores images "
+                      "this run trained on; train the run again to restore it", stacklevel=3)
+        return None
 
 
 def natural_key(name: str) -> list[Any]:

@@ -58,6 +58,7 @@ from imgclf.loader import alternating_flip, augment, batches, mixup, normalize, 
 from imgclf.models import count_params, create_model, imagenet_weights
 from imgclf.optim import LOOKAHEAD_ALPHA, LOOKAHEAD_EVERY, Lookahead, build_optimizer, lr_factor
 from imgclf.runs import (
+    TRAIN_IMAGES,
     all_finite,
     atomic_write,
     held_folder,
@@ -358,7 +359,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         if ctx.is_main:
             # A run that stopped before its first checkpoint may have left its model and curves: they are not
             # this configuration's, so evaluate must not find them.
-            for leftover in ("model.safetensors", "model.json", "metrics.csv", "report.html", "model.onnx"):
+            for leftover in ("model.safetensors", "model.json", TRAIN_IMAGES, "metrics.csv", "report.html",
+                             "model.onnx"):
                 (run_dir / leftover).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "figures", ignore_errors=True)
             atomic_write(run_dir / "config.yaml", config.to_yaml())
@@ -394,13 +396,15 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     # known by its config, an image folder by its files' stamp), so only then is the training split hashed (0.2 s
     # for CIFAR's).
     train_digest = data.train.digest() if dataset_obj is not None else None
+    train_fingerprints = data.train.fingerprints() if ctx.is_main else None
 
     def save_weights() -> None:
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
                    tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest,
                    split={"val_split": config.data.val_split, "grayscale": config.data.grayscale, "seed": cfg.seed},
-                   folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None)
+                   folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None,
+                   train_fingerprints=train_fingerprints)
 
     def draw_curves(kept_epoch: int | None = None) -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far
