@@ -470,3 +470,9 @@ def test_ctrl_c_is_said_once_across_ranks(monkeypatch, capsys, rank, said):
     monkeypatch.setattr(importlib.import_module("imgclf.train"), "train", interrupted)
     assert main(["train", "--dataset", "digits", "--model", "mlp"]) == 130
     assert capsys.readouterr().err == said
+
+
+def test_a_line_break_in_a_name_stays_inside_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "no\nrun")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no\\nrun" in err

@@ -31,7 +31,7 @@ from imgclf.config import (
     list_recipes,
     parse_settings,
 )
-from imgclf.errors import ImgclfError, PeerLost, UsageError, one_line_warning, unexpected
+from imgclf.errors import ImgclfError, PeerLost, UsageError, one_line, one_line_warning, unexpected
 
 console = Console(highlight=False, soft_wrap=True)
 # How long a rank other than 0 waits, on an error, for rank 0 to say it first (see main).
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 1
     except ImgclfError as e:
-        rank, message = os.environ.get("RANK", "0"), str(e)
+        rank, message = os.environ.get("RANK", "0"), one_line(e)
         if rank != "0" and not isinstance(e, PeerLost):
             # Most errors meet every rank and rank 0 says them: this rank waits, so that torchrun does not stop
             # rank 0 before it has, and is stopped once rank 0 has ended. Still here, the error was this rank's

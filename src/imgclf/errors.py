@@ -71,8 +71,14 @@ def check_flags(**flags: object) -> None:
             raise ImgclfError(f"{name} is True or False, not {value!r}")
 
 
+def one_line(message: object) -> str:
+    """The message with its line breaks written as \\n: a file or folder name may hold one, and a message stays
+    one line."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"imgclf: warning: {message}", file=sys.stderr)  # not Python's two lines naming our source file
+    print(f"imgclf: warning: {one_line(message)}", file=sys.stderr)  # not Python's two lines naming our source file
 
 
 def unexpected(e: Exception) -> str:
@@ -80,12 +86,14 @@ def unexpected(e: Exception) -> str:
     user's to fix; anything else is a bug, to report."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         where = f"{e.filename}: " if e.filename else ""
-        return (f"error: {where}no space left on the device; free some space and run again (what was written "
-                "before is kept: each file is replaced whole or not at all)")
-    if isinstance(e, OSError) and e.filename is not None:  # a path the system refused: bad input after all
-        return f"error: {e.filename}: {e.strerror or e}; check the path (--out?) and its permissions"
-    return (f"internal error: {type(e).__name__}: {e} (rerun with IMGCLF_DEBUG=1 for the traceback and please "
-            "report it)")
+        message = (f"error: {where}no space left on the device; free some space and run again (what was written "
+                   "before is kept: each file is replaced whole or not at all)")
+    elif isinstance(e, OSError) and e.filename is not None:  # a path the system refused: bad input after all
+        message = f"error: {e.filename}: {e.strerror or e}; check the path (--out?) and its permissions"
+    else:
+        message = (f"internal error: {type(e).__name__}: {e} (rerun with IMGCLF_DEBUG=1 for the traceback and please "
+                   "report it)")
+    return one_line(message)
 
 
 class PeerLost(ImgclfError):

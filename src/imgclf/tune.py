@@ -43,7 +43,16 @@ from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describ
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_config_dataset
 from imgclf.device import usable_cpus, visible_gpus
 from imgclf.distributed import end_with_parent
-from imgclf.errors import ImgclfError, disk_full, is_number, is_whole, one_line_warning, quieter_loggers, unexpected
+from imgclf.errors import (
+    ImgclfError,
+    disk_full,
+    is_number,
+    is_whole,
+    one_line,
+    one_line_warning,
+    quieter_loggers,
+    unexpected,
+)
 from imgclf.models import check_model_options
 from imgclf.runs import atomic_write, natural_key, output_folder, written_together
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
@@ -282,7 +291,7 @@ def _worker_process(job: Job, n_trials: int, tag: str, parent: int | None = None
     try:
         run_worker(job, n_trials, tag=tag)
     except ImgclfError as e:
-        print(f"imgclf: error: {tag}{e}", file=sys.stderr, flush=True)
+        print(f"imgclf: error: {tag}{one_line(e)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
