@@ -466,6 +466,9 @@ def test_a_journal_whose_first_record_was_cut_short_is_started_again(tmp_path):
     ({"train.lr": {"type": "float", "low": float("nan"), "high": 0.1}}, "float needs numbers low <= high"),
     ({"train.lr": {"type": "float", "low": 0.001, "high": float("inf")}}, "float needs numbers low <= high"),
     ({"train.lr": [0.1, 0.2]}, "option lr is [0.1, 0.2], which is not"),
+    ({"train.lr": [0.1, {"type": "float", "low": 0.01, "high": 0.2}]},
+     "parameter train.lr: its parts are joined into one list, which lr does not take; give one spec"),
+    ({"train.augment": ["crop", {"type": "categorical", "choices": ["flip", 3]}]}, "option augment is"),
     ({1: 2}, "parameter 1 is not a config path; name it like train.lr"),
 ])
 def test_a_space_whose_values_would_be_ignored_or_fail_every_trial_is_refused(params, message, tmp_path):

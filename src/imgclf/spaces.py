@@ -125,19 +125,30 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         if valid is None or key not in valid:
             raise ImgclfError(f"{where}: '{path}' is not a config path; use train.X (see `imgclf train --help`) "
                               f"or model.X with an option of model {model} (see README, Models)")
-        if section == "train" and isinstance(spec, list) and not any(isinstance(p, dict) for p in spec):
-            try:  # a fixed list: augment: [crop, flip], not lr: [0.1, 1]
-                typed_option(key, TRAIN_TYPES[key], spec, where)
+        if section == "train" and isinstance(spec, list):
+            try:  # a list: augment: [crop, flip] or [crop, {type: categorical, ...}], not lr: [0.1, 1]
+                typed_option(key, TRAIN_TYPES[key], [value for part in spec for value in _values(part)], where)
             except ImgclfError as e:
+                if TRAIN_TYPES[key].startswith("list"):  # an item of the wrong type
+                    raise
+                if any(isinstance(part, dict) for part in spec):
+                    raise ImgclfError(f"{where}: its parts are joined into one list, which {key} does not take; "
+                                      "give one spec, e.g. {type: categorical, choices: [...]}") from None
                 raise ImgclfError(f"{e}; to search these values, write {{type: categorical, choices: {spec}}}"
                                   ) from None
-        elif section == "train" and not isinstance(spec, list):  # each value a trial may take, typed as a recipe's
-            if not isinstance(spec, dict):
-                values = [spec]
-            else:
-                values = [spec["value"]] if "value" in spec else spec.get("choices") or []
-            for value in values:
+        elif section == "train":  # each value a trial may take, typed as a recipe's
+            for value in _values(spec):
                 typed_option(key, TRAIN_TYPES[key], value, where)
+
+
+def _values(part: Any) -> list[Any]:
+    """The values a checked spec may give, as far as their types go: a fixed value, its value:, its choices or its
+    bounds."""
+    if not isinstance(part, dict):
+        return [part]
+    if "value" in part:
+        return [part["value"]]
+    return part["choices"] if part["type"] == "categorical" else [part["low"], part["high"]]
 
 
 def _is_int(spec: Any) -> bool:
