@@ -527,6 +527,9 @@ def test_download_and_extract_cifar10(tmp_path, monkeypatch, server):
     monkeypatch.setitem(DATASETS["cifar10"], "mirrors", [url])
     monkeypatch.setitem(DATASETS["cifar10"], "archive", ("cifar-10-python.tar.gz",
                                                          md5(served / "cifar-10-python.tar.gz")))
+    killed = tmp_path / "data" / "cifar10" / ".extract-killed" / "cifar-10-batches-py"  # left by a killed extraction
+    killed.mkdir(parents=True)
+    (killed / "data_batch_1").write_bytes(b"half")
     assert len(load_dataset("cifar10", tmp_path / "data", val_split=0).train) == 100
     assert [p.name for p in (tmp_path / "data" / "cifar10").iterdir() if p.name.startswith(".")] == []
 

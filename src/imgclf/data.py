@@ -352,6 +352,8 @@ def _download(urls: list[str], dest: Path, digest: str, algorithm: str = "md5") 
                 print(f"downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""), file=sys.stderr, flush=True)
                 shutil.copyfileobj(response, out, 1 << 20)
                 received = out.tell()
+                out.flush()
+                os.fsync(out.fileno())  # on disk before it is renamed into place: a power cut leaves no empty file
             if size and received < size:  # the server closed the connection early: say so, not "md5"
                 failures.append(f"{url} was cut off after {received:,} of its {size:,} bytes")
             elif (got := file_digest(tmp, algorithm)).startswith(digest):
@@ -394,13 +396,18 @@ def pretrained_file(name: str, data_dir: str | Path | None = None) -> Path:
 
 
 def _extract(name: str, archive: Path, folder: Path, wanted: list[str]) -> None:
-    """Extract into a temp dir, then move only the wanted files into place: nothing already there changes."""
+    """Extract into a temp dir, then move only the wanted files into place: nothing already there changes.
+    Called with the folder locked, so an earlier temp dir there is what a killed extraction left."""
+    for stray in folder.glob(".extract-*"):
+        shutil.rmtree(stray, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".extract-"))
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, '..', devices and links out of tmp
         for rel in wanted:
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp / rel, "rb") as extracted:
+                os.fsync(extracted.fileno())
             os.replace(tmp / rel, folder / rel)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ImgclfError(f"{name}: could not extract {archive} ({e}); {_FIX}") from e
