@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import re
+import shutil
 import socket
 import struct
 import tarfile
@@ -867,3 +868,14 @@ def test_linked_folders_inside_a_class_are_read_once_even_in_a_loop(tmp_path):
 def test_wrong_argument_types_are_named(call, said):
     with pytest.raises(ImgclfError, match=re.escape(said)):
         call()
+
+
+def test_images_copied_into_two_splits_are_counted(tmp_path, write_shapes):
+    write_shapes(tmp_path / "f" / "train", 20)
+    shutil.copytree(tmp_path / "f" / "train" / "a", tmp_path / "f" / "test" / "a")  # a class's 10 images, copied
+    (tmp_path / "f" / "test" / "b").mkdir()
+    Image.new("L", (8, 8), 100).save(tmp_path / "f" / "test" / "b" / "new.png")  # a gray no training image has
+    data = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
+    assert data.also_in_train() == {"test": 10}
+    assert data.summary().splitlines()[-1] == "same pixels as a train image: 10 test"
+    assert "same pixels" not in load_dataset("digits").summary()

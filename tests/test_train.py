@@ -796,3 +796,16 @@ def test_a_damaged_record_of_the_training_images_skips_that_check_with_a_warning
     (run.run_dir / "train_images.npy").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="train_images.npy is damaged .* train the run again to restore it"):
         assert evaluate(run)["accuracy"] > 0.5
+
+
+def test_training_warns_of_held_out_images_that_are_also_training_images(tmp_path, write_shapes):
+    write_shapes(tmp_path / "f" / "train", 20)
+    from PIL import Image
+
+    for i, gray in enumerate([100, 120, 140, 160]):  # grays no training image has
+        (tmp_path / "f" / "test" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), gray).save(tmp_path / "f" / "test" / "ab"[i % 2] / f"{i}.png")
+    shutil.copy(tmp_path / "f" / "train" / "a" / "10.png", tmp_path / "f" / "test" / "a" / "copy.png")
+    with pytest.warns(UserWarning, match=r"^1 of the 5 test images of .*f are also training images"):
+        train(dataset=str(tmp_path / "f"), data_dir=str(tmp_path / "cache"), model="mlp", epochs=1, batch_size=8,
+              val_split=0, quiet=True, out=tmp_path / "run")

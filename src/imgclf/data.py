@@ -146,7 +146,7 @@ class Split:
     def fingerprints(self) -> np.ndarray:
         """One 64-bit hash of each image's pixels (uint64, in image order): finds the same image in another split or
         folder, whatever its file name or label."""
-        rows = self.images.reshape(len(self), -1).contiguous().numpy()
+        rows = self.images.flatten(1).contiguous().numpy()  # reshape(n, -1) fails on an empty split
         return np.frombuffer(b"".join(hashlib.blake2b(row, digest_size=8).digest() for row in rows), dtype=np.uint64)
 
     def hash_into(self, h: Any) -> Any:
@@ -224,6 +224,14 @@ class Dataset:
         every = Split(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts]))
         return replace(self, train=Split(every.images[:0], every.labels[:0]), val=None, test=every)
 
+    def also_in_train(self, train_fingerprints: np.ndarray | None = None) -> dict[str, int]:
+        """How many images of each held-out split that has any have the pixels of a training image (a file copied
+        into two splits): their score overstates the model. `train_fingerprints`: the training split's, if known."""
+        seen = self.train.fingerprints() if train_fingerprints is None else train_fingerprints
+        counts = {s: int(np.isin(split.fingerprints(), seen).sum()) for s, split in self.splits().items()
+                  if s != "train"}
+        return {s: n for s, n in counts.items() if n}
+
     def class_counts(self) -> dict[str, list[int]]:
         return {s: torch.bincount(split.labels, minlength=self.num_classes).tolist()
                 for s, split in self.splits().items()}
@@ -240,6 +248,8 @@ class Dataset:
                  "class".ljust(width) + "".join(s.rjust(8) for s in counts)]
         lines += [n.ljust(width) + "".join(str(counts[s][i]).rjust(8) for s in counts)
                   for i, n in enumerate(self.class_names)]
+        if repeats := self.also_in_train():
+            lines.append("same pixels as a train image: " + ", ".join(f"{n} {s}" for s, n in repeats.items()))
         return "\n".join(lines)
 
 

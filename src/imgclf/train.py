@@ -397,6 +397,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     # for CIFAR's).
     train_digest = data.train.digest() if dataset_obj is not None else None
     train_fingerprints = data.train.fingerprints() if ctx.is_main else None
+    if ctx.is_main and (repeats := data.also_in_train(train_fingerprints)):
+        counts = " and ".join(f"{n:,} of the {len(data.split(s)):,} {s} images" for s, n in repeats.items())
+        warnings.warn(f"{counts} of {data.name} are also training images (the same pixels), so their accuracy "
+                      "overstates the model; keep each image in one split", stacklevel=3)
 
     def save_weights() -> None:
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
