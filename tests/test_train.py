@@ -809,3 +809,20 @@ def test_training_warns_of_held_out_images_that_are_also_training_images(tmp_pat
     with pytest.warns(UserWarning, match=r"^1 of the 5 test images of .*f are also training images"):
         train(dataset=str(tmp_path / "f"), data_dir=str(tmp_path / "cache"), model="mlp", epochs=1, batch_size=8,
               val_split=0, quiet=True, out=tmp_path / "run")
+
+
+def test_a_run_still_training_is_named_in_use_not_sent_to_resume(tmp_path, monkeypatch):
+    from imgclf.runs import folder_lock
+
+    options = dict(FAST, epochs=3, out=tmp_path / "run")
+    stop_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(**options)
+    monkeypatch.undo()
+    with folder_lock(tmp_path / "run"):  # as the process training there holds it
+        with pytest.raises(ImgclfError, match="is in use by another imgclf process"):
+            train(**options)  # not "add --resume", which would then be refused as in use
+        with pytest.warns(UserWarning, match=r"last finished epoch \(it is still training in another process\)"):
+            evaluate(tmp_path / "run", split="val")
+    with pytest.raises(ImgclfError, match="add --resume"):
+        train(**options)

@@ -99,6 +99,9 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
         out = Path(out) / "model.onnx"
     out = Path(out)
     outside_datasets(out.parent, "the ONNX file", model.info.get("dataset"))
+    if (out.parent / "config.yaml").exists() and (run_dir is None or out.parent.resolve() != run_dir.resolve()):
+        raise ImgclfError(f"{out.parent} holds another training run, whose model this file would pass for; give "
+                          "--out a path outside it (nothing was written)")
     if out.suffix.lower() != ".onnx":  # an existing photo or notes file would be overwritten; a new m.txt misnamed
         raise ImgclfError(f"{out} is not an .onnx file name; give --out a path ending in .onnx, or a folder "
                           "ending in / (nothing was written)")

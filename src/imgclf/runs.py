@@ -102,6 +102,19 @@ def folder_lock(folder: Path, busy: str | None = None):
         os.close(fd)
 
 
+def in_use(folder: Path) -> bool:
+    """Whether another process holds `folder` with folder_lock (a run training there)."""
+    if not folder.is_dir():
+        return False
+    try:
+        with folder_lock(folder, busy="in use"):
+            return False
+    except ImgclfError:
+        return True
+    except OSError:  # a folder that cannot be opened is not locked by imgclf
+        return False
+
+
 @contextlib.contextmanager
 def held_folder(path: Path, busy: str):
     """The run folder `path` (made if missing), locked while the block runs: ImgclfError(busy) if another process
@@ -386,5 +399,7 @@ def unfinished(run_dir: str | Path) -> bool:
 
 def warn_if_unfinished(run_dir: str | Path) -> None:
     if unfinished(run_dir):
-        warnings.warn(f"{run_dir} has not finished training: this is the model of its last finished epoch "
-                      f"(continue with `imgclf train --resume --out {run_dir}`)", stacklevel=2)
+        then = ("it is still training in another process" if in_use(Path(run_dir))
+                else f"continue with `imgclf train --resume --out {run_dir}`")
+        warnings.warn(f"{run_dir} has not finished training: this is the model of its last finished epoch ({then})",
+                      stacklevel=2)

@@ -62,6 +62,7 @@ from imgclf.runs import (
     all_finite,
     atomic_write,
     held_folder,
+    in_use,
     is_stray,
     load_checkpoint,
     load_model,
@@ -245,10 +246,16 @@ def _open_run(config: RunConfig, out: str | Path | None, resume: bool, ctx: dist
     process, say a --resume while the run goes on, is refused); every rank gets its decision (or its error)."""
     def decide() -> tuple[RunConfig, Path, str]:
         run_dir = Path(out) if out else default_run_dir(config)
-        decided, mode = prepare_run_dir(config, run_dir, resume)
+        busy = (f"{run_dir} is in use by another imgclf process (training there); wait for it to end or stop it, "
+                "or choose another --out")
+        try:
+            decided, mode = prepare_run_dir(config, run_dir, resume)
+        except ImgclfError:  # e.g. "add --resume", wrong while the run still trains: say that first
+            if in_use(run_dir):
+                raise ImgclfError(busy) from None
+            raise
         if mode != "reuse":
-            held.enter_context(held_folder(run_dir, f"{run_dir} is in use by another imgclf process (training "
-                                           "there); wait for it to end or stop it, or choose another --out"))
+            held.enter_context(held_folder(run_dir, busy))
             decided, mode = prepare_run_dir(config, run_dir, resume)  # as it is now that no one else writes
         return decided, run_dir, mode
 
