@@ -171,11 +171,15 @@ def test_listing_commands(command, capsys):
     (["evaluate", "no/such/run"], "not a run folder"),
     (["datasets", "show"], "needs a dataset"),
     (["datasets", "--out", "x"], "to draw it: imgclf datasets show NAME"),
+    (["datasets", "--val-split", "0.2"], "--val-split and --image-size describe one dataset"),
+    (["evaluate", "run", "--tta", "--no-tta"], "--tta and --no-tta contradict each other; give one"),
     (["datasets", "show", "digits", "--out", "/proc/nope"], "/proc/nope: No such file or directory; check the path"),
 ])
 def test_bad_input_gets_one_line_and_status_1_or_2_for_options_that_do_not_go_together(args, message, tmp_path):
     result = run_cli(*args, cwd=tmp_path)
-    usage = args[1] == "--resume" or args in (["datasets", "show"], ["datasets", "--out", "x"])
+    usage = args[1] == "--resume" or args in (["datasets", "show"], ["datasets", "--out", "x"],
+                                              ["datasets", "--val-split", "0.2"],
+                                              ["evaluate", "run", "--tta", "--no-tta"])
     assert result.returncode == (2 if usage else 1), result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr

@@ -185,6 +185,7 @@ def _recipes(args: argparse.Namespace) -> None:
 def _datasets(args: argparse.Namespace) -> None:
     from imgclf.data import list_datasets, load_dataset
 
+    val_split = 0.1 if args.val_split is None else args.val_split
     if args.name == "show":  # `imgclf datasets show NAME`: pictures of the dataset (a folder named show: ./show)
         if not args.show_name:
             raise UsageError("`imgclf datasets show` needs a dataset: imgclf datasets show NAME [--out DIR]")
@@ -194,7 +195,7 @@ def _datasets(args: argparse.Namespace) -> None:
         name = Path(args.show_name).expanduser().resolve().name  # `show .` is named after the folder, too
         # checked before a download or a folder's decoding
         out = output_folder(args.out or f"dataset-{name}", "the pictures", args.show_name)
-        data = load_dataset(args.show_name, args.data_dir, val_split=args.val_split, image_size=args.image_size)
+        data = load_dataset(args.show_name, args.data_dir, val_split=val_split, image_size=args.image_size)
         console.print(escape(data.summary()))
         for path in show_dataset(data, out):
             console.print(f"wrote {escape(str(path))}")
@@ -203,9 +204,11 @@ def _datasets(args: argparse.Namespace) -> None:
         raise UsageError("a second name and --out only go with `show`; to draw it: "
                          f"imgclf datasets show {args.name or 'NAME'}")
     if args.name:
-        data = load_dataset(args.name, args.data_dir, val_split=args.val_split, image_size=args.image_size)
+        data = load_dataset(args.name, args.data_dir, val_split=val_split, image_size=args.image_size)
         console.print(escape(data.summary()))
         return
+    if args.val_split is not None or args.image_size is not None:
+        raise UsageError("--val-split and --image-size describe one dataset: imgclf datasets NAME --val-split F")
     table = Table("dataset", "classes", "image", "train", "test", "present")
     listed = list_datasets(args.data_dir)
     for d in listed:
@@ -302,6 +305,16 @@ class _OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Switch(argparse.BooleanOptionalAction):
+    """--x / --no-x that refuses both in one command, where the last would silently win."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(self, "given", option_string) != option_string:
+            parser.error(f"{self.given} and {option_string} contradict each other; give one")
+        self.given = option_string  # the action lives for one parse: main() builds a parser per call
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Its sub-command parsers are of the same class.
     parser = _OneLineErrors(prog="imgclf", description="Train, evaluate and use image classifiers.")
@@ -328,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, help="train on a stratified sample of N images")
     p.add_argument("--grayscale", action="store_true")
     p.add_argument("--image-size", type=int, help="resize the images to this size in pixels (any dataset)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+    p.add_argument("--tta", action=_Switch,
                    help="whether evaluate and predict use test-time augmentation by default (default: the recipe's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
@@ -349,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="another dataset or folder with the same class names")
     p.add_argument("--data-dir", type=_path)
     p.add_argument("--split", default="test", choices=("test", "val", "train"))
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+    p.add_argument("--tta", action=_Switch,
                    help="average the test-time augmentation views (default: the run's recipe setting)")
     p.add_argument("--tta-margin", type=float, metavar="M", help=TTA_MARGIN_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -360,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=_named_path, help="run folder")
     p.add_argument("images", nargs="+", type=_named_path, help="image files, or folders of them")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+    p.add_argument("--tta", action=_Switch,
                    help="average the test-time augmentation views (default: the run's recipe setting)")
     p.add_argument("--tta-margin", type=float, metavar="M", help=TTA_MARGIN_HELP)
     p.add_argument("--json", action="store_true")
@@ -371,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=_named_path, help="run folder")
     p.add_argument("--out", type=_path,
                    help="the .onnx file to write, or a folder for FOLDER/model.onnx (default: RUN/model.onnx)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+    p.add_argument("--tta", action=_Switch,
                    help="average the test-time augmentation views inside the graph (default: the run's setting)")
     p.set_defaults(func=_export)
 
@@ -437,14 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("datasets", help="list datasets, describe one, or `show NAME` to draw it",
-                       usage="imgclf datasets [NAME] | imgclf datasets show NAME [--out DIR] [--data-dir DIR] "
-                             "[--image-size N]")
+                       usage="imgclf datasets [--data-dir DIR] | imgclf datasets [show] NAME [--data-dir DIR] "
+                             "[--val-split F] [--image-size N] [--out DIR (with show)]")
     p.add_argument("name", nargs="?", help="a dataset name or folder: show its classes and class distribution; "
                    "or `show`, then NAME: write samples.png and distribution.png")
     p.add_argument("show_name", nargs="?", metavar="NAME", help="after `show`: the dataset to draw")
     p.add_argument("--out", type=_path, help="with show: output folder (default: ./dataset-<name>)")
     p.add_argument("--data-dir", type=_path)
-    p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--val-split", type=float, help="fraction of the training images held out (default 0.1)")
     p.add_argument("--image-size", type=int, help="resize the images to this size in pixels (needed for a folder "
                    "of non-square or large images)")
     p.set_defaults(func=_datasets)
