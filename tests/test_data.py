@@ -879,3 +879,12 @@ def test_images_copied_into_two_splits_are_counted(tmp_path, write_shapes):
     assert data.also_in_train() == {"test": 10}
     assert data.summary().splitlines()[-1] == "same pixels as a train image: 10 test"
     assert "same pixels" not in load_dataset("digits").summary()
+
+
+def test_a_data_dir_that_is_a_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "photo.png").write_bytes(b"x")
+    with pytest.raises(ImgclfError, match=r"^--data-dir .*photo.png is a file, not a folder; give the folder"):
+        load_dataset("mnist", tmp_path / "photo.png")
+    monkeypatch.setenv("IMGCLF_DATA", str(tmp_path / "photo.png"))
+    with pytest.raises(ImgclfError, match=r"^IMGCLF_DATA .*photo.png is a file"):
+        load_dataset("mnist")

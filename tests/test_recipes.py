@@ -260,3 +260,19 @@ def test_a_config_changed_in_python_is_typed_or_refused_in_one_line():
     config.train.epochs = "2"
     with pytest.raises(ImgclfError, match="option epochs is '2', which is not a whole number"):
         config.validate()
+
+
+def test_none_goes_alone_in_a_list_of_augmentations():
+    from imgclf.config import make_config
+
+    assert make_config(model="mlp", dataset="digits", augment="none").train.augment == []
+    with pytest.raises(ImgclfError, match="option augment is 'none,crop', but none means no augment: give it alone"):
+        make_config(model="mlp", dataset="digits", augment="none,crop")
+
+
+def test_a_reset_of_an_option_the_model_does_not_have_is_refused():
+    from imgclf.config import make_config
+
+    assert "widths" not in make_config("fashion-fast", model_options={"widths": DEFAULT}).model.options
+    with pytest.raises(ImgclfError, match="unknown option 'widht' for model fastnet .*did you mean 'widths'"):
+        make_config("fashion-fast", model_options={"widht": DEFAULT})

@@ -469,6 +469,9 @@ def test_a_journal_whose_first_record_was_cut_short_is_started_again(tmp_path):
     ({"train.lr": [0.1, {"type": "float", "low": 0.01, "high": 0.2}]},
      "parameter train.lr: its parts are joined into one list, which lr does not take; give one spec"),
     ({"train.augment": ["crop", {"type": "categorical", "choices": ["flip", 3]}]}, "option augment is"),
+    ({"train.augment": ["crop", {"type": "categorical", "choices": ["flip", "rotate"]}]},
+     "unknown augment 'rotate'; choose from crop, flip"),
+    ({"train.optimizer": {"type": "categorical", "choices": ["adam", "sgdd"]}}, "unknown optimizer 'sgdd'; choose"),
     ({1: 2}, "parameter 1 is not a config path; name it like train.lr"),
 ])
 def test_a_space_whose_values_would_be_ignored_or_fail_every_trial_is_refused(params, message, tmp_path):
@@ -509,6 +512,12 @@ def test_the_api_names_an_unknown_sampler_or_pruner(tmp_path):
     result = tune("digits", pruner="none", trials=np.int64(1), epochs=np.int64(1), timeout=np.float32(600),
                   out=tmp_path / "numpy", quiet=True)
     assert result.counts["COMPLETE"] == 1
+
+
+def test_a_timeout_that_ends_the_search_early_says_so(tmp_path, capsys):
+    result = tune("digits", pruner="none", trials=3, epochs=1, timeout=1e-3, out=tmp_path / "out")
+    assert result.counts["COMPLETE"] == 1  # optuna looks at the clock after each trial
+    assert "--timeout 0.001 s ended the search after 1 of the 3 trials planned; re-run" in capsys.readouterr().out
 
 
 def test_a_worker_process_says_any_failure_in_one_line(monkeypatch, capsys):

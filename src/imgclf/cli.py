@@ -100,7 +100,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(metrics))
         return
     if args.tta_margin is not None and not metrics["tta"] and not args.tta:  # with --tta, evaluate warned
-        console.print("note: --tta-margin changes nothing without TTA")
+        warnings.warn("--tta-margin changes nothing without TTA", stacklevel=1)
     top5 = metrics["top5_accuracy"]
     console.print(f"{escape(metrics['dataset'])} {metrics['split']} split, {metrics['num_images']:,} images"
                   f"{' with TTA' if metrics['tta'] else ''}: accuracy [bold]{metrics['accuracy']:.2%}[/]"

@@ -27,6 +27,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS = ("random", "grid", "tpe")  # of `imgclf tune`
 PRUNERS = ("none", "median", "hyperband")
 DEVICES = ("auto", "cpu", "cuda")
+# The train options that take one of a few names (augment: a list of them), as validate checks them.
+NAMED_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES,
+                 "augment": AUGMENTATIONS}
 MAX_IMAGE_SIZE = 1024  # pixels a side: datasets are held in memory, and 60,000 images at 1024 px are 190 GB
 
 
@@ -272,7 +275,11 @@ def typed_option(name: str, kind: str, value: Any, source: str) -> Any:
     elif base == "list[str]":
         expected = "a list of names"
         if isinstance(value, str):  # "crop,flip" (or "none") as on the command line
-            value = [a for a in value.split(",") if a and a != "none"]
+            names = [a for a in value.split(",") if a]
+            if "none" in names and len(names) > 1:
+                raise ImgclfError(f"{source}: option {name} is {value!r}, but none means no {name}: give it alone, "
+                                  "or only the others")
+            value = [] if names == ["none"] else names
         elif isinstance(value, tuple):  # ("crop", "flip") from Python
             value = list(value)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -480,6 +487,9 @@ def apply_overrides(config: RunConfig, **overrides: Any) -> RunConfig:
                           f"not {model_options!r}")
     for key, value in model_options.items():
         if value is DEFAULT:
+            from imgclf.models import check_model_options  # models imports this module
+
+            check_model_options(config.model.name, {key: value})  # a misspelt reset would do nothing unsaid
             config.model.options.pop(key, None)
         else:
             config.model.options[key] = value

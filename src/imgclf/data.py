@@ -272,7 +272,11 @@ class DatasetInfo:
 
 
 def data_root(data_dir: str | Path | None = None) -> Path:
-    return Path(data_dir or os.environ.get("IMGCLF_DATA") or "~/.cache/imgclf").expanduser()
+    root = Path(data_dir or os.environ.get("IMGCLF_DATA") or "~/.cache/imgclf").expanduser()
+    if root.exists() and not root.is_dir():
+        given = "--data-dir" if data_dir else "IMGCLF_DATA" if os.environ.get("IMGCLF_DATA") else "the data folder"
+        raise ImgclfError(f"{given} {root} is a file, not a folder; give the folder that holds the datasets")
+    return root
 
 
 def _unknown(name: str) -> ImgclfError:

@@ -17,7 +17,15 @@ from typing import Any
 
 import optuna
 
-from imgclf.config import RunConfig, TrainConfig, list_shipped, over_base, read_shipped_or_file, typed_option
+from imgclf.config import (
+    NAMED_CHOICES,
+    RunConfig,
+    TrainConfig,
+    list_shipped,
+    over_base,
+    read_shipped_or_file,
+    typed_option,
+)
 from imgclf.errors import ImgclfError, is_finite_number
 from imgclf.models import MODELS
 
@@ -127,7 +135,8 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
                               f"or model.X with an option of model {model} (see README, Models)")
         if section == "train" and isinstance(spec, list):
             try:  # a list: augment: [crop, flip] or [crop, {type: categorical, ...}], not lr: [0.1, 1]
-                typed_option(key, TRAIN_TYPES[key], [value for part in spec for value in _values(part)], where)
+                _check_choice(key, typed_option(key, TRAIN_TYPES[key], [v for part in spec for v in _values(part)],
+                                                where), where)
             except ImgclfError as e:
                 if TRAIN_TYPES[key].startswith("list"):  # an item of the wrong type
                     raise
@@ -138,7 +147,16 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
                                   ) from None
         elif section == "train":  # each value a trial may take, typed as a recipe's
             for value in _values(spec):
-                typed_option(key, TRAIN_TYPES[key], value, where)
+                _check_choice(key, typed_option(key, TRAIN_TYPES[key], value, where), where)
+
+
+def _check_choice(key: str, value: Any, where: str) -> None:
+    """A value of an option that takes one of a few names (NAMED_CHOICES) is one of them: else every trial that
+    draws it fails."""
+    allowed = NAMED_CHOICES.get(key, ())
+    wrong = [v for v in (value if isinstance(value, list) else [value]) if v not in allowed]
+    if allowed and wrong:
+        raise ImgclfError(f"{where}: unknown {key} {wrong[0]!r}; choose from {', '.join(allowed)}")
 
 
 def _values(part: Any) -> list[Any]:

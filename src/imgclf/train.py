@@ -389,7 +389,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     sizes = " / ".join([f"{len(train_images):,} train", *held_out])
     say(f"[bold]{config.model.name}[/] on {escape(data.name)}: {sizes} images {tuple(data.train.images.shape[1:])}, "
         f"{data.num_classes} classes, {trainable:,} trainable params, {precision} on {device.type} "
-        f"({ranks}{torch.get_num_threads()} threads) -> {escape(str(run_dir))}")
+        f"({ranks}{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}) -> {escape(str(run_dir))}")
     if slow := slow_precision(precision, device):
         say(f"[yellow]warning:[/] {slow}")
     # DDP wraps the net after init_from_data and resume: it copies rank 0's weights to every rank.

@@ -456,6 +456,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         target = len(grid)
     n_trials = plan_trials(study_obj, target, grid)
     counts = _counts(study_obj.get_trials(deepcopy=False))
+    ended_before = _ended(study_obj)
     say(f"study [bold]{escape(study_name)}[/] ({escape(_shown(storage))}): "
         f"{counts['COMPLETE'] + counts['PRUNED']} of {target} trials done, {counts['RUNNING']} running elsewhere; "
         f"running {n_trials} more on {escape(data.name)} "
@@ -483,6 +484,11 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
             fail_lost_trials(study_obj)
             write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
             raise
+    if timeout is not None and n_trials > 0:
+        ran = _ended(study_obj) - ended_before
+        if ran < n_trials:
+            say(f"--timeout {timeout:g} s ended the search after {ran} of the {n_trials} trials planned; re-run "
+                "the same command to add the rest")
     result = write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
     # Not when the study's trials were all taken by other commands (placeholders) or still run elsewhere.
     if n_trials > 0 and result.counts["FAIL"] and not result.counts["COMPLETE"] + result.counts["PRUNED"]:
@@ -495,6 +501,12 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"worker(s) {failed_workers} stopped early (killed, or the error above); finished trials "
                           "are kept: fix the problem and re-run the same command to add the missing trials")
     return result
+
+
+def _ended(study: optuna.Study) -> int:
+    """How many of the study's trials have ended (complete, pruned or failed)."""
+    counts = _counts(study.get_trials(deepcopy=False))
+    return counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
 
 
 def _fixed_settings(settings: dict[str, Any], space: Space) -> dict[str, Any]:
