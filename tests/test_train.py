@@ -82,7 +82,8 @@ def test_identical_rerun_reuses_the_model(tmp_path):
 def test_a_different_run_into_the_same_folder_is_refused(tmp_path):
     train(epochs=1, out=tmp_path / "run", **FAST)
     config_before = (tmp_path / "run" / "config.yaml").read_text()
-    with pytest.raises(ImgclfError, match="different finished run; choose another --out; nothing") as refused:
+    with pytest.raises(ImgclfError, match=r"different finished run \(train.epochs 1 there, 2 here\); choose another "
+                       "--out; nothing") as refused:
         train(epochs=2, out=tmp_path / "run", **FAST)
     assert "--resume" not in str(refused.value)  # a finished run has nothing to continue
     assert (tmp_path / "run" / "config.yaml").read_text() == config_before

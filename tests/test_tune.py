@@ -145,7 +145,8 @@ def test_set_fixes_a_setting_of_every_trial_and_of_the_best_recipe(tmp_path, cap
     assert best["train"]["label_smoothing"] == 0.1 and best["model"]["dense"] == [8]
     capsys.readouterr()
     assert main(["tune", "--dataset", "digits", "--space", space, "--trials", "1", "--out", str(out)]) == 1
-    assert "was run with another base.model.dense, base.train.label_smoothing" in capsys.readouterr().err
+    assert ("was run with other settings (base.model.dense [8] there, [16] here; base.train.label_smoothing 0.1 "
+            "there, 0.0 here)") in capsys.readouterr().err
 
 
 def test_grid_covers_each_point_exactly_once_with_two_workers(tmp_path, monkeypatch):
@@ -265,7 +266,8 @@ def test_a_copy_of_an_image_folder_at_another_path_joins_its_study(tmp_path, wri
     assert optuna.load_study(study_name="shapes-space", storage=study._storage).user_attrs["imgclf"] == setup
 
     Image.new("L", (8, 8), 77).save(tmp_path / "b" / "shapes" / "a" / "0.png")
-    with pytest.raises(ImgclfError, match="was run with another base.data.dataset, dataset"):
+    with pytest.raises(ImgclfError, match=r"was run with other settings \(dataset 'folder shapes, sha256 \w+' there, "
+                       r"'folder shapes, sha256 \w+' here; base.data.dataset"):
         tune(str(tmp_path / "b" / "shapes"), space, trials=4, out=tmp_path / "out-b", **common)
 
 

@@ -468,6 +468,28 @@ def make_config(recipe: str | Path | None = None, model: str | None = None, **ov
     return apply_overrides(config, **overrides)
 
 
+def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"train.lr": 0.1, ...}; a search space's `params` go one level deep (a changed spec is
+    named by its parameter)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key == "params" and isinstance(value, dict):
+            flat.update({f"{prefix}params.{name}": spec for name, spec in value.items()})
+        elif isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def differing_settings(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """'train.epochs 1 there, 2 here, ...': where two nested configs differ, for an error refusing to mix them."""
+    old, new = flat_settings(old), flat_settings(new)
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    shown = [f"{k} {old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:limit]]
+    return "; ".join(shown + [f"{len(keys) - limit} more"] * (len(keys) > limit))
+
+
 def override_path(key: str) -> str:
     """The config path (data.subset, train.lr) of a flat override name; unknown names are refused."""
     for section, kind in (("data", DataConfig), ("train", TrainConfig)):

@@ -31,7 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgclf import __version__, distributed
-from imgclf.config import RunConfig, TrainConfig, apply_overrides, make_config, unused_settings
+from imgclf.config import RunConfig, TrainConfig, apply_overrides, differing_settings, make_config, unused_settings
 from imgclf.data import (
     LOAD_OPTIONS,
     Dataset,
@@ -152,7 +152,8 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Run
         return config, "new"
     if stored.what() != config.what():
         kind, hint = ("finished run", "") if finished else ("run", " (or --resume to continue that run)")
-        raise ImgclfError(f"{run_dir} already holds a different {kind}; choose another --out{hint}; "
+        differs = differing_settings(stored.what(), config.what())
+        raise ImgclfError(f"{run_dir} already holds a different {kind} ({differs}); choose another --out{hint}; "
                           "nothing was changed")
     if finished:
         return stored, "reuse"

@@ -39,7 +39,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from imgclf.config import PRUNERS, SAMPLERS, RunConfig, apply_overrides, describe_settings, override_path
+from imgclf.config import (
+    PRUNERS,
+    SAMPLERS,
+    RunConfig,
+    apply_overrides,
+    describe_settings,
+    differing_settings,
+    override_path,
+)
 from imgclf.data import DATASETS, Dataset, canonical_data_dir, canonical_dataset, load_config_dataset
 from imgclf.device import usable_cpus, visible_gpus
 from imgclf.distributed import end_with_parent
@@ -647,23 +655,9 @@ def _check_same_setup(study: optuna.Study, setup: dict[str, Any], storage: str,
     if stored is None or stored == older:
         study.set_user_attr("imgclf", setup)
     elif stored != setup:
-        old, new = _flat(stored), _flat(setup)
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise ImgclfError(f"study '{study.study_name}' in {_shown(storage)} was run with another {', '.join(changed)} "
-                          "(dataset, space, epochs, subset, executions and base recipe must match); use another "
-                          "--study and --out, or the original settings")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "params":  # a changed parameter spec is named by the parameter
-            flat.update(_flat(value, f"{prefix}{key}."))
-        elif key == "params":
-            flat.update({f"params.{name}": spec for name, spec in value.items()})
-        else:
-            flat[prefix + key] = value
-    return flat
+        raise ImgclfError(f"study '{study.study_name}' in {_shown(storage)} was run with other settings "
+                          f"({differing_settings(stored, setup)}); dataset, space, epochs, subset, executions and "
+                          "base recipe must match: use another --study and --out, or the original settings")
 
 
 def _not_run(trial: optuna.trial.FrozenTrial) -> bool:
