@@ -160,7 +160,7 @@ def test_listing_commands(command, capsys):
     (["train", "--dataset", "nosuchdata", "--model", "mlp"], "nosuchdata"),
     (["train", "--dataset", "digits", "--model", "nosuchmodel"], "unknown model"),
     (["train", "--recipe", "nosuchrecipe"], "unknown recipe"),
-    (["train", "--dataset", "digits", "--augment", "rotate"], "augmentation"),
+    (["train", "--dataset", "digits", "--augment", "rotate"], "invalid augment 'rotate'; choose from crop"),
     (["train", "--dataset", "digits", "--val-split", "1.5"], "val split"),
     (["train", "--resume"], "--out"),
     (["train", "--resume", "--out", "run", "--epochs", "5", "--lr", "0.1"],
@@ -173,13 +173,16 @@ def test_listing_commands(command, capsys):
     (["datasets", "--out", "x"], "to draw it: imgclf datasets show NAME"),
     (["datasets", "--val-split", "0.2"], "--val-split and --image-size describe one dataset"),
     (["evaluate", "run", "--tta", "--no-tta"], "--tta and --no-tta contradict each other; give one"),
+    (["predict", "run", "x.png", "--no-tta", "--tta"], "--tta and --no-tta contradict each other; give one"),
+    (["datasets", "--image-size", "8"], "--val-split and --image-size describe one dataset"),
     (["datasets", "show", "digits", "--out", "/proc/nope"], "/proc/nope: No such file or directory; check the path"),
 ])
 def test_bad_input_gets_one_line_and_status_1_or_2_for_options_that_do_not_go_together(args, message, tmp_path):
     result = run_cli(*args, cwd=tmp_path)
     usage = args[1] == "--resume" or args in (["datasets", "show"], ["datasets", "--out", "x"],
-                                              ["datasets", "--val-split", "0.2"],
-                                              ["evaluate", "run", "--tta", "--no-tta"])
+                                              ["datasets", "--val-split", "0.2"], ["datasets", "--image-size", "8"],
+                                              ["evaluate", "run", "--tta", "--no-tta"],
+                                              ["predict", "run", "x.png", "--no-tta", "--tta"])
     assert result.returncode == (2 if usage else 1), result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
@@ -480,3 +483,7 @@ def test_a_line_break_in_a_name_stays_inside_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "no\nrun")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no\\nrun" in err
+    with pytest.raises(SystemExit):  # argparse's own errors
+        main(["evaluate", "run", "extra\narg"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "extra\\narg" in err

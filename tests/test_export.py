@@ -78,13 +78,15 @@ def test_bad_targets_are_one_line_errors(tmp_path):
         export_onnx(run, tmp_path / "afile" / "model.onnx")
     with pytest.raises(ImgclfError, match="out is where to write the .onnx file"):
         export_onnx(run, 5)
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "config.yaml").write_text("data: {}")  # another run's folder
-    with pytest.raises(ImgclfError, match="other holds another training run, whose model this file would pass for"):
-        export_onnx(run, tmp_path / "other")
-    assert not (tmp_path / "other" / "model.onnx").exists()
-    (run / "config.yaml").write_text("data: {}")
-    assert export_onnx(run, run / "m.onnx").path.exists()  # its own folder
+    other = saved_run(tmp_path / "other", "mlp", 1, 8)  # another run's folder
+    with pytest.raises(ImgclfError, match="other holds a training run whose model.onnx this would pass for"):
+        export_onnx(run, other)
+    assert not (other / "model.onnx").exists()
+    assert export_onnx(run, other / "from-run.onnx").path.exists()  # a name of its own passes for nothing
+    assert export_onnx(load_model(run), run / "loaded.onnx").path.exists()
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "config.yaml").write_text("mine: 1")  # not a run
+    assert export_onnx(run, tmp_path / "project").path.exists()
     assert export_onnx(run, tmp_path / "UPPER.ONNX").path.exists()
     (tmp_path / "readonly").mkdir(mode=0o555)
     if os.geteuid() != 0:  # root writes anyway

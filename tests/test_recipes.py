@@ -276,3 +276,13 @@ def test_a_reset_of_an_option_the_model_does_not_have_is_refused():
     assert "widths" not in make_config("fashion-fast", model_options={"widths": DEFAULT}).model.options
     with pytest.raises(ImgclfError, match="unknown option 'widht' for model fastnet .*did you mean 'widths'"):
         make_config("fashion-fast", model_options={"widht": DEFAULT})
+
+
+def test_differing_settings_names_each_difference_as_a_recipe_writes_it():
+    from imgclf.config import differing_settings
+
+    old = {"train": {"ema": None, "tta": False, "lr": 0.1, "epochs": 1}, "model": {"name": "mlp"}}
+    new = {"train": {"ema": 0.999, "tta": True, "lr": 0.1, "epochs": 2}, "model": {"name": "mlp", "dense": [8]}}
+    assert differing_settings(old, new) == ("train.ema null there, 0.999 here; train.tta false there, true here; "
+                                            "train.epochs 1 there, 2 here; model.dense unset there, [8] here")
+    assert differing_settings(old, new, limit=2).endswith("train.tta false there, true here; 2 more")

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -795,8 +796,13 @@ def test_a_damaged_record_of_the_training_images_skips_that_check_with_a_warning
     run = train(dataset="digits", model="mlp", epochs=1, out=tmp_path / "run", quiet=True)
     assert imgclf.load_model(run.run_dir).train_fingerprints.shape == (len(load_dataset("digits").train),)
     (run.run_dir / "train_images.npy").write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="train_images.npy is damaged .* train the run again to restore it"):
+    with pytest.warns(UserWarning, match="train_images.npy is damaged .* delete it to go on without that check"):
         assert evaluate(run)["accuracy"] > 0.5
+    np.save(run.run_dir / "train_images.npy", np.zeros((2, 2)))  # readable, but not the hashes
+    with pytest.warns(UserWarning, match=r"train_images.npy is damaged \(ValueError\)"):
+        imgclf.load_model(run.run_dir)
+    (run.run_dir / "train_images.npy").unlink()  # a run saved before they were kept: no check, no warning
+    assert imgclf.load_model(run.run_dir).train_fingerprints is None
 
 
 def test_training_warns_of_held_out_images_that_are_also_training_images(tmp_path, write_shapes):
@@ -823,7 +829,7 @@ def test_a_run_still_training_is_named_in_use_not_sent_to_resume(tmp_path, monke
     with folder_lock(tmp_path / "run"):  # as the process training there holds it
         with pytest.raises(ImgclfError, match="is in use by another imgclf process"):
             train(**options)  # not "add --resume", which would then be refused as in use
-        with pytest.warns(UserWarning, match=r"last finished epoch \(it is still training in another process\)"):
+        with pytest.warns(UserWarning, match=r"last finished epoch \(it is still training\)"):
             evaluate(tmp_path / "run", split="val")
     with pytest.raises(ImgclfError, match="add --resume"):
         train(**options)

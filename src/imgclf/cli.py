@@ -96,11 +96,11 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     metrics = evaluate(args.run, args.dataset, split=args.split, tta=args.tta,
                        data_dir=args.data_dir, tta_margin=args.tta_margin, device=args.device)
+    if args.tta_margin is not None and not metrics["tta"] and not args.tta:  # with --tta, evaluate warned
+        warnings.warn("--tta-margin changes nothing without TTA", stacklevel=1)
     if args.json:
         print(json.dumps(metrics))
         return
-    if args.tta_margin is not None and not metrics["tta"] and not args.tta:  # with --tta, evaluate warned
-        warnings.warn("--tta-margin changes nothing without TTA", stacklevel=1)
     top5 = metrics["top5_accuracy"]
     console.print(f"{escape(metrics['dataset'])} {metrics['split']} split, {metrics['num_images']:,} images"
                   f"{' with TTA' if metrics['tta'] else ''}: accuracy [bold]{metrics['accuracy']:.2%}[/]"
@@ -185,7 +185,7 @@ def _recipes(args: argparse.Namespace) -> None:
 def _datasets(args: argparse.Namespace) -> None:
     from imgclf.data import list_datasets, load_dataset
 
-    val_split = 0.1 if args.val_split is None else args.val_split
+    loading = {"image_size": args.image_size} | ({} if args.val_split is None else {"val_split": args.val_split})
     if args.name == "show":  # `imgclf datasets show NAME`: pictures of the dataset (a folder named show: ./show)
         if not args.show_name:
             raise UsageError("`imgclf datasets show` needs a dataset: imgclf datasets show NAME [--out DIR]")
@@ -195,7 +195,7 @@ def _datasets(args: argparse.Namespace) -> None:
         name = Path(args.show_name).expanduser().resolve().name  # `show .` is named after the folder, too
         # checked before a download or a folder's decoding
         out = output_folder(args.out or f"dataset-{name}", "the pictures", args.show_name)
-        data = load_dataset(args.show_name, args.data_dir, val_split=val_split, image_size=args.image_size)
+        data = load_dataset(args.show_name, args.data_dir, **loading)
         console.print(escape(data.summary()))
         for path in show_dataset(data, out):
             console.print(f"wrote {escape(str(path))}")
@@ -204,7 +204,7 @@ def _datasets(args: argparse.Namespace) -> None:
         raise UsageError("a second name and --out only go with `show`; to draw it: "
                          f"imgclf datasets show {args.name or 'NAME'}")
     if args.name:
-        data = load_dataset(args.name, args.data_dir, val_split=val_split, image_size=args.image_size)
+        data = load_dataset(args.name, args.data_dir, **loading)
         console.print(escape(data.summary()))
         return
     if args.val_split is not None or args.image_size is not None:
@@ -302,16 +302,16 @@ class _OneLineErrors(argparse.ArgumentParser):
     """Usage errors in one line: argparse's usage block above them was 15 lines for `train`, which buried them."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 class _Switch(argparse.BooleanOptionalAction):
     """--x / --no-x that refuses both in one command, where the last would silently win."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if getattr(self, "given", option_string) != option_string:
-            parser.error(f"{self.given} and {option_string} contradict each other; give one")
-        self.given = option_string  # the action lives for one parse: main() builds a parser per call
+        value = not option_string.startswith("--no-")
+        if getattr(namespace, self.dest) not in (None, value):
+            parser.error(f"{self.option_strings[0]} and {self.option_strings[1]} contradict each other; give one")
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="nesterov: SGD with Nesterov momentum; muon: see README")
     p.add_argument("--schedule", choices=SCHEDULES, help="how the learning rate changes after the warm-up")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up from 0 to --lr over this many epochs")
-    p.add_argument("--weight-decay", type=float, help="decoupled for adamw, an L2 term otherwise; weights only")
+    p.add_argument("--weight-decay", type=float, help="decoupled for adamw, else L2; weights only (muon: the head's)")
     p.add_argument("--label-smoothing", type=float, help="probability spread over the other classes, e.g. 0.1")
     p.add_argument("--augment", help=f"comma-separated: {','.join(AUGMENTATIONS)} (or none)")
     p.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999")

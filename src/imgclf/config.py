@@ -27,9 +27,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS = ("random", "grid", "tpe")  # of `imgclf tune`
 PRUNERS = ("none", "median", "hyperband")
 DEVICES = ("auto", "cpu", "cuda")
-# The train options that take one of a few names (augment: a list of them), as validate checks them.
+# The train options that take one of a few names (augment: a list of them).
 NAMED_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES,
                  "augment": AUGMENTATIONS}
+
+
+def unknown_names(key: str, value: Any) -> list[Any]:
+    """The names in a value of NAMED_CHOICES' option `key` (a name, or a list of them) that it does not take."""
+    allowed = NAMED_CHOICES.get(key)
+    return [v for v in (value if isinstance(value, list) else [value]) if allowed and v not in allowed]
 MAX_IMAGE_SIZE = 1024  # pixels a side: datasets are held in memory, and 60,000 images at 1024 px are 190 GB
 
 
@@ -111,6 +117,11 @@ class RunConfig:
             "train": dataclasses.asdict(self.train),
         }
 
+    def split_options(self) -> dict[str, Any]:
+        """The load_dataset options that decide which images a run holds out for validation (its model.json
+        keeps them, so a loaded model rebuilds that split)."""
+        return {"val_split": self.data.val_split, "grayscale": self.data.grayscale, "seed": self.train.seed}
+
     def what(self) -> dict[str, Any]:
         """to_dict() without the fields that say where, not what: two runs that differ only there are the same
         run (a moved data folder, another device or thread count, another machine)."""
@@ -161,13 +172,10 @@ class RunConfig:
         for section in (t, d):
             for spec in dataclasses.fields(section):
                 setattr(section, spec.name, typed_option(spec.name, spec.type, getattr(section, spec.name), source))
-        checks = [
-            (t.optimizer in OPTIMIZERS, f"optimizer '{t.optimizer}'; choose one of {', '.join(OPTIMIZERS)}"),
-            (t.schedule in SCHEDULES, f"schedule '{t.schedule}'; choose one of {', '.join(SCHEDULES)}"),
-            (t.precision in PRECISIONS, f"precision '{t.precision}'; choose one of {', '.join(PRECISIONS)}"),
-            (t.device in DEVICES, f"device '{t.device}'; choose one of {', '.join(DEVICES)}"),
-            (set(t.augment) <= set(AUGMENTATIONS),
-             f"augmentation {sorted(set(t.augment) - set(AUGMENTATIONS))}; choose from {', '.join(AUGMENTATIONS)}"),
+        unknown = {key: unknown_names(key, getattr(t, key)) for key in NAMED_CHOICES}
+        checks = [(not bad, bad and f"{key} {bad[0]!r}; choose from {', '.join(NAMED_CHOICES[key])}")
+                  for key, bad in unknown.items()]
+        checks += [
             (t.epochs >= 1, f"epochs {t.epochs}; use 1 or more"),
             (t.batch_size >= 1, f"batch size {t.batch_size}; use 1 or more"),
             (t.lr > 0, f"learning rate {t.lr}; use a positive number"),
@@ -442,17 +450,20 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def setting_text(value: Any) -> str:
+    """A setting's value as --set and YAML write it, short: null, true, 0.00316, [8,16]."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "[" + ",".join(setting_text(x) for x in value) + "]"
+    return str(value)
+
+
 def describe_settings(values: dict[str, Any]) -> str:
     """`lr=0.00316 model.filters=[8,16]`: settings in one short line."""
-    def short(v: Any) -> str:
-        if v is None or isinstance(v, bool):  # as YAML, and so --set, writes them
-            return yaml.safe_dump(v).split("\n")[0]
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        if isinstance(v, list):
-            return "[" + ",".join(short(x) for x in v) + "]"
-        return str(v)
-    return " ".join(f"{k}={short(v)}" for k, v in values.items())
+    return " ".join(f"{k}={setting_text(v)}" for k, v in values.items())
 
 
 def make_config(recipe: str | Path | None = None, model: str | None = None, **overrides: Any) -> RunConfig:
@@ -483,10 +494,11 @@ def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differing_settings(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
-    """'train.epochs 1 there, 2 here, ...': where two nested configs differ, for an error refusing to mix them."""
+    """'train.epochs 1 there, 2 here; ...': where two nested configs differ, for an error refusing to mix them."""
     old, new = flat_settings(old), flat_settings(new)
-    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
-    shown = [f"{k} {old.get(k)!r} there, {new.get(k)!r} here" for k in keys[:limit]]
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, ...) != new.get(k, ...)]
+    shown = [f"{k} {setting_text(old[k]) if k in old else 'unset'} there, "
+             f"{setting_text(new[k]) if k in new else 'unset'} here" for k in keys[:limit]]
     return "; ".join(shown + [f"{len(keys) - limit} more"] * (len(keys) > limit))
 
 

@@ -4,6 +4,7 @@ These datasets fit in RAM, and batches sliced from one (N, C, H, W) tensor are f
 per-image DataLoader pipeline, so every source is decoded once into that form.
 """
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -17,6 +18,7 @@ import struct
 import sys
 import tarfile
 import tempfile
+import time
 import unicodedata
 import urllib.request
 import warnings
@@ -35,6 +37,7 @@ from PIL import ExifTags, Image, ImageOps
 from imgclf.config import MAX_IMAGE_SIZE, RunConfig
 from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_number, is_whole
 from imgclf.runs import (
+    STRAY_SECONDS,
     atomic_write,
     folder_lock,
     missing_folders,
@@ -149,6 +152,10 @@ class Split:
         rows = self.images.flatten(1).contiguous().numpy()  # reshape(n, -1) fails on an empty split
         return np.frombuffer(b"".join(hashlib.blake2b(row, digest_size=8).digest() for row in rows), dtype=np.uint64)
 
+    def count_among(self, fingerprints: np.ndarray) -> int:
+        """How many of its images have one of these fingerprints (another split's)."""
+        return int(np.isin(self.fingerprints(), fingerprints).sum())
+
     def hash_into(self, h: Any) -> Any:
         """h (a hashlib object), updated with the split's images and then its labels."""
         h.update(self.images.contiguous().numpy())
@@ -228,8 +235,7 @@ class Dataset:
         """How many images of each held-out split that has any have the pixels of a training image (a file copied
         into two splits): their score overstates the model. `train_fingerprints`: the training split's, if known."""
         seen = self.train.fingerprints() if train_fingerprints is None else train_fingerprints
-        counts = {s: int(np.isin(split.fingerprints(), seen).sum()) for s, split in self.splits().items()
-                  if s != "train"}
+        counts = {s: split.count_among(seen) for s, split in self.splits().items() if s != "train"}
         return {s: n for s, n in counts.items() if n}
 
     def class_counts(self) -> dict[str, list[int]]:
@@ -411,9 +417,12 @@ def pretrained_file(name: str, data_dir: str | Path | None = None) -> Path:
 
 def _extract(name: str, archive: Path, folder: Path, wanted: list[str]) -> None:
     """Extract into a temp dir, then move only the wanted files into place: nothing already there changes.
-    Called with the folder locked, so an earlier temp dir there is what a killed extraction left."""
+    Called with the folder locked, so an earlier temp dir there is what a killed extraction left (and, where
+    there is no lock, Windows, one untouched for a minute)."""
     for stray in folder.glob(".extract-*"):
-        shutil.rmtree(stray, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if time.time() - stray.stat().st_mtime > STRAY_SECONDS:
+                shutil.rmtree(stray, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".extract-"))
     try:
         with tarfile.open(archive) as tar:
@@ -926,8 +935,8 @@ def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...
 def load_config_dataset(config: RunConfig) -> Dataset:
     """The images a run of `config` trains on, with the validation split its seed carves."""
     data = config.data
-    return load_dataset(data.dataset, data.data_dir, val_split=data.val_split, subset=data.subset,
-                        grayscale=data.grayscale, seed=config.train.seed, image_size=data.image_size)
+    return load_dataset(data.dataset, data.data_dir, subset=data.subset, image_size=data.image_size,
+                        **config.split_options())
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: float = 0.1,

@@ -188,9 +188,7 @@ def load_run_dataset(model: TrainedModel, run_dir: Path | None, dataset: str | N
     own = dataset is None or (own_name is not None  # the run's own dataset, also when named again
                               and canonical_dataset(dataset) == canonical_dataset(own_name))
     options: dict[str, Any] = {"data_dir": data_dir or (config.data.data_dir if config else None)}
-    split = model.info.get("split") or (
-        {"val_split": config.data.val_split, "grayscale": config.data.grayscale, "seed": config.train.seed}
-        if config else None)
+    split = model.info.get("split") or (config.split_options() if config else None)
     if own and split:  # its validation split is rebuilt exactly
         options.update(split)
     elif not own:  # another dataset keeps only how to read it: none of it is held out for a validation split
@@ -254,7 +252,7 @@ def evaluate_with_logits(model: TrainedModel, data: Dataset, split: str, tta: bo
                           f"{tuple(model.input_shape)}; evaluate on data of the model's shape")
     if split != "train" and model.train_fingerprints is not None:
         # e.g. a copy of the training folder, scored whole, or a test folder that shares files with the training one
-        seen = int(np.isin(chosen.fingerprints(), model.train_fingerprints).sum())
+        seen = chosen.count_among(model.train_fingerprints)
         if seen:
             warnings.warn(f"{seen:,} of the {len(chosen):,} {split} images of {data.name} are images this model "
                           "trained on (the same pixels), so its score overstates how it does on new images; "

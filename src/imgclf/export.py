@@ -99,9 +99,12 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
         out = Path(out) / "model.onnx"
     out = Path(out)
     outside_datasets(out.parent, "the ONNX file", model.info.get("dataset"))
-    if (out.parent / "config.yaml").exists() and (run_dir is None or out.parent.resolve() != run_dir.resolve()):
-        raise ImgclfError(f"{out.parent} holds another training run, whose model this file would pass for; give "
-                          "--out a path outside it (nothing was written)")
+    another_run = ((out.parent / "model.json").exists() or (out.parent / "checkpoint.pt").exists()) and (
+        run_dir is None or out.parent.resolve() != run_dir.resolve())
+    if out.name.lower() == "model.onnx" and another_run:
+        # there it would pass for that run's own export (and train removes it as such on a resume)
+        raise ImgclfError(f"{out.parent} holds a training run whose model.onnx this would pass for; give --out another "
+                          "file name or folder (a model loaded from that run: export the run folder itself)")
     if out.suffix.lower() != ".onnx":  # an existing photo or notes file would be overwritten; a new m.txt misnamed
         raise ImgclfError(f"{out} is not an .onnx file name; give --out a path ending in .onnx, or a folder "
                           "ending in / (nothing was written)")

@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError
 
 from imgclf import __version__
+from imgclf.config import RunConfig
 from imgclf.device import resolve_device
 from imgclf.errors import ImgclfError, is_finite_number
 from imgclf.models import create_model
@@ -293,10 +294,8 @@ class TrainedModel:
 
 
 def save_model(run_dir: Path, net: torch.nn.Module, class_names: list[str], mean, std,
-               input_shape: tuple[int, int, int], train_fingerprints: np.ndarray | None = None, **info: Any) -> None:
+               input_shape: tuple[int, int, int], **info: Any) -> None:
     run_dir = Path(run_dir)
-    if train_fingerprints is not None:
-        atomic_write(run_dir / TRAIN_IMAGES, lambda f: np.save(f, train_fingerprints, allow_pickle=False))
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     atomic_write(run_dir / "model.safetensors", safetensors.torch.save(state))
     meta = {
@@ -343,8 +342,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         if not (len(mean) == len(std) == input_shape[0] and all(map(is_finite_number, mean + std))
                 and min(std) > 0):
             raise ValueError(f"mean and std are not {input_shape[0]} finite numbers each, std above 0")
-        if not isinstance(meta.get("split", {}), dict) or set(meta.get("split", {})) - {"val_split", "grayscale",
-                                                                                          "seed"}:
+        split = meta.get("split", {})
+        if not isinstance(split, dict) or set(split) - set(RunConfig().split_options()):
             raise ValueError("split is not a mapping of val_split, grayscale and seed")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ImgclfError) as e:
         raise ImgclfError(f"{meta_path} is not an imgclf model description ({type(e).__name__}: {e}); "
@@ -365,6 +364,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
                         train_fingerprints=_read_fingerprints(run_dir / TRAIN_IMAGES))
 
 
+def write_fingerprints(run_dir: Path, fingerprints: np.ndarray) -> None:
+    """Split.fingerprints of the run's training images, for load_model (written once, as the run starts)."""
+    atomic_write(run_dir / TRAIN_IMAGES, lambda f: np.save(f, fingerprints, allow_pickle=False))
+
+
 def _read_fingerprints(path: Path) -> np.ndarray | None:
     """The hashes of a run's training images, or None (a run saved before they were kept, or a damaged file: the
     check they serve is skipped, with a warning for the damaged file)."""
@@ -377,7 +381,8 @@ def _read_fingerprints(path: Path) -> np.ndarray | None:
         return hashes
     except (ValueError, OSError, EOFError) as e:
         warnings.warn(f"{path} is damaged ({type(e).__name__}), so evaluate cannot tell whether it scores images "
-                      "this run trained on; train the run again to restore it", stacklevel=3)
+                      "this run trained on; delete it to go on without that check, or train into a new --out",
+                      stacklevel=3)
         return None
 
 
@@ -399,7 +404,7 @@ def unfinished(run_dir: str | Path) -> bool:
 
 def warn_if_unfinished(run_dir: str | Path) -> None:
     if unfinished(run_dir):
-        then = ("it is still training in another process" if in_use(Path(run_dir))
+        then = ("it is still training" if in_use(Path(run_dir))
                 else f"continue with `imgclf train --resume --out {run_dir}`")
         warnings.warn(f"{run_dir} has not finished training: this is the model of its last finished epoch ({then})",
                       stacklevel=2)

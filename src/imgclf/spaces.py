@@ -25,6 +25,7 @@ from imgclf.config import (
     over_base,
     read_shipped_or_file,
     typed_option,
+    unknown_names,
 )
 from imgclf.errors import ImgclfError, is_finite_number
 from imgclf.models import MODELS
@@ -133,30 +134,29 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         if valid is None or key not in valid:
             raise ImgclfError(f"{where}: '{path}' is not a config path; use train.X (see `imgclf train --help`) "
                               f"or model.X with an option of model {model} (see README, Models)")
-        if section == "train" and isinstance(spec, list):
-            try:  # a list: augment: [crop, flip] or [crop, {type: categorical, ...}], not lr: [0.1, 1]
-                _check_choice(key, typed_option(key, TRAIN_TYPES[key], [v for part in spec for v in _values(part)],
-                                                where), where)
-            except ImgclfError as e:
-                if TRAIN_TYPES[key].startswith("list"):  # an item of the wrong type
-                    raise
-                if any(isinstance(part, dict) for part in spec):
-                    raise ImgclfError(f"{where}: its parts are joined into one list, which {key} does not take; "
-                                      "give one spec, e.g. {type: categorical, choices: [...]}") from None
-                raise ImgclfError(f"{e}; to search these values, write {{type: categorical, choices: {spec}}}"
-                                  ) from None
-        elif section == "train":  # each value a trial may take, typed as a recipe's
-            for value in _values(spec):
-                _check_choice(key, typed_option(key, TRAIN_TYPES[key], value, where), where)
+        if section == "train":
+            _check_train_values(key, spec, where)
+
+
+def _check_train_values(key: str, spec: Any, where: str) -> None:
+    """Every value a trial may draw for train.KEY is one a recipe could give it: else each such trial fails."""
+    kind, parts = TRAIN_TYPES[key], spec if isinstance(spec, list) else [spec]
+    if kind.removesuffix(" | None") == "int" and any(isinstance(p, dict) and p.get("type") == "float" for p in parts):
+        raise ImgclfError(f"{where}: {key} takes whole numbers, but type float draws fractions; use type: int")
+    if isinstance(spec, list) and not kind.startswith("list"):  # lr: [0.1, 1], a list for a one-value setting
+        shown = "[...]" if any(isinstance(p, dict) for p in spec) else spec
+        raise ImgclfError(f"{where}: {key} takes one value, and a list's parts are joined into one list; to search "
+                          f"values, write {{type: categorical, choices: {shown}}}")
+    # A list setting's parts are joined into one value; any other spec gives one of its values.
+    values = [[v for part in spec for v in _values(part)]] if isinstance(spec, list) else _values(spec)
+    for value in values:
+        _check_choice(key, typed_option(key, kind, value, where), where)
 
 
 def _check_choice(key: str, value: Any, where: str) -> None:
-    """A value of an option that takes one of a few names (NAMED_CHOICES) is one of them: else every trial that
-    draws it fails."""
-    allowed = NAMED_CHOICES.get(key, ())
-    wrong = [v for v in (value if isinstance(value, list) else [value]) if v not in allowed]
-    if allowed and wrong:
-        raise ImgclfError(f"{where}: unknown {key} {wrong[0]!r}; choose from {', '.join(allowed)}")
+    """A value of an option that takes one of a few names is one of them: else every trial that draws it fails."""
+    if wrong := unknown_names(key, value):
+        raise ImgclfError(f"{where}: unknown {key} {wrong[0]!r}; choose from {', '.join(NAMED_CHOICES[key])}")
 
 
 def _values(part: Any) -> list[Any]:

@@ -71,6 +71,7 @@ from imgclf.runs import (
     read_metrics,
     save_checkpoint,
     save_model,
+    write_fingerprints,
     write_metrics,
 )
 
@@ -404,19 +405,19 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     # known by its config, an image folder by its files' stamp), so only then is the training split hashed (0.2 s
     # for CIFAR's).
     train_digest = data.train.digest() if dataset_obj is not None else None
-    train_fingerprints = data.train.fingerprints() if ctx.is_main else None
-    if ctx.is_main and (repeats := data.also_in_train(train_fingerprints)):
-        counts = " and ".join(f"{n:,} of the {len(data.split(s)):,} {s} images" for s, n in repeats.items())
-        warnings.warn(f"{counts} of {data.name} are also training images (the same pixels), so their accuracy "
-                      "overstates the model; keep each image in one split", stacklevel=3)
+    if ctx.is_main:
+        train_fingerprints = data.train.fingerprints()
+        write_fingerprints(run_dir, train_fingerprints)
+        if repeats := data.also_in_train(train_fingerprints):
+            counts = " and ".join(f"{n:,} of the {len(data.split(s)):,} {s} images" for s, n in repeats.items())
+            warnings.warn(f"{counts} of {data.name} are also training images (the same pixels), so their accuracy "
+                          "overstates the model; keep each image in one split (remove repeated files)", stacklevel=3)
 
     def save_weights() -> None:
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
                    tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest,
-                   split={"val_split": config.data.val_split, "grayscale": config.data.grayscale, "seed": cfg.seed},
-                   folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None,
-                   train_fingerprints=train_fingerprints)
+                   split=config.split_options(), folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None)
 
     def draw_curves(kept_epoch: int | None = None) -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far

@@ -264,7 +264,7 @@ def run_worker(job: Job, n_trials: int, dataset: Dataset | None = None, tag: str
             console.print(f"{tag}trial {trial.number}: pruned after epoch {step} "
                           f"(val acc {trial.intermediate_values.get(step, float('nan')):.2%})")
         elif not _not_run(trial):
-            console.print(f"{tag}trial {trial.number}: [red]failed[/]: {escape(_fail_reason(trial))}")
+            console.print(f"{tag}trial {trial.number}: [red]failed[/]: {escape(one_line(_fail_reason(trial)))}")
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -464,7 +464,6 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         target = len(grid)
     n_trials = plan_trials(study_obj, target, grid)
     counts = _counts(study_obj.get_trials(deepcopy=False))
-    ended_before = _ended(study_obj)
     say(f"study [bold]{escape(study_name)}[/] ({escape(_shown(storage))}): "
         f"{counts['COMPLETE'] + counts['PRUNED']} of {target} trials done, {counts['RUNNING']} running elsewhere; "
         f"running {n_trials} more on {escape(data.name)} "
@@ -492,11 +491,10 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
             fail_lost_trials(study_obj)
             write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
             raise
-    if timeout is not None and n_trials > 0:
-        ran = _ended(study_obj) - ended_before
-        if ran < n_trials:
-            say(f"--timeout {timeout:g} s ended the search after {ran} of the {n_trials} trials planned; re-run "
-                "the same command to add the rest")
+    after = _counts(study_obj.get_trials(deepcopy=False))
+    if timeout is not None and n_trials > 0 and after["COMPLETE"] + after["PRUNED"] + after["RUNNING"] < target:
+        say(f"--timeout {timeout:g} s: the study has {after['COMPLETE'] + after['PRUNED']} of its {target} trials "
+            "done; re-run the same command to add the rest")
     result = write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
     # Not when the study's trials were all taken by other commands (placeholders) or still run elsewhere.
     if n_trials > 0 and result.counts["FAIL"] and not result.counts["COMPLETE"] + result.counts["PRUNED"]:
@@ -509,12 +507,6 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"worker(s) {failed_workers} stopped early (killed, or the error above); finished trials "
                           "are kept: fix the problem and re-run the same command to add the missing trials")
     return result
-
-
-def _ended(study: optuna.Study) -> int:
-    """How many of the study's trials have ended (complete, pruned or failed)."""
-    counts = _counts(study.get_trials(deepcopy=False))
-    return counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
 
 
 def _fixed_settings(settings: dict[str, Any], space: Space) -> dict[str, Any]:
