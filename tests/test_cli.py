@@ -17,6 +17,7 @@ from PIL import Image
 import imgclf
 from imgclf.cli import main
 from imgclf.data import load_dataset
+from imgclf.errors import one_line_warning, unexpected
 
 
 def run_cli(*args, cwd=None):
@@ -371,6 +372,7 @@ def test_warnings_are_one_line(tmp_path, capsys):
     ({"std": [0.0]}, "mean and std are not 1 finite numbers each, std above 0"),
     ({"mean": ["a"]}, "mean and std are not 1 finite numbers each"),
     ({"input_shape": [3, 8, 8]}, "class names or input shape do not match the architecture"),
+    ({"split": {"seed": 0, "shuffle": True}}, "split is not a mapping of val_split, grayscale and seed"),
     ({"weights": "nan"}, "holds weights that are not finite (training diverged); train into another --out (or delete"),
 ])
 def test_a_hand_edited_or_diverged_model_is_a_one_line_error(digits_run, tmp_path, capsys, edit, message):
@@ -487,3 +489,6 @@ def test_a_line_break_in_a_name_stays_inside_one_line(tmp_path, capsys):
         main(["evaluate", "run", "extra\narg"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "extra\\narg" in err
+    one_line_warning("skipped a\nb.png", UserWarning, "x.py", 1)
+    assert capsys.readouterr().err == "imgclf: warning: skipped a\\nb.png\n"
+    assert unexpected(ValueError("two\nlines")).count("\n") == 0

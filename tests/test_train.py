@@ -833,3 +833,12 @@ def test_a_run_still_training_is_named_in_use_not_sent_to_resume(tmp_path, monke
             evaluate(tmp_path / "run", split="val")
     with pytest.raises(ImgclfError, match="add --resume"):
         train(**options)
+
+
+def test_repeats_that_the_validation_split_carves_apart_are_counted(tmp_path, write_shapes):
+    write_shapes(tmp_path / "f" / "train", 20)
+    for i in range(8):  # one image, many times: the seeded val split puts some copies on each side
+        shutil.copy(tmp_path / "f" / "train" / "a" / "0.png", tmp_path / "f" / "train" / "a" / f"copy{i}.png")
+    with pytest.warns(UserWarning, match=r"^\d+ of the \d+ val images of .*f are also training images"):
+        train(dataset=str(tmp_path / "f"), data_dir=str(tmp_path / "cache"), model="mlp", epochs=1, batch_size=8,
+              val_split=0.5, quiet=True, out=tmp_path / "run")
