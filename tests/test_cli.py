@@ -372,7 +372,7 @@ def test_warnings_are_one_line(tmp_path, capsys):
     ({"std": [0.0]}, "mean and std are not 1 finite numbers each, std above 0"),
     ({"mean": ["a"]}, "mean and std are not 1 finite numbers each"),
     ({"input_shape": [3, 8, 8]}, "class names or input shape do not match the architecture"),
-    ({"split": {"seed": 0, "shuffle": True}}, "split is not a mapping of val_split, grayscale and seed"),
+    ({"split": {"seed": 0, "shuffle": True}}, "split is not a mapping of val_split, grayscale, seed"),
     ({"weights": "nan"}, "holds weights that are not finite (training diverged); train into another --out (or delete"),
 ])
 def test_a_hand_edited_or_diverged_model_is_a_one_line_error(digits_run, tmp_path, capsys, edit, message):

@@ -738,10 +738,15 @@ def test_a_run_from_a_dataset_object_records_how_it_was_loaded(tmp_path):
     recorded = load_recipe(tmp_path / "run").data
     assert (recorded.subset, recorded.val_split) == (300, 0.2)
     assert evaluate(run, split="val")["accuracy"] == pytest.approx(run.history[-1]["val_acc"])  # the same split
+    # Split by seed 5, trained with seed 0 (as tune's second execution of a trial): model.json keeps the 5.
     other = train(dataset=load_dataset("digits", val_split=0.2, seed=5), model="mlp", epochs=1,
                   out=tmp_path / "other", quiet=True)
+    assert evaluate(other, split="val")["accuracy"] == pytest.approx(other.history[-1]["val_acc"])
+    data = load_dataset("digits", val_split=0.2)
+    data.val = Split(data.val.images[1:], data.val.labels[1:])  # changed by hand: no load options rebuild it
+    edited = train(dataset=data, model="mlp", epochs=1, out=tmp_path / "edited", quiet=True)
     with pytest.raises(ImgclfError, match=r"pass that object: evaluate\(run, dataset=data, split='val'\)"):
-        evaluate(other, split="val")
+        evaluate(edited, split="val")
 
 
 @pytest.mark.parametrize("call, said", [

@@ -146,7 +146,7 @@ def test_set_fixes_a_setting_of_every_trial_and_of_the_best_recipe(tmp_path, cap
     capsys.readouterr()
     assert main(["tune", "--dataset", "digits", "--space", space, "--trials", "1", "--out", str(out)]) == 1
     assert ("was run with other settings (base.model.dense [8] there, [16] here; base.train.label_smoothing 0.1 "
-            "there, 0 here)") in capsys.readouterr().err
+            "there, 0.0 here)") in capsys.readouterr().err
 
 
 def test_grid_covers_each_point_exactly_once_with_two_workers(tmp_path, monkeypatch):
@@ -522,7 +522,8 @@ def test_the_api_names_an_unknown_sampler_or_pruner(tmp_path):
 def test_a_timeout_that_ends_the_search_early_says_so(tmp_path, capsys):
     result = tune("digits", pruner="none", trials=3, epochs=1, timeout=1e-3, out=tmp_path / "out")
     assert result.counts["COMPLETE"] == 1  # optuna looks at the clock after each trial
-    assert "--timeout 0.001 s: the study has 1 of its 3 trials done; re-run the same command" in capsys.readouterr().out
+    assert ("--timeout 0.001 s ended this command; the study has 1 of its 3 trials done: re-run the same command"
+            in capsys.readouterr().out)
 
 
 def test_a_worker_process_says_any_failure_in_one_line(monkeypatch, capsys):

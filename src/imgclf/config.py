@@ -30,13 +30,15 @@ DEVICES = ("auto", "cpu", "cuda")
 # The train options that take one of a few names (augment: a list of them).
 NAMED_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES,
                  "augment": AUGMENTATIONS}
-
-
-def unknown_names(key: str, value: Any) -> list[Any]:
-    """The names in a value of NAMED_CHOICES' option `key` (a name, or a list of them) that it does not take."""
-    allowed = NAMED_CHOICES.get(key)
-    return [v for v in (value if isinstance(value, list) else [value]) if allowed and v not in allowed]
 MAX_IMAGE_SIZE = 1024  # pixels a side: datasets are held in memory, and 60,000 images at 1024 px are 190 GB
+
+
+def name_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a value of NAMED_CHOICES' option `key` (a name, or a list of them), as in
+    "optimizer 'sgdd'; choose from ...", or None where it takes every name given."""
+    allowed = NAMED_CHOICES.get(key, ())
+    wrong = [v for v in (value if isinstance(value, list) else [value]) if allowed and v not in allowed]
+    return f"{key} {wrong[0]!r}; choose from {', '.join(allowed)}" if wrong else None
 
 
 @dataclass
@@ -172,9 +174,8 @@ class RunConfig:
         for section in (t, d):
             for spec in dataclasses.fields(section):
                 setattr(section, spec.name, typed_option(spec.name, spec.type, getattr(section, spec.name), source))
-        unknown = {key: unknown_names(key, getattr(t, key)) for key in NAMED_CHOICES}
-        checks = [(not bad, bad and f"{key} {bad[0]!r}; choose from {', '.join(NAMED_CHOICES[key])}")
-                  for key, bad in unknown.items()]
+        problems = [name_problem(key, getattr(t, key)) for key in NAMED_CHOICES]
+        checks = [(problem is None, problem) for problem in problems]
         checks += [
             (t.epochs >= 1, f"epochs {t.epochs}; use 1 or more"),
             (t.batch_size >= 1, f"batch size {t.batch_size}; use 1 or more"),
@@ -497,8 +498,10 @@ def differing_settings(old: dict[str, Any], new: dict[str, Any], limit: int = 4)
     """'train.epochs 1 there, 2 here; ...': where two nested configs differ, for an error refusing to mix them."""
     old, new = flat_settings(old), flat_settings(new)
     keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, ...) != new.get(k, ...)]
-    shown = [f"{k} {setting_text(old[k]) if k in old else 'unset'} there, "
-             f"{setting_text(new[k]) if k in new else 'unset'} here" for k in keys[:limit]]
+    def text(flat: dict[str, Any], key: str) -> str:  # in full, as YAML writes it: rounding could hide the change
+        return yaml.safe_dump(flat[key], default_flow_style=True, sort_keys=False).split("\n")[0] if key in flat \
+            else "unset"
+    shown = [f"{k} {text(old, k)} there, {text(new, k)} here" for k in keys[:limit]]
     return "; ".join(shown + [f"{len(keys) - limit} more"] * (len(keys) > limit))
 
 

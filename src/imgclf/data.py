@@ -4,7 +4,6 @@ These datasets fit in RAM, and batches sliced from one (N, C, H, W) tensor are f
 per-image DataLoader pipeline, so every source is decoded once into that form.
 """
 
-import contextlib
 import gzip
 import hashlib
 import http.client
@@ -18,7 +17,6 @@ import struct
 import sys
 import tarfile
 import tempfile
-import time
 import unicodedata
 import urllib.request
 import warnings
@@ -37,7 +35,6 @@ from PIL import ExifTags, Image, ImageOps
 from imgclf.config import MAX_IMAGE_SIZE, RunConfig
 from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_number, is_whole
 from imgclf.runs import (
-    STRAY_SECONDS,
     atomic_write,
     folder_lock,
     missing_folders,
@@ -179,8 +176,8 @@ class Dataset:
     mean: tuple[float, ...]  # per channel, of the train split, in [0, 1] pixel units
     std: tuple[float, ...]
     folder_stamp: str | None = None  # an image folder's files as loaded (folder_stamp()), None for a named dataset
-    # load_dataset's LOAD_OPTIONS, which a run trained on this object records in its config.yaml (not the seed: a
-    # run's own seed carves the split evaluate rebuilds)
+    # load_dataset's LOAD_OPTIONS, which a run trained on this object records in its config.yaml, and the seed that
+    # carved its validation split, which the run's model.json records (the run's own seed may differ)
     loaded_with: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -417,19 +414,16 @@ def pretrained_file(name: str, data_dir: str | Path | None = None) -> Path:
 
 def _extract(name: str, archive: Path, folder: Path, wanted: list[str]) -> None:
     """Extract into a temp dir, then move only the wanted files into place: nothing already there changes.
-    Called with the folder locked, so an earlier temp dir there is what a killed extraction left (and, where
-    there is no lock, Windows, one untouched for a minute)."""
+    Called with the folder locked, so an earlier temp dir there is what a killed extraction left."""
     for stray in folder.glob(".extract-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - stray.stat().st_mtime > STRAY_SECONDS:
-                shutil.rmtree(stray, ignore_errors=True)
+        shutil.rmtree(stray, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".extract-"))
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, '..', devices and links out of tmp
         for rel in wanted:
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp / rel, "rb") as extracted:
+            with open(tmp / rel, "r+b") as extracted:  # Windows flushes only files open for writing
                 os.fsync(extracted.fileno())
             os.replace(tmp / rel, folder / rel)
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -994,5 +988,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                           "training on all of them", stacklevel=2)
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
-    loaded_with = dict(zip(LOAD_OPTIONS, (val_split, subset, grayscale, image_size), strict=True))
+    loaded_with = dict(zip(LOAD_OPTIONS, (val_split, subset, grayscale, image_size), strict=True)) | {"seed": seed}
     return Dataset(name, class_names, Split(images, labels), val, test, mean, std, stamp, loaded_with)

@@ -342,9 +342,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         if not (len(mean) == len(std) == input_shape[0] and all(map(is_finite_number, mean + std))
                 and min(std) > 0):
             raise ValueError(f"mean and std are not {input_shape[0]} finite numbers each, std above 0")
-        split = meta.get("split", {})
-        if not isinstance(split, dict) or set(split) - set(RunConfig().split_options()):
-            raise ValueError("split is not a mapping of val_split, grayscale and seed")
+        split, keys = meta.get("split", {}), list(RunConfig().split_options())
+        if not isinstance(split, dict) or set(split) - set(keys):
+            raise ValueError(f"split is not a mapping of {', '.join(keys)}")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ImgclfError) as e:
         raise ImgclfError(f"{meta_path} is not an imgclf model description ({type(e).__name__}: {e}); "
                           "retrain the run or restore the file") from None
@@ -365,7 +365,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
 
 
 def write_fingerprints(run_dir: Path, fingerprints: np.ndarray) -> None:
-    """Split.fingerprints of the run's training images, for load_model (written once, as the run starts)."""
+    """Split.fingerprints of the run's training images, for load_model (written as the run starts or resumes)."""
     atomic_write(run_dir / TRAIN_IMAGES, lambda f: np.save(f, fingerprints, allow_pickle=False))
 
 

@@ -18,14 +18,13 @@ from typing import Any
 import optuna
 
 from imgclf.config import (
-    NAMED_CHOICES,
     RunConfig,
     TrainConfig,
     list_shipped,
+    name_problem,
     over_base,
     read_shipped_or_file,
     typed_option,
-    unknown_names,
 )
 from imgclf.errors import ImgclfError, is_finite_number
 from imgclf.models import MODELS
@@ -155,8 +154,8 @@ def _check_train_values(key: str, spec: Any, where: str) -> None:
 
 def _check_choice(key: str, value: Any, where: str) -> None:
     """A value of an option that takes one of a few names is one of them: else every trial that draws it fails."""
-    if wrong := unknown_names(key, value):
-        raise ImgclfError(f"{where}: unknown {key} {wrong[0]!r}; choose from {', '.join(NAMED_CHOICES[key])}")
+    if problem := name_problem(key, value):
+        raise ImgclfError(f"{where}: unknown {problem}")
 
 
 def _values(part: Any) -> list[Any]:

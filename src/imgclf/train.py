@@ -217,8 +217,8 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     else:  # options given beside a config change it, as they would change a recipe
         config = apply_overrides(copy.deepcopy(config), dataset=dataset_name, **overrides)
     if dataset_obj is not None:  # config.yaml says how the object was loaded, not the recipe's own data settings
-        for key, value in dataset_obj.loaded_with.items():
-            setattr(config.data, key, value)
+        for key in LOAD_OPTIONS:
+            setattr(config.data, key, dataset_obj.loaded_with.get(key, getattr(config.data, key)))
     world_size = distributed.world_size()  # checked before joining: then no rank has a process group to tear down
     if config.train.batch_size % world_size:
         raise ImgclfError(f"batch size {config.train.batch_size} does not split evenly over {world_size} processes; "
@@ -405,6 +405,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     # known by its config, an image folder by its files' stamp), so only then is the training split hashed (0.2 s
     # for CIFAR's).
     train_digest = data.train.digest() if dataset_obj is not None else None
+    # A Dataset object's validation split was carved by the seed it was loaded with, not the run's (tune's repeated
+    # executions train on one object with seeds S, S+1, ...).
+    split = config.split_options() | ({"seed": dataset_obj.loaded_with["seed"]}
+                                       if dataset_obj is not None and "seed" in dataset_obj.loaded_with else {})
     if ctx.is_main:
         train_fingerprints = data.train.fingerprints()
         write_fingerprints(run_dir, train_fingerprints)
@@ -417,7 +421,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         save_model(run_dir, evaluation_net(), data.class_names, data.mean, data.std, (c, h, w),
                    dataset=config.data.dataset, augment=cfg.augment, tta=cfg.tta, tta_shift=cfg.tta_shift,
                    tta_margin=cfg.tta_margin, precision=precision, val_digest=val_digest, train_digest=train_digest,
-                   split=config.split_options(), folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None)
+                   split=split, folder_stamp=data.folder_stamp, weights_md5=weights_md5 or None)
 
     def draw_curves(kept_epoch: int | None = None) -> None:
         from imgclf.report import plot_curves  # matplotlib loads only when a run gets this far

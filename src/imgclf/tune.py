@@ -464,6 +464,7 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         target = len(grid)
     n_trials = plan_trials(study_obj, target, grid)
     counts = _counts(study_obj.get_trials(deepcopy=False))
+    ended_before = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
     say(f"study [bold]{escape(study_name)}[/] ({escape(_shown(storage))}): "
         f"{counts['COMPLETE'] + counts['PRUNED']} of {target} trials done, {counts['RUNNING']} running elsewhere; "
         f"running {n_trials} more on {escape(data.name)} "
@@ -492,9 +493,10 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
             write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
             raise
     after = _counts(study_obj.get_trials(deepcopy=False))
-    if timeout is not None and n_trials > 0 and after["COMPLETE"] + after["PRUNED"] + after["RUNNING"] < target:
-        say(f"--timeout {timeout:g} s: the study has {after['COMPLETE'] + after['PRUNED']} of its {target} trials "
-            "done; re-run the same command to add the rest")
+    ended = after["COMPLETE"] + after["PRUNED"] + after["FAIL"]  # this command's, and any that another machine ended
+    if timeout is not None and n_trials > 0 and ended - ended_before < n_trials:  # then the clock stopped it
+        say(f"--timeout {timeout:g} s ended this command; the study has {after['COMPLETE'] + after['PRUNED']} of its "
+            f"{target} trials done: re-run the same command to add the rest")
     result = write_outputs(study_obj, out, storage, quiet, data=(dataset, base.data.data_dir))
     # Not when the study's trials were all taken by other commands (placeholders) or still run elsewhere.
     if n_trials > 0 and result.counts["FAIL"] and not result.counts["COMPLETE"] + result.counts["PRUNED"]:
