@@ -4,6 +4,7 @@ These datasets fit in RAM, and batches sliced from one (N, C, H, W) tensor are f
 per-image DataLoader pipeline, so every source is decoded once into that form.
 """
 
+import functools
 import gzip
 import hashlib
 import http.client
@@ -143,15 +144,16 @@ class Split:
         """Of its images and labels: tells whether a rebuilt split holds the same images as before."""
         return self.hash_into(hashlib.sha256()).hexdigest()[:16]
 
+    @functools.cached_property
     def fingerprints(self) -> np.ndarray:
         """One 64-bit hash of each image's pixels (uint64, in image order): finds the same image in another split or
-        folder, whatever its file name or label."""
+        folder, whatever its file name or label. Kept once computed: tune's trials train on one Dataset."""
         rows = self.images.flatten(1).contiguous().numpy()  # reshape(n, -1) fails on an empty split
         return np.frombuffer(b"".join(hashlib.blake2b(row, digest_size=8).digest() for row in rows), dtype=np.uint64)
 
     def count_among(self, fingerprints: np.ndarray) -> int:
         """How many of its images have one of these fingerprints (another split's)."""
-        return int(np.isin(self.fingerprints(), fingerprints).sum())
+        return int(np.isin(self.fingerprints, fingerprints).sum())
 
     def hash_into(self, h: Any) -> Any:
         """h (a hashlib object), updated with the split's images and then its labels."""
@@ -228,11 +230,10 @@ class Dataset:
         every = Split(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts]))
         return replace(self, train=Split(every.images[:0], every.labels[:0]), val=None, test=every)
 
-    def also_in_train(self, train_fingerprints: np.ndarray | None = None) -> dict[str, int]:
+    def also_in_train(self) -> dict[str, int]:
         """How many images of each held-out split that has any have the pixels of a training image (a file copied
-        into two splits): their score overstates the model. `train_fingerprints`: the training split's, if known."""
-        seen = self.train.fingerprints() if train_fingerprints is None else train_fingerprints
-        counts = {s: split.count_among(seen) for s, split in self.splits().items() if s != "train"}
+        into two splits): their score overstates the model."""
+        counts = {s: split.count_among(self.train.fingerprints) for s, split in self.splits().items() if s != "train"}
         return {s: n for s, n in counts.items() if n}
 
     def class_counts(self) -> dict[str, list[int]]:

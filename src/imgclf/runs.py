@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import glob
 import io
 import json
@@ -286,7 +287,13 @@ class TrainedModel:
     std: tuple[float, ...]
     input_shape: tuple[int, int, int]  # (C, H, W)
     info: dict[str, Any] = field(default_factory=dict)  # the rest of model.json (dataset, augment, tta, ...)
-    train_fingerprints: np.ndarray | None = None  # Split.fingerprints of its training images, where known
+    run_dir: Path | None = None  # the run folder load_model read it from
+
+    @functools.cached_property
+    def train_fingerprints(self) -> np.ndarray | None:
+        """Split.fingerprints of its training images, where its run kept them: read when first asked for (by
+        evaluate), not by predict, serve or export."""
+        return _read_fingerprints(self.run_dir / TRAIN_IMAGES) if self.run_dir is not None else None
 
     @property
     def num_classes(self) -> int:
@@ -361,11 +368,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
     net.to(device).eval()
     return TrainedModel(net=net, class_names=class_names, mean=mean, std=std, input_shape=input_shape,
                         info={k: v for k, v in meta.items() if k not in ("mean", "std", "class_names")},
-                        train_fingerprints=_read_fingerprints(run_dir / TRAIN_IMAGES))
+                        run_dir=run_dir)
 
 
 def write_fingerprints(run_dir: Path, fingerprints: np.ndarray) -> None:
-    """Split.fingerprints of the run's training images, for load_model (written as the run starts or resumes)."""
+    """Split.fingerprints of the run's training images, for evaluate (written as the run starts or resumes)."""
     atomic_write(run_dir / TRAIN_IMAGES, lambda f: np.save(f, fingerprints, allow_pickle=False))
 
 

@@ -149,13 +149,8 @@ def _check_train_values(key: str, spec: Any, where: str) -> None:
     # A list setting's parts are joined into one value; any other spec gives one of its values.
     values = [[v for part in spec for v in _values(part)]] if isinstance(spec, list) else _values(spec)
     for value in values:
-        _check_choice(key, typed_option(key, kind, value, where), where)
-
-
-def _check_choice(key: str, value: Any, where: str) -> None:
-    """A value of an option that takes one of a few names is one of them: else every trial that draws it fails."""
-    if problem := name_problem(key, value):
-        raise ImgclfError(f"{where}: unknown {problem}")
+        if problem := name_problem(key, typed_option(key, kind, value, where)):
+            raise ImgclfError(f"{where}: unknown {problem}")
 
 
 def _values(part: Any) -> list[Any]:

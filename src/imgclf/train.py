@@ -410,9 +410,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     split = config.split_options() | ({"seed": dataset_obj.loaded_with["seed"]}
                                        if dataset_obj is not None and "seed" in dataset_obj.loaded_with else {})
     if ctx.is_main:
-        train_fingerprints = data.train.fingerprints()
-        write_fingerprints(run_dir, train_fingerprints)
-        if repeats := data.also_in_train(train_fingerprints):
+        write_fingerprints(run_dir, data.train.fingerprints)
+        if repeats := data.also_in_train():
             counts = " and ".join(f"{n:,} of the {len(data.split(s)):,} {s} images" for s, n in repeats.items())
             warnings.warn(f"{counts} of {data.name} are also training images (the same pixels), so their accuracy "
                           "overstates the model; keep each image in one split (remove repeated files)", stacklevel=3)
