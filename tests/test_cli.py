@@ -197,6 +197,16 @@ def test_predict_refuses_a_non_image(digits_run, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_predict_refuses_a_named_pipe_and_writes_names_a_terminal_cannot_show(digits_run, tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    result = run_cli("predict", digits_run, tmp_path / "pipe.png")  # it used to wait for a writer forever
+    assert result.returncode == 1 and "pipe.png is not a regular file (a pipe or a device)" in result.stderr
+    Image.new("L", (8, 8)).save(tmp_path / "zoë.png")
+    result = subprocess.run([sys.executable, "-m", "imgclf", "predict", str(digits_run), str(tmp_path / "zoë.png")],
+                            capture_output=True, env=os.environ | {"PYTHONIOENCODING": "ascii"}, timeout=300)
+    assert result.returncode == 0 and b"zo\\xeb.png" in result.stdout and not result.stderr
+
+
 def test_a_tta_margin_outside_0_to_1_is_refused(digits_run, tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
     for command in (["evaluate", digits_run], ["predict", digits_run, tmp_path / "x.png"]):
@@ -260,6 +270,9 @@ def test_flags_that_change_nothing_are_said(tmp_path, capsys):
                  "--threads", "999", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "cache")]) == 0
     err = capsys.readouterr().err
     assert "has its own val/ folder, which is the validation split: --val-split is ignored" in err
+    (tmp_path / "f" / "val").rename(tmp_path / "f" / "Valid")  # any of its names, and in `datasets` too
+    assert main(["datasets", str(tmp_path / "f"), "--val-split", "0.3", "--data-dir", str(tmp_path / "cache")]) == 0
+    assert "has its own Valid/ folder, which is the validation split" in capsys.readouterr().err
     assert "--threads 999 is more than the " in err and "; using " in err
     assert torch.get_num_threads() <= os.cpu_count()  # not 999 for the rest of this process
 

@@ -792,6 +792,40 @@ def test_split_folders_go_by_their_usual_names_and_stray_class_folders_are_refus
         load_dataset(str(tmp_path / "f"), tmp_path / "cache")
 
 
+def test_a_class_named_train_beside_other_classes_is_a_class(tmp_path):
+    for i, label in enumerate(["bus", "car", "train"] * 2):  # CIFAR-100 has a class called train
+        make_image(tmp_path / "f" / label / f"{i}.png")
+    d = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
+    assert d.class_names == ["bus", "car", "train"] and sum(map(len, d.splits().values())) == 6
+    assert data.own_val_folder(tmp_path / "f") is None
+    (tmp_path / "f" / "train" / "x").mkdir()  # a split folder after all: the others are strays
+    make_image(tmp_path / "f" / "train" / "x" / "9.png")
+    with pytest.raises(ImgclfError, match=r"\(train/\) and also bus, car/"):
+        load_dataset(str(tmp_path / "f"), tmp_path / "cache")
+
+
+def test_a_subset_converts_only_the_images_it_keeps(mnist, monkeypatch):
+    sizes = []
+    real = data._resize
+    monkeypatch.setattr(data, "_resize", lambda images, size: sizes.append(len(images)) or real(images, size))
+    d = load_dataset("mnist", val_split=0.2, subset=20, image_size=np.int64(8), seed=np.int64(1))
+    assert sorted(sizes) == [10, 20, 20] and d.train.images.shape[1:] == (1, 8, 8)  # val, train, test
+    assert d.loaded_with["image_size"] == 8 and type(d.loaded_with["image_size"]) is int  # JSON writes it
+    assert len(load_dataset("mnist", val_split=np.float32(0.2)).val) == 10
+
+
+def test_too_large_an_image_size_for_memory_is_one_line(mnist, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 62914560000 bytes")
+
+    monkeypatch.setattr(data, "_resize", no_memory)
+    with pytest.raises(ImgclfError, match=r"not enough memory for 50 images at 1000x1000 pixels \(0\.0 GiB\); "
+                                          "use a smaller --image-size"):
+        load_dataset("mnist", val_split=0, image_size=1000)
+    with pytest.raises(ImgclfError, match="give a dataset name"):
+        load_dataset("")  # not the working directory
+
+
 def test_dangling_links_and_32_bit_images_are_skipped_with_the_unreadable(tmp_path):
     for i in range(4):
         make_image(tmp_path / "f" / "ab"[i % 2] / f"{i}.png")

@@ -49,6 +49,10 @@ def test_metadata_and_tta_follow_the_run(tmp_path):
     meta = {p.key: p.value for p in onnx.load(result.path).metadata_props}
     assert json.loads(meta["class_names"]) == ["a", "b", "c", "d"] and json.loads(meta["input_shape"]) == [1, 28, 28]
     assert json.loads(meta["tta"]) is True and meta["dataset"] == "synthetic"
+    info = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps(info | {"dataset": "/home/me/private/photos"}))
+    meta = {p.key: p.value for p in onnx.load(export_onnx(run, tmp_path / "shipped.onnx").path).metadata_props}
+    assert meta["dataset"] == "photos"  # a file to ship keeps the folder's name, not where it is
 
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     model = load_model(run)

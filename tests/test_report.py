@@ -166,6 +166,28 @@ def test_compare_takes_a_folder_of_runs_and_prints_brackets(runs, tmp_path, caps
         imgclf.train(recipe=5)
 
 
+def test_a_run_with_nothing_held_out_is_skipped_by_compare_and_reported_on_train(runs, tmp_path, write_shapes,
+                                                                                  capsys):
+    write_shapes(tmp_path / "f" / "train")  # training images only, and none held out: nothing unseen to score
+    imgclf.train(dataset=str(tmp_path / "f"), model="mlp", epochs=1, val_split=0, out=tmp_path / "runs" / "all",
+                 data_dir=tmp_path / "cache", quiet=True)
+    shutil.copytree(runs[0], tmp_path / "runs" / "mlp")
+    fix = "no test images and this run held none out, so no image is left to score it on; train it again with " \
+          "--val-split 0.1, or add a test/ folder"
+    run = tmp_path / "runs" / "all"
+    with pytest.raises(ImgclfError, match=fix):
+        write_report(run)
+    with pytest.warns(UserWarning, match="skipped .*" + fix):  # the other runs below the folder are still compared
+        assert [r["run"] for r in compare_runs([tmp_path / "runs"], tmp_path / "out")] == ["mlp"]
+    assert main(["report", str(run), "--split", "train"]) == 0  # as the error for --split val says
+    assert "train split" in (run / "report.html").read_text()
+    (tmp_path / "f").rename(tmp_path / "moved")
+    assert main(["evaluate", str(run)]) == 1
+    assert "the image folder this run was trained on, is gone; pass --dataset with its new place" \
+        in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--dataset", str(tmp_path / "moved"), "--split", "train"]) == 0
+
+
 def test_not_a_run_is_refused(runs, tmp_path):
     with pytest.raises(ImgclfError, match="not a finished run"):
         write_report(tmp_path)

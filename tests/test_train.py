@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -588,6 +589,9 @@ def test_odd_things_a_notebook_passes_get_one_line(tmp_path):
     with pytest.raises(ImgclfError, match="not a PIL.Image.Image"):
         predict(run, [Image.new("L", (8, 8))])
     assert len(predict(run, load_dataset("digits").test.images[:2].numpy())) == 2  # a numpy array as a tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's multi-line warning about a read-only array
+        assert len(predict(run, np.broadcast_to(load_dataset("digits").test.images[:1].numpy(), (3, 1, 8, 8)))) == 3
     with pytest.raises(ImgclfError, match="holds a training run; give the comparison a folder of its own"):
         compare_runs([run.run_dir], run.run_dir)
     with pytest.raises(ImgclfError, match="batch_size 0: give a whole number of images"):

@@ -84,11 +84,11 @@ def _with_flags(settings: dict[str, Any], flags: dict[str, Any]) -> dict[str, An
 
 
 def _note_own_val_folder(dataset: str | None, val_split: float | None) -> None:
-    from imgclf.data import image_folder
+    from imgclf.data import own_val_folder
 
-    if val_split is not None and dataset and (folder := image_folder(dataset)) and (folder / "val").is_dir():
-        warnings.warn(f"{dataset} has its own val/ folder, which is the validation split: --val-split is ignored",
-                      stacklevel=3)
+    if val_split is not None and dataset and (folder := own_val_folder(dataset)):
+        warnings.warn(f"{dataset} has its own {folder.name}/ folder, which is the validation split: --val-split is "
+                      "ignored", stacklevel=3)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -189,6 +189,7 @@ def _datasets(args: argparse.Namespace) -> None:
     if args.name == "show":  # `imgclf datasets show NAME`: pictures of the dataset (a folder named show: ./show)
         if not args.show_name:
             raise UsageError("`imgclf datasets show` needs a dataset: imgclf datasets show NAME [--out DIR]")
+        _note_own_val_folder(args.show_name, args.val_split)
         from imgclf.report import show_dataset
         from imgclf.runs import output_folder
 
@@ -204,6 +205,7 @@ def _datasets(args: argparse.Namespace) -> None:
         raise UsageError("a second name and --out only go with `show`; to draw it: "
                          f"imgclf datasets show {args.name or 'NAME'}")
     if args.name:
+        _note_own_val_folder(args.name, args.val_split)
         data = load_dataset(args.name, args.data_dir, **loading)
         console.print(escape(data.summary()))
         return
@@ -413,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="figures and an HTML report of a trained run")
     p.add_argument("run", type=_named_path, help="run folder")
-    p.add_argument("--split", choices=("test", "val"), help="default: test, or val when there is no test split")
+    p.add_argument("--split", choices=("test", "val", "train"),
+                   help="default: test, or val when there is no test split")
     p.add_argument("--open", action="store_true", help="open the report in a web browser")
     _device_option(p)
     p.set_defaults(func=_report)
@@ -512,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     warnings.showwarning = one_line_warning
+    for stream in (sys.stdout, sys.stderr):  # a terminal or pipe that is not UTF-8 still gets every file name
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if args.command in ("train", "tune"):
         sys.stdout = _QuietWhenPipeCloses(sys.stdout)
     try:

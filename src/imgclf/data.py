@@ -294,6 +294,14 @@ def image_folder(name: str | os.PathLike) -> Path | None:
     return path if name not in DATASETS and path.is_dir() else None
 
 
+def own_val_folder(name: str | os.PathLike) -> Path | None:
+    """An image folder's own validation folder (val/, Valid/, ...), which any val_split leaves as it is."""
+    try:
+        return _split_dirs(folder).get("val") if (folder := image_folder(name)) else None
+    except (ImgclfError, OSError):  # an ambiguous or unreadable layout: loading it says so
+        return None
+
+
 def dataset_info(name: str) -> DatasetInfo:
     if name in DATASETS:
         d = DATASETS[name]
@@ -637,7 +645,10 @@ def _split_dirs(root: Path) -> dict[str, Path]:
     if twice := next((dirs for dirs in found.values() if len(dirs) > 1), None):
         raise ImgclfError(f"{root} has both {twice[0].name}/ and {twice[1].name}/ for one split; merge them, "
                           "or rename one")
-    if others := [d.name for d in folders if d not in [ds[0] for ds in found.values()]]:
+    others = [d.name for d in folders if d not in [ds[0] for ds in found.values()]]
+    if others and not any(_folders(ds[0]) for ds in found.values()):
+        return {"all": root}  # train/ beside bus/ and car/, with images of its own: a class (CIFAR-100 has one)
+    if others:
         have = ", ".join(f"{ds[0].name}/" for ds in found.values())
         raise ImgclfError(f"{root} has split folders ({have}) and also {', '.join(others[:3])}/: move class "
                           f"folders into {found.get('train', next(iter(found.values())))[0]}/, or move the "
@@ -695,8 +706,8 @@ def read_image(path: str | Path | BinaryIO, mode: str, size: tuple[int, int],
     With `max_pixels`, an image that would decode to more pixels raises TooManyPixels before it is decoded.
     """
     with warnings.catch_warnings():
-        if max_pixels is not None:  # the caller's own limit decides, below: PIL's warning would only add noise
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # PIL's warning names no fix: the caller's limit decides, or PIL's error at twice it, which callers word
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(path)
     with im:
         im.draft(mode, size)  # JPEG: decode big photos at 1/2..1/8 scale, ~5x faster, ~same pixels
@@ -909,6 +920,18 @@ def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return out
 
 
+def _converted(images: torch.Tensor, channels: int | None, size: int | None) -> torch.Tensor:
+    try:
+        return _resize(_to_channels(images, channels), size)
+    except (RuntimeError, MemoryError) as e:
+        if "alloc" not in str(e) and not isinstance(e, MemoryError):
+            raise
+        size = size or images.shape[-1]
+        gib = len(images) * (channels or images.shape[1]) * size * size / 2**30
+        raise ImgclfError(f"not enough memory for {len(images):,} images at {size}x{size} pixels ({gib:,.1f} GiB); "
+                          "use a smaller --image-size") from None
+
+
 def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact, from per-channel pixel histograms: uint8 has 256 values, and counting beats float sums.
     numpy's single-threaded bincount, because torch's threaded ops slow down badly on a busy CPU."""
@@ -942,7 +965,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
     if not is_number(val_split) or not 0 <= val_split < 1:
         raise ImgclfError(f"val_split must be a number in [0, 1), got {val_split!r}; use e.g. --val-split 0.1, "
                           "or 0")
-    if not isinstance(name, str | os.PathLike):
+    if not isinstance(name, str | os.PathLike) or name == "":  # Path("") would be the working directory
         raise ImgclfError(f"give a dataset name (see `imgclf datasets`) or an image folder, not {name!r}")
     if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
         raise ImgclfError(f"data_dir is a folder path, not {data_dir!r}")
@@ -958,6 +981,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                           "classifiers)")
     if subset is not None and not is_whole(subset):
         raise ImgclfError(f"invalid subset {subset!r}; use a positive whole number of images")
+    # Python numbers from here on: numpy's (np.int64(32) from a sweep) trip up JSON and scikit-learn's checks.
+    # np.float32(0.2) by its shortest text: as a float it is 0.2000000003, which holds out one image more.
+    val_split = float(str(val_split)) if isinstance(val_split, np.floating) else float(val_split)
+    seed = int(seed)
+    subset, image_size = (None if n is None else int(n) for n in (subset, image_size))
     channels = 1 if grayscale else channels
     root = data_root(data_dir)
     if name in DATASETS:
@@ -970,8 +998,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
     else:
         raise _unknown(name)
 
-    splits = {s: (_resize(_to_channels(torch.from_numpy(x), channels), image_size), torch.from_numpy(y))
-              for s, (x, y) in arrays.items()}
+    splits = {s: (torch.from_numpy(x), torch.from_numpy(y)) for s, (x, y) in arrays.items()}
     images, labels = splits["train"]
     if "val" not in splits and val_split > 0 and len(labels):
         keep, held = _split_indices(labels.numpy(), seed, test_size=val_split)
@@ -987,6 +1014,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
         elif subset > len(labels):
             warnings.warn(f"subset {subset:,} is more than the {len(labels):,} training images of {name}: "
                           "training on all of them", stacklevel=2)
+    # Converted only now, so a subset of a large dataset does not resize the images it leaves out.
+    splits["train"] = images, labels
+    splits = {s: (_converted(x, channels, image_size), y) for s, (x, y) in splits.items()}
+    images, labels = splits["train"]
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))
     loaded_with = dict(zip(LOAD_OPTIONS, (val_split, subset, grayscale, image_size), strict=True)) | {"seed": seed}

@@ -185,6 +185,9 @@ def load_run_dataset(model: TrainedModel, run_dir: Path | None, dataset: str | N
     name = dataset or own_name
     if name is None:
         raise ImgclfError("this model does not record its dataset; pass --dataset NAME_OR_FOLDER")
+    if dataset is None and Path(name).is_absolute() and not Path(name).exists():  # runs record folders in full
+        raise ImgclfError(f"{name}, the image folder this run was trained on, is gone; pass --dataset with its "
+                          "new place")
     own = dataset is None or (own_name is not None  # the run's own dataset, also when named again
                               and canonical_dataset(dataset) == canonical_dataset(own_name))
     options: dict[str, Any] = {"data_dir": data_dir or (config.data.data_dir if config else None)}
@@ -316,6 +319,9 @@ def image_files(sources: list[str | Path]) -> tuple[list[str], set[str]]:
     out, listed = [], set()
     for source in map(str, sources):
         if not Path(source).is_dir():
+            if Path(source).exists() and not Path(source).is_file():  # reading a named pipe would wait forever
+                raise ImgclfError(f"{source} is not a regular file (a pipe or a device); give image files or "
+                                  "folders of them")
             out.append(source)
             continue
         found = [f for f in files_under(Path(source)) if f.lower().endswith(IMAGE_SUFFIXES)]
@@ -346,8 +352,8 @@ def predict(run_or_model: str | Path | TrainedModel, images: str | Path | list[s
     that do not decode are skipped with a warning: predict_files also returns the names of those predicted."""
     _check_top_k(top_k)
     model, _ = as_model(run_or_model, device)
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
+    if isinstance(images, np.ndarray):  # copied if read-only (np.broadcast_to), which torch warns about
+        images = torch.from_numpy(images if images.flags.writeable else images.copy())
     if not isinstance(images, torch.Tensor):
         return predict_files(model, images, top_k=top_k, tta=tta, tta_margin=tta_margin, device=device)[1]
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != tuple(model.input_shape):

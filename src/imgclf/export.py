@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from imgclf import __version__
+from imgclf.data import dataset_label
 from imgclf.errors import ImgclfError, quieter_loggers
 from imgclf.evaluate import as_model, prediction_options, tta_view_count, tta_views
 from imgclf.loader import normalize
@@ -135,7 +136,7 @@ def export_onnx(run_or_model, out: str | Path | None = None, *, tta: bool | None
                  f"(N, {model.num_classes}), softmax gives probabilities",
         "input_shape": json.dumps(list(model.input_shape)),
         "architecture": json.dumps(arch),
-        "dataset": str(model.info.get("dataset", "")),
+        "dataset": dataset_label(model.info.get("dataset")) or "",  # a shipped file keeps no local path
         "tta": json.dumps(tta),
         "tta_views": json.dumps(views),
         "run_precision": run_precision,  # the graph itself computes in float32

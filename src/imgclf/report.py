@@ -274,6 +274,12 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 def _evaluate_default_split(model: TrainedModel, data: Dataset, split: str | None, tta: bool | None
                             ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     # A folder of training images only has no test split: its held-out val split is the best there is.
+    if split is None and not {"test", "val"} & set(data.splits()):
+        held = data.loaded_with.get("val_split") or 0
+        why, fix = ((f"its --val-split {held:g} of {len(data.train)} images kept every one for training", "add images")
+                    if held else ("this run held none out", "train it again with --val-split 0.1"))
+        raise ImgclfError(f"{data.name} has no test images and {why}, so no image is left to score it on; {fix}, "
+                          "or add a test/ folder")
     return evaluate_with_logits(model, data, split or ("test" if "test" in data.splits() else "val"), tta)
 
 
@@ -494,7 +500,8 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
         try:
             model = load_model(run_dir, device)
             data = load_run_dataset(model, run_dir)
-        except ImgclfError as e:  # weights missing or damaged, a config.yaml changed by hand
+            metrics = _evaluate_default_split(model, data, None, None)[0]
+        except ImgclfError as e:  # weights missing or damaged, a config.yaml changed by hand, nothing held out
             skipped(e, found)
             continue
         architecture, given = model_json.get("architecture") or {}, config.get("model") or {}
@@ -503,7 +510,6 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
             config = {**config, "model": {"name": architecture.get("name"), **architecture["options"],
                                           **{k: given[k] for k in ("weights",) if k in given}}}
         configs.append(config)
-        metrics = _evaluate_default_split(model, data, None, None)[0]
         rows.append({
             "run": name,
             "dataset": summary.get("dataset") or (config.get("data") or {}).get("dataset"),

@@ -12,6 +12,7 @@ loaded once; predictions use the run's own settings (TTA, precision), as `imgclf
 
 import html
 import io
+import logging
 import socket
 import threading
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from imgclf import __version__
 from imgclf.data import dataset_label
-from imgclf.errors import ImgclfError, did_you_mean
+from imgclf.errors import ImgclfError, did_you_mean, quieter_loggers
 from imgclf.evaluate import predict, prediction_options, predictions_json, read_images
 from imgclf.runs import load_model, warn_if_unfinished
 
@@ -49,8 +50,10 @@ def create_app(run_dir: str | Path, device: str = "auto"):
     """The FastAPI application serving the trained model in `run_dir`, on `device` (auto: the GPU if any)."""
     fastapi, _ = _import_fastapi()
     from fastapi import File, HTTPException, Query, Request, UploadFile
+    from fastapi.exception_handlers import http_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     model = load_model(run_dir, device)
     warn_if_unfinished(run_dir)
@@ -80,17 +83,31 @@ def create_app(run_dir: str | Path, device: str = "auto"):
                 problems.append(f"{where[-1]}: {item.get('msg', 'invalid')}")
         return JSONResponse(status_code=422, content={"detail": "; ".join(dict.fromkeys(problems))})
 
+    def too_large(size: str) -> JSONResponse:
+        return JSONResponse(status_code=413, content={"detail": (
+            f"the request is {size}, more than the {MAX_REQUEST_BYTES // 2**20} MB a request may hold; send its "
+            "images in several requests")})
+
     @app.middleware("http")
     async def refuse_a_large_request_in_json(request: Request, call_next):
         """A request that declares more than the limit is refused before it is read, in JSON with the fix:
         Starlette's limit (the route's max_body_size) answers it in plain text. One that does not declare its size
-        is stopped by that limit as it arrives, with a JSON 413 from FastAPI's handler."""
+        is stopped by that limit as it arrives, and answered by the handler below."""
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-            return JSONResponse(status_code=413, content={"detail": (
-                f"the request is {int(declared) / 2**20:,.1f} MB, more than the {MAX_REQUEST_BYTES // 2**20} MB a "
-                "request may hold; send its images in several requests")})
+            return too_large(f"{int(declared) / 2**20:,.1f} MB")
         return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error_with_fix(request, error: StarletteHTTPException):
+        """Starlette's own answers to an oversized or unreadable upload name no fix; ours (raised above) do."""
+        if error.status_code == 413 and error.detail == "Content Too Large":  # a body that did not declare its size
+            return too_large("larger")
+        if error.status_code == 400 and "multipart" in str(error.detail).lower():
+            return JSONResponse(status_code=400, content={"detail": (
+                f"the upload is not readable multipart form data ({str(error.detail).rstrip('.')}); send images "
+                "in the multipart file field `files` (curl -F files=@image.png URL/predict)")})
+        return await http_exception_handler(request, error)
 
     classes = ", ".join(map(str, about["classes"][:20])) + (", ..." if len(about["classes"]) > 20 else "")
     home_page = _HOME.format(title=html.escape(app.description), classes=html.escape(classes),
@@ -175,7 +192,8 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device
     print(f"serving {run_dir} on http://{shown}:{bound_port}{anywhere} (open it for an upload page, or POST "
           "images to /predict); Ctrl-C stops", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    try:
-        server.run(sockets=[sock])
+    try:  # python-multipart logs why a malformed upload failed, which the client's answer already says
+        with quieter_loggers(logging.ERROR, "python_multipart.multipart"):
+            server.run(sockets=[sock])
     finally:
         sock.close()
