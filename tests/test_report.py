@@ -3,8 +3,10 @@
 import base64
 import csv
 import importlib
+import os
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -110,6 +112,13 @@ def test_a_kill_while_drawing_leaves_the_earlier_outputs_whole(runs, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         write_report(runs[0], split="train")
     assert {p: p.read_bytes() for p in before} == before
+    assert not list((tmp_path / "out").glob(".imgclf-scratch-*"))  # removed on the way out
+    killed = tmp_path / "out" / ".imgclf-scratch-x"  # as a kill -9 leaves it
+    (killed / "figures").mkdir(parents=True)
+    os.utime(killed, (time.time() - 7200,) * 2)
+    monkeypatch.undo()
+    compare_runs([runs[1]], tmp_path / "out")
+    assert not killed.exists()
 
 
 def test_compare_names_the_settings_in_which_runs_differ(runs, tmp_path):
@@ -183,8 +192,10 @@ def test_a_run_with_nothing_held_out_is_skipped_by_compare_and_reported_on_train
     assert "train split" in (run / "report.html").read_text()
     (tmp_path / "f").rename(tmp_path / "moved")
     assert main(["evaluate", str(run)]) == 1
-    assert "the image folder this run was trained on, is gone; pass --dataset with its new place" \
-        in capsys.readouterr().err
+    assert "the image folder this run was trained on, is gone; move it back (evaluate also takes its new place " \
+           "as --dataset)" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"skipped .*runs/all: .*the image folder this run was trained on, is gone"):
+        compare_runs([tmp_path / "runs"], tmp_path / "out")  # which run, when its error does not say
     assert main(["evaluate", str(run), "--dataset", str(tmp_path / "moved"), "--split", "train"]) == 0
 
 

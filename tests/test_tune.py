@@ -172,6 +172,7 @@ def test_median_pruner_stops_a_clearly_worse_trial(tmp_path):
     assert [t.state for t in trials if t.params["train.lr"] == 0.01] == [TrialState.COMPLETE] * 5
     bad = [t for t in trials if t.params["train.lr"] == 1e-7]
     assert [t.state for t in bad] == [TrialState.PRUNED] * 5 and all(t.last_step == 1 for t in bad)
+    assert not list((tmp_path / "out" / "trials").glob("*/checkpoint.pt"))  # pruned trials never resume either
 
 
 def test_failing_trials_are_recorded_with_their_reason_and_the_study_goes_on(tmp_path):
@@ -281,6 +282,28 @@ def test_an_out_folder_holds_one_study(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out" / "trials").iterdir()) == ["0-0"]
     monkeypatch.chdir(tmp_path / "out")  # the same folder, reached from inside it
     assert tune("digits", space, trials=2, out=".", quiet=True).counts["COMPLETE"] == 2
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "study.json").write_text("[1]")  # JSON, but not the object imgclf writes
+    with pytest.raises(ImgclfError, match="study.json is damaged"):
+        tune("digits", space, trials=1, out=tmp_path / "listed", quiet=True)
+
+
+def test_outputs_are_written_under_the_study_folder_lock_and_markup_in_a_name_is_text(tmp_path, monkeypatch, capsys):
+    from imgclf.runs import in_use
+
+    tune_module = importlib.import_module("imgclf.tune")  # imgclf.tune is also the function
+
+    write = tune_module._write_outputs
+
+    def checked(study, out, *args):  # a second command ending now waits, then reads the newer study
+        assert in_use(out)
+        return write(study, out, *args)
+
+    monkeypatch.setattr(tune_module, "_write_outputs", checked)
+    space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 0.01, "high": 0.1}})
+    assert main(["tune", "--dataset", "digits", "--space", space, "--trials", "1", "--study", "oops[/]", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert "best trials of oops[/]" in capsys.readouterr().out
 
 
 def test_executions_per_trial_average_seeds(tmp_path):
@@ -478,10 +501,22 @@ def test_a_journal_whose_first_record_was_cut_short_is_started_again(tmp_path):
     ({"train.optimizer": {"type": "categorical", "choices": ["adam", "sgdd"]}}, "unknown optimizer 'sgdd'; choose"),
     ({"train.epochs": {"type": "float", "low": 1, "high": 5}}, "epochs takes whole numbers, but type float draws"),
     ({1: 2}, "parameter 1 is not a config path; name it like train.lr"),
+    ({"model.dense": [{"type": "categorical", "choices": [16, 16, 32]}]},
+     "choice 16 is listed twice; list each choice once"),  # a grid stopped the command at the copy
+    ({"train.threads": {"type": "categorical", "choices": [1, 2]}}, "threads cannot be searched; tune gives each"),
+    ({"model.name": {"type": "categorical", "choices": ["mlp", "nosuchmodel"]}}, "unknown model 'nosuchmodel'"),
+    ({"train.lr": {"type": "float", "low": 0.001, "high": 0.1, "log": "no"}}, "log is true or false, not 'no'"),
 ])
 def test_a_space_whose_values_would_be_ignored_or_fail_every_trial_is_refused(params, message, tmp_path):
     with pytest.raises(ImgclfError, match=re.escape(message)):
         load_space(write_space(tmp_path, params))
+
+
+def test_a_bound_in_scientific_notation_is_a_number(tmp_path):
+    path = tmp_path / "sci.yaml"
+    path.write_text("base: {model: {name: mlp}}\n"
+                    "params:\n  train.lr: {type: float, low: 1e-4, high: 1e-2, log: true}\n")
+    assert load_space(path).params["train.lr"]["low"] == 1e-4  # YAML 1.1 read "1e-4" as a string
 
 
 def test_tune_options_that_a_searched_parameter_would_overwrite_are_refused(tmp_path):
@@ -513,6 +548,15 @@ def test_the_api_names_an_unknown_sampler_or_pruner(tmp_path):
         tune("digits", pruner="asha", out=tmp_path / "out")
     with pytest.raises(ImgclfError, match="trials must be a positive whole number, got 1.5"):
         tune("digits", trials=1.5, out=tmp_path / "out")
+    for wrong, message in ((dict(executions=None), "executions per trial must be a positive whole number, got None"),
+                           (dict(space=5), "space is a name or a YAML path, not 5"),
+                           (dict(study=5), "study is a name, not 5"), (dict(storage=5), "storage is a name, not 5"),
+                           (dict(settings="lr=1"), "settings is a mapping such as {'lr': 0.1}, not 'lr=1'"),
+                           (dict(settings={"model_options": 5}), "model_options is a mapping of the model's options"),
+                           (dict(settings={"threads": 1}), "threads is an option of tune itself: pass --workers")):
+        with pytest.raises(ImgclfError, match=re.escape(message)):
+            tune("digits", out=tmp_path / "out", **wrong)
+    assert not (tmp_path / "out" / "study.json").exists()  # refused before the study was claimed
     # numpy's numbers, as a notebook's sweep gives them
     result = tune("digits", pruner="none", trials=np.int64(1), epochs=np.int64(1), timeout=np.float32(600),
                   out=tmp_path / "numpy", quiet=True)

@@ -186,8 +186,8 @@ def load_run_dataset(model: TrainedModel, run_dir: Path | None, dataset: str | N
     if name is None:
         raise ImgclfError("this model does not record its dataset; pass --dataset NAME_OR_FOLDER")
     if dataset is None and Path(name).is_absolute() and not Path(name).exists():  # runs record folders in full
-        raise ImgclfError(f"{name}, the image folder this run was trained on, is gone; pass --dataset with its "
-                          "new place")
+        raise ImgclfError(f"{name}, the image folder this run was trained on, is gone; move it back (evaluate "
+                          "also takes its new place as --dataset)")
     own = dataset is None or (own_name is not None  # the run's own dataset, also when named again
                               and canonical_dataset(dataset) == canonical_dataset(own_name))
     options: dict[str, Any] = {"data_dir": data_dir or (config.data.data_dir if config else None)}

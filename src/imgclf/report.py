@@ -35,6 +35,7 @@ from imgclf.evaluate import evaluate_with_logits, load_run_dataset
 from imgclf.runs import (
     TrainedModel,
     atomic_write,
+    how_to_finish,
     load_model,
     output_folder,
     read_json,
@@ -249,8 +250,7 @@ def _finished_run(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         raise ImgclfError(f"{run_dir} is not a run folder; give the --out folder of a finished `imgclf train` run")
     if unfinished(run_dir):
-        raise ImgclfError(f"{run_dir} holds a run that has not finished; continue it with "
-                          f"`imgclf train --resume --out {run_dir}`")
+        raise ImgclfError(f"{run_dir} holds a run that has not finished; {how_to_finish(run_dir)}")
     missing = [f for f in ("config.yaml", "summary.json", "model.json") if not (run_dir / f).exists()]
     if missing and (run_dir / "study.json").exists():
         raise ImgclfError(f"{run_dir} is a tuning study, not a run: its report is {run_dir / 'report.html'} "
@@ -481,10 +481,10 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
             except ImgclfError as e:  # one damaged run among many: the rest still compare, as unfinished ones do
                 warnings.warn(f"skipped {e}", stacklevel=2)
 
-    def skipped(e: ImgclfError, found: bool) -> None:
+    def skipped(e: ImgclfError, found: bool, run_dir: Path) -> None:
         if not found:  # a run named on its own: its damage is the answer
             raise e
-        warnings.warn(f"skipped {e}", stacklevel=3)
+        warnings.warn(f"skipped {e}" if str(run_dir) in str(e) else f"skipped {run_dir}: {e}", stacklevel=3)
 
     names = [name for _, name, _ in named.values()]
     runs = []  # (folder, name, found, summary, config, model.json) of the runs whose files read
@@ -493,7 +493,7 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
             runs.append((run_dir, name if names.count(name) == 1 else str(run_dir), found,  # not m1 twice
                          read_summary(run_dir), _run_config(run_dir), read_json(run_dir / "model.json")))
         except ImgclfError as e:
-            skipped(e, found)
+            skipped(e, found, run_dir)
     output_folder(out_dir, "the comparison", *((config.get("data") or {}).get("dataset") for *_, config, _ in runs))
     rows, configs = [], []
     for run_dir, name, found, summary, config, model_json in runs:
@@ -502,7 +502,7 @@ def compare_runs(run_dirs: list[str | Path] | str | Path, out_dir: str | Path = 
             data = load_run_dataset(model, run_dir)
             metrics = _evaluate_default_split(model, data, None, None)[0]
         except ImgclfError as e:  # weights missing or damaged, a config.yaml changed by hand, nothing held out
-            skipped(e, found)
+            skipped(e, found, run_dir)
             continue
         architecture, given = model_json.get("architecture") or {}, config.get("model") or {}
         if isinstance(architecture.get("options"), dict):  # as built, defaults filled in: cnn and cnn with its

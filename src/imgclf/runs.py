@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -135,6 +136,7 @@ def held_folder(path: Path, busy: str):
         remove_empty(made)  # a run refused before it wrote anything leaves no empty folders behind
 
 
+SCRATCH_PREFIX = ".imgclf-scratch-"  # written_together's folders
 STRAY_SECONDS = 60  # a temporary file (of atomic_write, of a download) untouched this long was left by a kill
 
 
@@ -198,12 +200,22 @@ def written_together(folder: Path):
     """A scratch folder whose files replace folder's only when the block ends without error. Outputs that
     belong together (a page and its figures) take seconds to draw: a kill meanwhile leaves folder's earlier set
     whole, not half old and half new (only one in the milliseconds of the final copies mixes them). Pages go
-    last, so one never names figures still to come."""
-    with tempfile.TemporaryDirectory(prefix="imgclf-") as scratch:
-        yield Path(scratch)
-        files = [p for p in Path(scratch).rglob("*") if p.is_file()]
+    last, so one never names figures still to come. The scratch folder is a hidden one in folder: where a kill
+    leaves it, the next outputs written there remove it."""
+    made = missing_folders(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stray in folder.glob(f"{SCRATCH_PREFIX}*"):  # not touched for an hour: no drawing takes that long
+        if time.time() - stray.stat().st_mtime > 3600:
+            shutil.rmtree(stray, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))
+    try:
+        yield scratch
+        files = [p for p in scratch.rglob("*") if p.is_file()]
         for file in sorted(files, key=lambda p: (p.suffix == ".html", p)):
             atomic_write(folder / file.relative_to(scratch), file.read_bytes())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        remove_empty(made)
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -409,9 +421,13 @@ def unfinished(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "config.yaml").exists() and not (Path(run_dir) / "summary.json").exists()
 
 
+def how_to_finish(run_dir: str | Path) -> str:
+    """What finishes an unfinished run: time, while another process trains it, or a resume."""
+    return ("it is still training" if in_use(Path(run_dir))
+            else f"continue it with `imgclf train --resume --out {run_dir}`")
+
+
 def warn_if_unfinished(run_dir: str | Path) -> None:
     if unfinished(run_dir):
-        then = ("it is still training" if in_use(Path(run_dir))
-                else f"continue with `imgclf train --resume --out {run_dir}`")
-        warnings.warn(f"{run_dir} has not finished training: this is the model of its last finished epoch ({then})",
-                      stacklevel=2)
+        warnings.warn(f"{run_dir} has not finished training: this is the model of its last finished epoch "
+                      f"({how_to_finish(run_dir)})", stacklevel=2)

@@ -104,7 +104,12 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         if "value" in part:
             continue
         kind = part.get("type")
+        if "log" in part and not isinstance(part["log"], bool):  # log: "no" would read as true
+            raise ImgclfError(f"{where}: log is true or false, not {part['log']!r}")
         if kind in ("int", "float"):
+            for key in ("low", "high", "step"):  # YAML 1.1 reads 1e-4 (no dot) as a string, as recipes allow
+                if isinstance(part.get(key), str):
+                    part[key] = _yaml_number(part[key])
             low, high = part.get("low"), part.get("high")
             if not all(map(is_finite_number, (low, high))) or low > high:
                 raise ImgclfError(f"{where}: {kind} needs numbers low <= high, e.g. {{type: {kind}, low: 1, high: 5}}")
@@ -120,6 +125,9 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
                     c is None or isinstance(c, bool | int | float | str) for c in choices):
                 raise ImgclfError(f"{where}: categorical needs `choices:` a list of numbers, strings or booleans "
                                   "(for a list-valued option, use a list of specs or per_layer)")
+            if repeated := next((c for i, c in enumerate(choices) if c in choices[:i]), None):
+                # a grid would run the point once and stop the command at its copy
+                raise ImgclfError(f"{where}: choice {repeated!r} is listed twice; list each choice once")
         else:
             raise ImgclfError(f"{where}: type {kind!r}; use int, float or categorical (or value: V for a fixed one)")
     for path in param_paths(name, spec):
@@ -133,8 +141,20 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         if valid is None or key not in valid:
             raise ImgclfError(f"{where}: '{path}' is not a config path; use train.X (see `imgclf train --help`) "
                               f"or model.X with an option of model {model} (see README, Models)")
+        if path == "train.threads":
+            raise ImgclfError(f"{where}: threads cannot be searched; tune gives each of its --workers cores / workers "
+                              "threads")
+        if path == "model.name" and (unknown := [v for v in _values_of(spec) if v not in MODELS]):
+            raise ImgclfError(f"{where}: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
         if section == "train":
             _check_train_values(key, spec, where)
+
+
+def _yaml_number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text  # refused below as not a number
 
 
 def _check_train_values(key: str, spec: Any, where: str) -> None:
@@ -147,7 +167,7 @@ def _check_train_values(key: str, spec: Any, where: str) -> None:
         raise ImgclfError(f"{where}: {key} takes one value, and a list's parts are joined into one list; to search "
                           f"values, write {{type: categorical, choices: {shown}}}")
     # A list setting's parts are joined into one value; any other spec gives one of its values.
-    values = [[v for part in spec for v in _values(part)]] if isinstance(spec, list) else _values(spec)
+    values = [_values_of(spec)] if isinstance(spec, list) else _values(spec)
     for value in values:
         if problem := name_problem(key, typed_option(key, kind, value, where)):
             raise ImgclfError(f"{where}: unknown {problem}")
@@ -161,6 +181,11 @@ def _values(part: Any) -> list[Any]:
     if "value" in part:
         return [part["value"]]
     return part["choices"] if part["type"] == "categorical" else [part["low"], part["high"]]
+
+
+def _values_of(spec: Any) -> list[Any]:
+    """Every value a spec, or a list of them, may give."""
+    return [v for part in (spec if isinstance(spec, list) else [spec]) for v in _values(part)]
 
 
 def _is_int(spec: Any) -> bool:

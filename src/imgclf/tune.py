@@ -62,7 +62,7 @@ from imgclf.errors import (
     unexpected,
 )
 from imgclf.models import check_model_options
-from imgclf.runs import atomic_write, natural_key, output_folder, written_together
+from imgclf.runs import atomic_write, folder_lock, natural_key, output_folder, written_together
 from imgclf.spaces import Space, grid_points, load_space, searched_paths, suggest, trial_config
 
 DEFAULT_TRIALS = 20  # without --trials; a grid runs all its points
@@ -237,9 +237,12 @@ def run_worker(job: Job, n_trials: int, dataset: Dataset | None = None, tag: str
             for execution in range(job.executions):
                 run = copy.deepcopy(config)
                 run.train.seed += execution
-                result = train(run, out=job.out / "trials" / f"{trial.number}-{execution}", dataset=data, quiet=True,
-                               on_epoch=_pruning_hook(trial, run.train.epochs) if execution == 0 else None)
-                (result.run_dir / "checkpoint.pt").unlink(missing_ok=True)  # only for resuming; trials never resume
+                run_dir = job.out / "trials" / f"{trial.number}-{execution}"
+                try:
+                    result = train(run, out=run_dir, dataset=data, quiet=True,
+                                   on_epoch=_pruning_hook(trial, run.train.epochs) if execution == 0 else None)
+                finally:  # only for resuming, and trials never resume: pruned and failed ones too
+                    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
                 key = "best_val_acc" if run.train.early_stopping else None  # early stopping keeps its best epoch
                 scores.append(result.summary[key] if key else result.history[-1]["val_acc"])
         except optuna.TrialPruned:
@@ -400,8 +403,13 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
         raise ImgclfError(f"unknown pruner '{pruner}'; choose one of {', '.join(PRUNERS)}")
     for label, value in (("trials", trials), ("epochs", epochs), ("executions per trial", executions),
                          ("workers", workers), ("subset", subset)):
-        if value is not None and not is_whole(value):
+        if (value is not None or label in ("executions per trial", "workers")) and not is_whole(value):
             raise ImgclfError(f"{label} must be a positive whole number, got {value!r}")
+    for label, value in (("space", space), ("storage", storage), ("study", study)):
+        if value is not None and not isinstance(value, str | os.PathLike if label == "space" else str):
+            raise ImgclfError(f"{label} is a name{' or a YAML path' if label == 'space' else ''}, not {value!r}")
+    if settings is not None and not isinstance(settings, dict):
+        raise ImgclfError(f"settings is a mapping such as {{'lr': 0.1}}, not {settings!r}")
     # not `<= 0`: NaN passes that and would mean no limit at all
     if timeout is not None and (not is_number(timeout) or not timeout > 0):
         raise ImgclfError(f"timeout must be a positive number, got {timeout!r}")
@@ -514,7 +522,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
 def _fixed_settings(settings: dict[str, Any], space: Space) -> dict[str, Any]:
     """Settings that fix what neither tune's own options nor the space's parameters decide."""
     own = {"dataset": "--dataset", "data_dir": "--data-dir", "subset": "--subset", "val_split": "--val-split",
-           "epochs": "--epochs"}
+           "epochs": "--epochs", "threads": "--workers (each worker gets cores / workers threads)"}
+    if not isinstance(settings.get("model_options", {}), dict):
+        raise ImgclfError(f"model_options is a mapping of the model's options, not {settings['model_options']!r}")
     for key in settings:
         if key in own:
             raise ImgclfError(f"{key} is an option of tune itself: pass {own[key]} instead of --set {key}=...")
@@ -594,6 +604,8 @@ def _check_claim(out: Path, study: str, storage: str, as_given: str | None) -> C
     marker, claim = out / "study.json", {"study": study, "storage": _shown(storage)}
     try:
         held = json.loads(marker.read_text())
+        if not isinstance(held, dict):
+            raise ValueError("not an object")
     except FileNotFoundError:
         held = None
     except (OSError, ValueError):
@@ -689,6 +701,15 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
 
     `data`: (dataset, data_dir) as this machine has them, for best.yaml (the best trial may have run elsewhere).
     """
+    out.mkdir(parents=True, exist_ok=True)
+    # Two commands on one study that end together: the later one reads the study once the earlier one has
+    # written, so outputs of an older state of the study never replace newer ones.
+    with folder_lock(out):
+        return _write_outputs(study, out, storage, quiet, data)
+
+
+def _write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool,
+                   data: tuple[str, str | None] | None) -> TuneResult:
     trials = study.get_trials(deepcopy=False)
     ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
     best = ranked[0] if ranked else None
@@ -715,7 +736,7 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
         atomic_write(scratch / "report.html", _report_html(study, storage, counts, ranked[:10], trials, figures,
                                                            scratch / "figures"))
     if not quiet:
-        table = Table("trial", "val acc", "seconds", "parameters", title=f"best trials of {study.study_name}")
+        table = Table("trial", "val acc", "seconds", "parameters", title=f"best trials of {escape(study.study_name)}")
         table.columns[-1].overflow = "fold"
         for t in ranked[:10]:
             table.add_row(str(t.number), f"{t.value:.2%}", f"{t.duration.total_seconds():.0f}",
