@@ -351,6 +351,7 @@ def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
     (["--trials", "0"], "trials must be a positive whole number, got 0"),
     (["--timeout", "nan"], "timeout must be a positive number, got nan"),
     (["--study", " "], "--study is empty"),
+    (["--storage", ""], "--storage is empty; give a journal file or database URL"),
     (["--set", "train.lr=0.1"], "train.lr is searched by space cnn-small"),
     (["--set", "epochs=3"], "pass --epochs instead"),
     (["--set", "model.filtrs=[8]"], "(did you mean 'filters'?)"),

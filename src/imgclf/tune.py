@@ -447,6 +447,9 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
     claimed = "study.log" if storage in (str(journal), str(journal.resolve())) else storage
     if study is not None and not study.strip():  # not quietly the default study, which may be another's
         raise ImgclfError("--study is empty; give the study a name, or leave --study out for DATASET-SPACE")
+    if given_storage is not None and not given_storage.strip():  # not quietly the default journal
+        raise ImgclfError("--storage is empty; give a journal file or database URL, or leave --storage out for "
+                          "OUT/study.log")
     study_name = study or f"{Path(dataset).name}-{space_obj.name}"
     data = load_config_dataset(base)
     data.check_trainable()  # here too: before the study holds --out for data that cannot train
