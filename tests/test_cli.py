@@ -197,10 +197,7 @@ def test_predict_refuses_a_non_image(digits_run, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_predict_refuses_a_named_pipe_and_writes_names_a_terminal_cannot_show(digits_run, tmp_path):
-    os.mkfifo(tmp_path / "pipe.png")
-    result = run_cli("predict", digits_run, tmp_path / "pipe.png")  # it used to wait for a writer forever
-    assert result.returncode == 1 and "pipe.png is not a regular file (a pipe or a device)" in result.stderr
+def test_predict_writes_names_a_terminal_cannot_show(digits_run, tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "zoë.png")
     result = subprocess.run([sys.executable, "-m", "imgclf", "predict", str(digits_run), str(tmp_path / "zoë.png")],
                             capture_output=True, env=os.environ | {"PYTHONIOENCODING": "ascii"}, timeout=300)

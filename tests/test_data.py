@@ -795,9 +795,15 @@ def test_split_folders_go_by_their_usual_names_and_stray_class_folders_are_refus
 def test_a_class_named_train_beside_other_classes_is_a_class(tmp_path):
     for i, label in enumerate(["bus", "car", "train"] * 2):  # CIFAR-100 has a class called train
         make_image(tmp_path / "f" / label / f"{i}.png")
-    d = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
+    with pytest.warns(UserWarning, match="train/ holds images, not class folders, beside 2 other folders: it is "
+                                         "read as a class named train"):
+        d = load_dataset(str(tmp_path / "f"), tmp_path / "cache", val_split=0)
+        assert data.own_val_folder(tmp_path / "f") is None
     assert d.class_names == ["bus", "car", "train"] and sum(map(len, d.splits().values())) == 6
-    assert data.own_val_folder(tmp_path / "f") is None
+    for i, folder in enumerate(["train", "test1"]):  # Kaggle's flat splits: no class folders, so refused
+        make_image(tmp_path / "kaggle" / folder / f"cat.{i}.png")
+    with pytest.raises(ImgclfError, match=r"\(train/\) and also test1/"):
+        load_dataset(str(tmp_path / "kaggle"), tmp_path / "cache")
     (tmp_path / "f" / "train" / "x").mkdir()  # a split folder after all: the others are strays
     make_image(tmp_path / "f" / "train" / "x" / "9.png")
     with pytest.raises(ImgclfError, match=r"\(train/\) and also bus, car/"):
@@ -815,11 +821,15 @@ def test_a_subset_converts_only_the_images_it_keeps(mnist, monkeypatch):
 
 
 def test_too_large_an_image_size_for_memory_is_one_line(mnist, monkeypatch):
-    def no_memory(*args, **kwargs):
-        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 62914560000 bytes")
+    empty = torch.empty
 
-    monkeypatch.setattr(data, "_resize", no_memory)
-    with pytest.raises(ImgclfError, match=r"not enough memory for 50 images at 1000x1000 pixels \(0\.0 GiB\); "
+    def no_memory(shape, **kwargs):  # as torch fails for 70,000 images at 1024 px
+        if shape[-1] == 1000:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 50000000 bytes")
+        return empty(shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_memory)
+    with pytest.raises(ImgclfError, match=r"not enough memory for 50 images at 1000x1000 pixels \(0\.05 GiB\); "
                                           "use a smaller --image-size"):
         load_dataset("mnist", val_split=0, image_size=1000)
     with pytest.raises(ImgclfError, match="give a dataset name"):

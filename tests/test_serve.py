@@ -103,12 +103,11 @@ def test_bad_uploads_get_a_clear_4xx(client, monkeypatch):
     assert response.status_code == 422 and "multipart file field `files`" in response.json()["detail"]
     response = client.post("/predict", params={"top_k": 0}, files=[("files", ("a.png", png(0), "image/png"))])
     assert response.status_code == 422 and response.json()["detail"].startswith("top_k: ")
-    response = client.post("/predict", files=[("files", ("empty.png", b"", "image/png"))])
-    assert response.status_code == 400 and "empty.png is empty" in response.json()["detail"]
+    response = client.post("/predict", files=[("files", ("multipart.png", b"", "image/png"))])
+    assert response.status_code == 400 and response.json()["detail"].startswith("multipart.png is empty")
     for content_type, body in (("multipart/form-data", png(0)), ("multipart/form-data; boundary=xyz", b"garbage")):
         response = client.post("/predict", content=body, headers={"content-type": content_type})
-        assert response.status_code == 400 and response.json()["detail"].startswith(
-            "the upload is not readable multipart form data (")
+        assert response.status_code == 400 and response.json()["detail"].startswith("the upload could not be read (")
         assert "(curl -F files=@image.png URL/predict)" in response.json()["detail"]
     monkeypatch.setattr(serve_module, "MAX_PIXELS", 1000)
     response = client.post("/predict", files=[("files", ("wide.png", png(0), "image/png"))])
@@ -133,7 +132,7 @@ def test_a_large_request_is_refused_as_it_arrives_and_unknown_parameters_are_nam
     response = client.post("/predict", content=(form[i:i + 1000] for i in range(0, len(form), 1000)),
                            headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert response.status_code == 413 and response.json()["detail"].startswith(
-        "the request is larger, more than the 0 MB a request may hold; send its images in several")
+        "the request is more than the 0 MB a request may hold; send its images in several")
     response = client.post("/predict", params={"topk": 1}, files=[("files", ("a.png", png(0, 8), "image/png"))])
     assert response.status_code == 422 and response.json()["detail"] == (
         "unknown query parameter topk (did you mean 'top_k'?); use top_k and tta")

@@ -173,6 +173,10 @@ def test_median_pruner_stops_a_clearly_worse_trial(tmp_path):
     bad = [t for t in trials if t.params["train.lr"] == 1e-7]
     assert [t.state for t in bad] == [TrialState.PRUNED] * 5 and all(t.last_step == 1 for t in bad)
     assert not list((tmp_path / "out" / "trials").glob("*/checkpoint.pt"))  # pruned trials never resume either
+    pruned = tmp_path / "out" / "trials" / f"{bad[0].number}-0"
+    with pytest.raises(ImgclfError, match="has not finished; it stopped and kept no checkpoint to resume from; train "
+                                          "it again"):
+        write_report(pruned)
 
 
 def test_failing_trials_are_recorded_with_their_reason_and_the_study_goes_on(tmp_path):
@@ -551,7 +555,8 @@ def test_the_api_names_an_unknown_sampler_or_pruner(tmp_path):
         tune("digits", trials=1.5, out=tmp_path / "out")
     for wrong, message in ((dict(executions=None), "executions per trial must be a positive whole number, got None"),
                            (dict(space=5), "space is a name or a YAML path, not 5"),
-                           (dict(study=5), "study is a name, not 5"), (dict(storage=5), "storage is a name, not 5"),
+                           (dict(study=5), "study is a name, not 5"),
+                           (dict(storage=5), "storage is a journal file path or a database URL, not 5"),
                            (dict(settings="lr=1"), "settings is a mapping such as {'lr': 0.1}, not 'lr=1'"),
                            (dict(settings={"model_options": 5}), "model_options is a mapping of the model's options"),
                            (dict(settings={"threads": 1}), "threads is an option of tune itself: pass --workers")):

@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     warnings.showwarning = one_line_warning
     for stream in (sys.stdout, sys.stderr):  # a terminal or pipe that is not UTF-8 still gets every file name
-        if hasattr(stream, "reconfigure"):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):  # not surrogateescape
             stream.reconfigure(errors="backslashreplace")
     if args.command in ("train", "tune"):
         sys.stdout = _QuietWhenPipeCloses(sys.stdout)

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import http.client
 import json
+import math
 import multiprocessing
 import numbers
 import os
@@ -646,8 +647,12 @@ def _split_dirs(root: Path) -> dict[str, Path]:
         raise ImgclfError(f"{root} has both {twice[0].name}/ and {twice[1].name}/ for one split; merge them, "
                           "or rename one")
     others = [d.name for d in folders if d not in [ds[0] for ds in found.values()]]
-    if others and not any(_folders(ds[0]) for ds in found.values()):
-        return {"all": root}  # train/ beside bus/ and car/, with images of its own: a class (CIFAR-100 has one)
+    if len(found) == 1 and len(others) >= 2 and not _folders(alone := next(iter(found.values()))[0]):
+        # train/ beside bus/ and car/, with images of its own: a class (CIFAR-100 has one). Not train/ beside
+        # test1/ alone, nor train/ and val/ beside labels/: flat splits, which no class folders describe.
+        warnings.warn(f"{root}: {alone.name}/ holds images, not class folders, beside {len(others)} other "
+                      f"folders: it is read as a class named {alone.name}", stacklevel=4)
+        return {"all": root}
     if others:
         have = ", ".join(f"{ds[0].name}/" for ds in found.values())
         raise ImgclfError(f"{root} has split folders ({have}) and also {', '.join(others[:3])}/: move class "
@@ -920,16 +925,22 @@ def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return out
 
 
-def _converted(images: torch.Tensor, channels: int | None, size: int | None) -> torch.Tensor:
+def _converted(images: torch.Tensor, channels: int | None, size: int | None,
+               pick: np.ndarray | None = None) -> torch.Tensor:
+    """images[pick] (all where pick is None) in `channels` and size x size, a chunk at a time."""
+    n = len(images) if pick is None else len(pick)
+    shape = (channels or images.shape[1], *((size, size) if size else images.shape[2:]))
+    if shape == tuple(images.shape[1:]):
+        return images if pick is None else images[pick]
     try:
-        return _resize(_to_channels(images, channels), size)
-    except (RuntimeError, MemoryError) as e:
-        if "alloc" not in str(e) and not isinstance(e, MemoryError):
-            raise
-        size = size or images.shape[-1]
-        gib = len(images) * (channels or images.shape[1]) * size * size / 2**30
-        raise ImgclfError(f"not enough memory for {len(images):,} images at {size}x{size} pixels ({gib:,.1f} GiB); "
-                          "use a smaller --image-size") from None
+        out = torch.empty((n, *shape), dtype=torch.uint8)
+    except (RuntimeError, MemoryError):  # torch says "can't allocate memory" with a stack trace
+        raise ImgclfError(f"not enough memory for {n:,} images at {shape[1]}x{shape[2]} pixels "
+                          f"({n * math.prod(shape) / 2**30:,.2f} GiB); use a smaller --image-size") from None
+    for i in range(0, n, _CHUNK):
+        part = images[i:i + _CHUNK] if pick is None else images[pick[i:i + _CHUNK]]
+        out[i:i + _CHUNK] = _resize(_to_channels(part, channels), size)
+    return out
 
 
 def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -998,25 +1009,27 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
     else:
         raise _unknown(name)
 
-    splits = {s: (torch.from_numpy(x), torch.from_numpy(y)) for s, (x, y) in arrays.items()}
-    images, labels = splits["train"]
-    if "val" not in splits and val_split > 0 and len(labels):
-        keep, held = _split_indices(labels.numpy(), seed, test_size=val_split)
-        splits["val"] = images[held], labels[held]
-        images, labels = images[keep], labels[keep]
+    raw = {s: (torch.from_numpy(x), torch.from_numpy(y)) for s, (x, y) in arrays.items()}
+    # Which images of the raw arrays each split takes (None: all of them); converted only at the end, so a subset
+    # does not resize the training images it leaves out, and nothing is copied before it is converted.
+    picks: dict[str, tuple[str, np.ndarray | None]] = {s: (s, None) for s in raw}
+    labels = raw["train"][1]
+    kept = np.arange(len(labels))
+    if "val" not in raw and val_split > 0 and len(labels):
+        kept, held = _split_indices(labels.numpy(), seed, test_size=val_split)
+        picks["val"] = "train", held
     if subset is not None:
         if subset < len(class_names):
             raise ImgclfError(f"subset={subset} is fewer than the {len(class_names)} classes; use --subset "
                               f"{len(class_names)} or more")
-        if subset < len(labels):
-            keep, _ = _split_indices(labels.numpy(), seed, train_size=subset)
-            images, labels = images[keep], labels[keep]
-        elif subset > len(labels):
-            warnings.warn(f"subset {subset:,} is more than the {len(labels):,} training images of {name}: "
+        if subset < len(kept):
+            kept = kept[_split_indices(labels.numpy()[kept], seed, train_size=subset)[0]]
+        elif subset > len(kept):
+            warnings.warn(f"subset {subset:,} is more than the {len(kept):,} training images of {name}: "
                           "training on all of them", stacklevel=2)
-    # Converted only now, so a subset of a large dataset does not resize the images it leaves out.
-    splits["train"] = images, labels
-    splits = {s: (_converted(x, channels, image_size), y) for s, (x, y) in splits.items()}
+    picks["train"] = "train", None if len(kept) == len(labels) else kept
+    splits = {s: (_converted(raw[source][0], channels, image_size, pick),
+                  raw[source][1] if pick is None else raw[source][1][pick]) for s, (source, pick) in picks.items()}
     images, labels = splits["train"]
     mean, std = _mean_std(images)
     val, test = (Split(*splits[s]) if s in splits else None for s in ("val", "test"))

@@ -319,9 +319,6 @@ def image_files(sources: list[str | Path]) -> tuple[list[str], set[str]]:
     out, listed = [], set()
     for source in map(str, sources):
         if not Path(source).is_dir():
-            if Path(source).exists() and not Path(source).is_file():  # reading a named pipe would wait forever
-                raise ImgclfError(f"{source} is not a regular file (a pipe or a device); give image files or "
-                                  "folders of them")
             out.append(source)
             continue
         found = [f for f in files_under(Path(source)) if f.lower().endswith(IMAGE_SUFFIXES)]

@@ -205,9 +205,13 @@ def written_together(folder: Path):
     made = missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stray in folder.glob(f"{SCRATCH_PREFIX}*"):  # not touched for an hour: no drawing takes that long
-        if time.time() - stray.stat().st_mtime > 3600:
-            shutil.rmtree(stray, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))
+        with contextlib.suppress(OSError):  # another process may remove its own meanwhile
+            if time.time() - stray.stat().st_mtime > 3600:
+                shutil.rmtree(stray, ignore_errors=True)
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))
+    except OSError as e:  # name the folder the user chose, not the scratch folder's made-up name
+        raise OSError(e.errno, e.strerror, str(folder)) from None
     try:
         yield scratch
         files = [p for p in scratch.rglob("*") if p.is_file()]
@@ -423,8 +427,11 @@ def unfinished(run_dir: str | Path) -> bool:
 
 def how_to_finish(run_dir: str | Path) -> str:
     """What finishes an unfinished run: time, while another process trains it, or a resume."""
-    return ("it is still training" if in_use(Path(run_dir))
-            else f"continue it with `imgclf train --resume --out {run_dir}`")
+    if in_use(Path(run_dir)):
+        return "it is still training"
+    if not (Path(run_dir) / "checkpoint.pt").exists():  # a pruned or failed trial of a study keeps none
+        return "it stopped and kept no checkpoint to resume from; train it again"
+    return f"continue it with `imgclf train --resume --out {run_dir}`"
 
 
 def warn_if_unfinished(run_dir: str | Path) -> None:

@@ -85,7 +85,7 @@ def create_app(run_dir: str | Path, device: str = "auto"):
 
     def too_large(size: str) -> JSONResponse:
         return JSONResponse(status_code=413, content={"detail": (
-            f"the request is {size}, more than the {MAX_REQUEST_BYTES // 2**20} MB a request may hold; send its "
+            f"the request is {size}more than the {MAX_REQUEST_BYTES // 2**20} MB a request may hold; send its "
             "images in several requests")})
 
     @app.middleware("http")
@@ -95,18 +95,21 @@ def create_app(run_dir: str | Path, device: str = "auto"):
         is stopped by that limit as it arrives, and answered by the handler below."""
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-            return too_large(f"{int(declared) / 2**20:,.1f} MB")
+            return too_large(f"{int(declared) / 2**20:,.1f} MB, ")
         return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def starlette_error_with_fix(request, error: StarletteHTTPException):
-        """Starlette's own answers to an oversized or unreadable upload name no fix; ours (raised above) do."""
-        if error.status_code == 413 and error.detail == "Content Too Large":  # a body that did not declare its size
-            return too_large("larger")
-        if error.status_code == 400 and "multipart" in str(error.detail).lower():
+        """Starlette's own answers to an oversized or unreadable upload name no fix. The route's own errors are
+        FastAPI's subclass, and keep their words."""
+        if isinstance(error, HTTPException):
+            return await http_exception_handler(request, error)
+        if error.status_code == 413:  # a body that declared no size
+            return too_large("")
+        if error.status_code == 400:  # what the form parser refused
             return JSONResponse(status_code=400, content={"detail": (
-                f"the upload is not readable multipart form data ({str(error.detail).rstrip('.')}); send images "
-                "in the multipart file field `files` (curl -F files=@image.png URL/predict)")})
+                f"the upload could not be read ({str(error.detail).rstrip('.')}); send up to {MAX_IMAGES} images in "
+                "the multipart file field `files` (curl -F files=@image.png URL/predict)")})
         return await http_exception_handler(request, error)
 
     classes = ", ".join(map(str, about["classes"][:20])) + (", ..." if len(about["classes"]) > 20 else "")

@@ -107,9 +107,9 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         if "log" in part and not isinstance(part["log"], bool):  # log: "no" would read as true
             raise ImgclfError(f"{where}: log is true or false, not {part['log']!r}")
         if kind in ("int", "float"):
-            for key in ("low", "high", "step"):  # YAML 1.1 reads 1e-4 (no dot) as a string, as recipes allow
-                if isinstance(part.get(key), str):
-                    part[key] = _yaml_number(part[key])
+            for key in ("low", "high", "step"):  # YAML 1.1 reads 1e-4 (no dot) as a string: a number, as in recipes
+                if kind == "float" and isinstance(part.get(key), str):
+                    part[key] = typed_option(key, "float", part[key], where)
             low, high = part.get("low"), part.get("high")
             if not all(map(is_finite_number, (low, high))) or low > high:
                 raise ImgclfError(f"{where}: {kind} needs numbers low <= high, e.g. {{type: {kind}, low: 1, high: 5}}")
@@ -125,7 +125,9 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
                     c is None or isinstance(c, bool | int | float | str) for c in choices):
                 raise ImgclfError(f"{where}: categorical needs `choices:` a list of numbers, strings or booleans "
                                   "(for a list-valued option, use a list of specs or per_layer)")
-            if repeated := next((c for i, c in enumerate(choices) if c in choices[:i]), None):
+            # by type too: 1 and true are two choices
+            if repeated := next((c for i, c in enumerate(choices) if (type(c), c) in
+                                 [(type(d), d) for d in choices[:i]]), None):
                 # a grid would run the point once and stop the command at its copy
                 raise ImgclfError(f"{where}: choice {repeated!r} is listed twice; list each choice once")
         else:
@@ -148,13 +150,6 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
             raise ImgclfError(f"{where}: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
         if section == "train":
             _check_train_values(key, spec, where)
-
-
-def _yaml_number(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text  # refused below as not a number
 
 
 def _check_train_values(key: str, spec: Any, where: str) -> None:

@@ -10,6 +10,7 @@ resumes it. The results are DIR/trials.csv, DIR/best.yaml (a recipe), DIR/figure
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import datetime
@@ -238,11 +239,14 @@ def run_worker(job: Job, n_trials: int, dataset: Dataset | None = None, tag: str
                 run = copy.deepcopy(config)
                 run.train.seed += execution
                 run_dir = job.out / "trials" / f"{trial.number}-{execution}"
+                fresh = not run_dir.exists()  # else train refuses it, and its files are not this trial's
                 try:
                     result = train(run, out=run_dir, dataset=data, quiet=True,
                                    on_epoch=_pruning_hook(trial, run.train.epochs) if execution == 0 else None)
-                finally:  # only for resuming, and trials never resume: pruned and failed ones too
-                    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+                finally:  # only for resuming, and trials never resume: pruned and failed ones neither
+                    if fresh:
+                        with contextlib.suppress(OSError):
+                            (run_dir / "checkpoint.pt").unlink(missing_ok=True)
                 key = "best_val_acc" if run.train.early_stopping else None  # early stopping keeps its best epoch
                 scores.append(result.summary[key] if key else result.history[-1]["val_acc"])
         except optuna.TrialPruned:
@@ -405,9 +409,11 @@ def tune(dataset: str, space: str | Path = "cnn-small", *, sampler: str = "tpe",
                          ("workers", workers), ("subset", subset)):
         if (value is not None or label in ("executions per trial", "workers")) and not is_whole(value):
             raise ImgclfError(f"{label} must be a positive whole number, got {value!r}")
-    for label, value in (("space", space), ("storage", storage), ("study", study)):
-        if value is not None and not isinstance(value, str | os.PathLike if label == "space" else str):
-            raise ImgclfError(f"{label} is a name{' or a YAML path' if label == 'space' else ''}, not {value!r}")
+    for label, value, kind in (("space", space, "a name or a YAML path"), ("study", study, "a name"),
+                               ("storage", storage, "a journal file path or a database URL")):
+        if value is not None and not isinstance(value, str | os.PathLike if label != "study" else str):
+            raise ImgclfError(f"{label} is {kind}, not {value!r}")
+    storage = None if storage is None else os.fspath(storage)
     if settings is not None and not isinstance(settings, dict):
         raise ImgclfError(f"settings is a mapping such as {{'lr': 0.1}}, not {settings!r}")
     # not `<= 0`: NaN passes that and would mean no limit at all
@@ -708,11 +714,14 @@ def write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool = Fa
     # Two commands on one study that end together: the later one reads the study once the earlier one has
     # written, so outputs of an older state of the study never replace newer ones.
     with folder_lock(out):
-        return _write_outputs(study, out, storage, quiet, data)
+        result, best_trials = _write_outputs(study, out, storage, data)
+    if not quiet:  # the lock released first: a terminal that stops reading must not hold up other commands
+        _print_outputs(result, best_trials)
+    return result
 
 
-def _write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool,
-                   data: tuple[str, str | None] | None) -> TuneResult:
+def _write_outputs(study: optuna.Study, out: Path, storage: str, data: tuple[str, str | None] | None
+                   ) -> tuple[TuneResult, list[optuna.trial.FrozenTrial]]:
     trials = study.get_trials(deepcopy=False)
     ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
     best = ranked[0] if ranked else None
@@ -738,20 +747,23 @@ def _write_outputs(study: optuna.Study, out: Path, storage: str, quiet: bool,
         figures = plot_study(study, scratch / "figures")
         atomic_write(scratch / "report.html", _report_html(study, storage, counts, ranked[:10], trials, figures,
                                                            scratch / "figures"))
-    if not quiet:
-        table = Table("trial", "val acc", "seconds", "parameters", title=f"best trials of {escape(study.study_name)}")
-        table.columns[-1].overflow = "fold"
-        for t in ranked[:10]:
-            table.add_row(str(t.number), f"{t.value:.2%}", f"{t.duration.total_seconds():.0f}",
-                          escape(describe_settings(t.user_attrs.get("values", t.params))))
-        console.print(table)
-        console.print(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
-                      + (f", {counts['RUNNING']} running elsewhere (re-run this command once they finish to "
-                         "bring these files up to date)" if counts["RUNNING"] else "")
-                      + f": wrote {out / 'trials.csv'}, {out / 'report.html'}"
-                      + (f", {best_recipe} (imgclf train --recipe {best_recipe})" if best_recipe else ""))
     return TuneResult(out, study.study_name, storage, counts, best.value if best else None,
-                      best.user_attrs.get("values") if best else None, best_recipe)
+                      best.user_attrs.get("values") if best else None, best_recipe), ranked[:10]
+
+
+def _print_outputs(result: TuneResult, best_trials: list[optuna.trial.FrozenTrial]) -> None:
+    table = Table("trial", "val acc", "seconds", "parameters", title=f"best trials of {escape(result.study)}")
+    table.columns[-1].overflow = "fold"
+    for t in best_trials:
+        table.add_row(str(t.number), f"{t.value:.2%}", f"{t.duration.total_seconds():.0f}",
+                      escape(describe_settings(t.user_attrs.get("values", t.params))))
+    console.print(table)
+    counts, out, best_recipe = result.counts, result.out, result.best_recipe
+    console.print(f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
+                  + (f", {counts['RUNNING']} running elsewhere (re-run this command once they finish to "
+                     "bring these files up to date)" if counts["RUNNING"] else "")
+                  + f": wrote {out / 'trials.csv'}, {out / 'report.html'}"
+                  + (f", {best_recipe} (imgclf train --recipe {best_recipe})" if best_recipe else ""))
 
 
 def trials_csv(trials: list[optuna.trial.FrozenTrial]) -> str:
