@@ -43,6 +43,18 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "ddp-rank0.pt", "ddp-rank1.pt", "single"]
 
 
+def test_each_rank_draws_its_own_dropout_masks(tmp_path):
+    script = tmp_path / "rng.py"
+    script.write_text("import os, sys, torch\nfrom imgclf.train import train\n"
+                      "train(dataset='digits', model='mlp', model_options={'dropout': 0.5}, epochs=1, quiet=True, "
+                      "precision='fp32', out=sys.argv[1])\n"
+                      "torch.save(torch.get_rng_state(), f'{sys.argv[1]}-rng{os.environ[\"RANK\"]}.pt')\n")
+    job = torchrun(script, tmp_path / "ddp")
+    assert job.returncode == 0, job.stderr[-2000:]
+    # Both ranks started from the same seed; the same stream would give image i of each rank's half the same mask.
+    assert not torch.equal(*(torch.load(tmp_path / f"ddp-rng{r}.pt") for r in (0, 1)))
+
+
 def test_two_ranks_stop_the_whitening_bias_and_share_batch_norm_statistics_with_lookahead(tmp_path):
     # Lookahead keeps a slow copy of the batch-norm statistics too, which each rank would otherwise pull
     # towards its own; 2 epochs take it through an end-of-epoch sync and the final copy into the net.

@@ -684,6 +684,24 @@ def test_resume_refuses_what_it_would_ignore_and_other_images(tmp_path, monkeypa
     resumed = train(out=tmp_path / "run", resume=True, dataset=data, threads=1, quiet=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
 
+    inverted = dataclasses.replace(data, train=Split(255 - data.train.images, data.train.labels))
+    stop_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset=inverted, model="mlp", epochs=2, out=tmp_path / "inverted", quiet=True)
+    monkeypatch.undo()
+    with pytest.raises(ImgclfError, match="started on a Dataset object with other images than digits loaded by "
+                                          "name; resume it with the Dataset it started with"):
+        train(out=tmp_path / "inverted", resume=True, quiet=True)  # it went on with plain digits
+    train(out=tmp_path / "inverted", resume=True, dataset=inverted, quiet=True)
+    with pytest.raises(ImgclfError, match="trained on other images than digits loaded by name; choose another out"):
+        train(dataset="digits", subset=600, val_split=0.2, model="mlp", epochs=2, out=tmp_path / "inverted",
+              quiet=True)  # the same settings, by name: not this run to reuse
+    with pytest.raises(ImgclfError, match="resume=True needs out"):
+        train(resume=True)
+    for empty in (dict(out=""), dict(data_dir="")):
+        with pytest.raises(ImgclfError, match="not ''"):
+            train(dataset="digits", model="mlp", epochs=1, quiet=True, **{"out": tmp_path / "e", **empty})
+
 
 def test_resume_refuses_an_image_folder_that_changed_since_the_run_started(tmp_path, monkeypatch, write_shapes):
     folder = write_shapes(tmp_path / "shapes", 40)
@@ -781,6 +799,37 @@ def test_a_run_resumes_on_another_kind_of_device(tmp_path, monkeypatch):
     torch.save({**state, "generator": torch.zeros(16, dtype=torch.uint8)}, tmp_path / "run" / "checkpoint.pt")
     resumed = train(out=tmp_path / "run", resume=True, quiet=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_a_gpu_fp16_run_resumes_on_the_cpu_in_what_the_cpu_has(tmp_path, monkeypatch, capsys):
+    stop_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(epochs=2, out=tmp_path / "run", **{**FAST, "quiet": False})
+    monkeypatch.undo()
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("precision: auto", "precision: fp16"))  # as a GPU run writes it
+    resumed = train(out=tmp_path / "run", resume=True, device="cpu")
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert f"fp16 is for GPUs: this CPU goes on in {resolve_precision('auto', torch.device('cpu'))}" \
+        in capsys.readouterr().out
+    config.write_text("data: {dataset: digits}\n")  # cut short: the missing sections' defaults are not a run
+    with pytest.raises(ImgclfError, match="its config.yaml is not a whole run's"):
+        train(out=tmp_path / "run", resume=True)
+
+
+def test_crop_that_shifts_nothing_or_less_than_tta_is_refused(tmp_path):
+    with pytest.raises(ImgclfError, match="crop_padding 0 makes augment crop shift nothing"):
+        train(epochs=1, augment=["crop"], crop_padding=0, out=tmp_path / "a", **FAST)
+    with pytest.raises(ImgclfError, match="tta_shift 3 would average views shifted further than crop_padding 1"):
+        train(epochs=1, augment=["crop"], tta=True, tta_shift=3, out=tmp_path / "b", **FAST)  # 8x8: 1 pixel
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_recipes_own_model_named_again_keeps_its_options():
+    from imgclf.config import make_config
+
+    assert make_config("ref-mnist-cnn", model="cnn").model == make_config("ref-mnist-cnn").model
+    assert make_config("ref-mnist-cnn", model="mlp").model.options == {}
 
 
 def test_a_loaded_model_rebuilds_its_own_validation_split(tmp_path):

@@ -472,10 +472,11 @@ def make_config(recipe: str | Path | None = None, model: str | None = None, **ov
 
     Override names are the fields of DataConfig and TrainConfig (e.g. dataset=, epochs=, lr=);
     None means "not given", DEFAULT (`--set lr=null`) the field's default. `model` replaces the recipe's model
-    (and its options). `model_options` merges into the model's options (DEFAULT drops one: the model's default).
+    and its options (naming the recipe's own model keeps them). `model_options` merges into the model's options
+    (DEFAULT drops one: the model's default).
     """
     config = load_recipe(recipe) if recipe is not None and recipe != "" else RunConfig()
-    if model:
+    if model and model != config.model.name:  # the recipe's own model, named again, keeps its options
         config.model = ModelConfig(name=model)
     return apply_overrides(config, **overrides)
 

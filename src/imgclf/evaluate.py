@@ -277,7 +277,7 @@ def evaluate(run_or_model: str | Path | TrainedModel, dataset: str | Dataset | N
     `tta=None` and `tta_margin=None` use the run's recipe settings. A run folder is loaded on `device` ("auto":
     the GPU where there is one).
     """
-    if dataset is not None and not isinstance(dataset, str | os.PathLike | Dataset):
+    if dataset is not None and (not isinstance(dataset, str | os.PathLike | Dataset) or dataset == ""):
         raise ImgclfError(f"dataset is a name, an image folder or a loaded Dataset, not {dataset!r}")
     if not is_whole(batch_size):
         raise ImgclfError(f"batch_size {batch_size!r}: give a whole number of images, 1 or more")

@@ -138,9 +138,10 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> tuple[Run
         raw = yaml.safe_load(config_path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError):
         raw = None
-    if not isinstance(raw, dict) or not {"data", "model", "train"} & raw.keys():
-        raise ImgclfError(f"{run_dir} exists and is not an imgclf run folder (its config.yaml is not a run's); "
-                          "choose another --out")
+    # Every section: defaults would stand in for those a cut file lost, and resume another run.
+    if not isinstance(raw, dict) or not {"data", "model", "train"} <= raw.keys():
+        raise ImgclfError(f"{run_dir} exists and is not an imgclf run folder (its config.yaml is not a whole "
+                          "run's); choose another --out, or restore the file")
     stored = RunConfig.from_dict(raw, source=str(config_path))
     finished = (run_dir / "summary.json").exists()
     # Stopped before its first checkpoint: nothing to continue from, nothing to lose by starting over.
@@ -192,8 +193,10 @@ def train(config: RunConfig | None = None, *, out: str | Path | None = None, res
     if config is not None and not isinstance(config, RunConfig):
         raise ImgclfError(f"train's first argument is a RunConfig, not {config!r}; for a recipe: "
                           f"train(recipe={str(config)!r}, ...)")
-    if out is not None and not isinstance(out, str | os.PathLike):
+    if out is not None and (not isinstance(out, str | os.PathLike) or os.fspath(out) == ""):
         raise ImgclfError(f"out is the run folder, a path such as 'runs/mnist-mlp', not {out!r}")
+    if resume and out is None:  # not a new folder named after the time, which holds nothing to resume
+        raise ImgclfError("resume=True needs out: the folder of the run to continue")
     if on_epoch is not None and not callable(on_epoch):  # else it would fail only after the first epoch
         raise ImgclfError(f"on_epoch must be a function of the epoch's metrics, not {on_epoch!r}")
     check_flags(resume=resume, quiet=quiet, report=report, tensorboard=tensorboard)
@@ -274,8 +277,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     # Rank 0 reads the run folder, here and below: the other machines of a multi-machine run have no copy of it.
     recorded = ctx.from_main(lambda: read_json(run_dir / "model.json")) if mode == "resume" else {}
     if mode == "resume" and dataset_obj is not None:
-        digest = recorded.get("train_digest")
-        if digest is None or dataset_obj.train.digest() != digest:
+        if recorded.get("train_digest") is None or _other_images(recorded, dataset_obj):
             raise ImgclfError(f"{run_dir} holds a run started on other images than the Dataset passed; resume it "
                               "with the Dataset it started with (or without one, if it started from a name)")
     # On rank 0, whose folder the stamp was taken of (another machine's copy has other file times), before decoding.
@@ -299,6 +301,9 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     data = dataset_obj or load_config_dataset(config)
     data.check_trainable()
+    if mode == "resume" and dataset_obj is None and _other_images(recorded, data):
+        raise ImgclfError(f"{run_dir} holds a run started on a Dataset object with other images than "
+                          f"{config.data.dataset} loaded by name; resume it with the Dataset it started with")
     if cfg.early_stopping and (data.val is None or len(data.val) == 0):
         raise ImgclfError(f"early stopping watches the val accuracy, and {data.name} has no val split here; "
                           "set --val-split above 0, or drop --early-stopping")
@@ -315,7 +320,11 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                       "give the base's weights with --set model.weights=FILE.safetensors (a vgg run's "
                       "model.safetensors will do)", stacklevel=3)
     _check_trainable(net, config.model.name, cfg, (c, h, w), len(data.train), ctx, device)
-    precision = resolve_precision(cfg.precision, device)
+    if mode == "resume" and cfg.precision == "fp16" and device.type == "cpu":  # a GPU run, resumed on a CPU
+        precision = resolve_precision("auto", device)
+        say(f"[yellow]warning:[/] fp16 is for GPUs: this CPU goes on in {precision}")
+    else:
+        precision = resolve_precision(cfg.precision, device)
     layout = memory_format(net, precision)
     net = net.to(memory_format=layout)
     optimizer = build_optimizer(net, cfg, precision)
@@ -380,7 +389,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     lookahead = Lookahead(net, [t.to(device) for t in state["lookahead"]] if mode == "resume" else None
                           ) if cfg.lookahead else None
     train_set = TrainImages(train_images, train_labels, mean, std,
-                            crop_padding=cfg.crop_padding if cfg.crop_padding is not None else max(1, h // 8),
+                            crop_padding=_crop_padding(cfg, h),
                             cutout_size=cfg.cutout_size if cfg.cutout_size is not None else max(1, h // 4),
                             memory_format=layout)
 
@@ -404,7 +413,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     # Only a Dataset object is compared by its pixels when it is trained into this folder again (a named dataset is
     # known by its config, an image folder by its files' stamp), so only then is the training split hashed (0.2 s
     # for CIFAR's).
-    train_digest = data.train.digest() if dataset_obj is not None else None
+    train_digest = data.train.digest() if dataset_obj is not None or recorded.get("train_digest") else None
     # A Dataset object's validation split was carved by the seed it was loaded with, not the run's (tune's repeated
     # executions train on one object with seeds S, S+1, ...).
     split = config.split_options() | ({"seed": dataset_obj.loaded_with["seed"]}
@@ -601,13 +610,25 @@ def _folder_changed(config: RunConfig, recorded: dict[str, Any], dataset_obj: Da
     return dataset_obj is None and bool(stamp) and Path(folder).is_dir() and folder_stamp(folder) != stamp
 
 
+def _crop_padding(cfg: TrainConfig, height: int) -> int:
+    """Pixels of translation of augment crop: the setting, else an eighth of the image (4 for 32x32)."""
+    return cfg.crop_padding if cfg.crop_padding is not None else max(1, height // 8)
+
+
+def _other_images(recorded: dict[str, Any], data: Dataset) -> bool:
+    """Whether a run that recorded the hash of its training images (one trained on a Dataset object) trained on
+    other images than data's."""
+    return bool(recorded.get("train_digest")) and data.train.digest() != recorded["train_digest"]
+
+
 def _check_and_load_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset | None,
                                  rank_device: torch.device | None) -> TrainResult:
     recorded = read_json(run_dir / "model.json")
     digest, folder = recorded.get("train_digest"), config.data.dataset
-    if dataset_obj is not None and digest and dataset_obj.train.digest() != digest:
+    if digest and _other_images(recorded, dataset_obj or load_config_dataset(config)):
         raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
-                          "the Dataset passed; choose another out (or delete the folder) to train on these")
+                          f"{'the Dataset passed' if dataset_obj else folder + ' loaded by name'}; choose another out "
+                          "(or delete the folder) to train on these")
     if _folder_changed(config, recorded, dataset_obj):
         raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
                           "on it; choose another --out (or delete that run) to train on the folder as it is now")
@@ -635,6 +656,13 @@ def _check_trainable(net: torch.nn.Module, name: str, cfg: TrainConfig, shape: t
                                   ("tta_shift", cfg.tta_shift, cfg.tta)):
         if used and pixels is not None and pixels >= min(h, w):
             raise ImgclfError(f"{setting} {pixels} is not smaller than the {h}x{w} images; use fewer pixels")
+    padding = _crop_padding(cfg, h)
+    if "crop" in cfg.augment and padding == 0:  # TTA would still average shifted views, which training never showed
+        raise ImgclfError("crop_padding 0 makes augment crop shift nothing; drop crop from the augmentations, or "
+                          "use 1 or more pixels")
+    if "crop" in cfg.augment and (cfg.tta_shift or 0) > padding:
+        raise ImgclfError(f"tta_shift {cfg.tta_shift} would average views shifted further than crop_padding {padding} "
+                          f"moved any training image; use tta_shift {padding} or less, or a larger crop_padding")
     per_rank = min(cfg.batch_size, train_size) // ctx.world_size
     if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
         raise ImgclfError(f"batches of {per_rank} image{'s' if per_rank != 1 else ''}"
@@ -691,8 +719,10 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         images = alternating_flip(images, epoch - 1, cfg.seed)
     # Alone, one generator shuffles and augments (as before ranks existed); with ranks, the shared one only
     # shuffles, and each rank's augmentation gets its own draws, reseeded per epoch so --resume replays it.
-    augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(
-        cfg.seed * 1_000_003 + (epoch - 1) * 1009 + ctx.rank + 1)
+    rank_seed = cfg.seed * 1_000_003 + (epoch - 1) * 1009 + ctx.rank + 1
+    augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(rank_seed)
+    if ctx.enabled:  # dropout draws from the global streams (CPU and GPU), seeded alike on every rank: not the same
+        torch.manual_seed(2**32 + rank_seed)  # masks on each rank's images, and apart from the augmentation's draws
     inner = distributed.unwrap(net)
     bias = whitening_bias(inner)
     bias_done = cfg.whiten_bias_epochs is not None and epoch > cfg.whiten_bias_epochs and bias is not None
