@@ -44,15 +44,22 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
 
 
 def test_each_rank_draws_its_own_dropout_masks(tmp_path):
-    script = tmp_path / "rng.py"
-    script.write_text("import os, sys, torch\nfrom imgclf.train import train\n"
-                      "train(dataset='digits', model='mlp', model_options={'dropout': 0.5}, epochs=1, quiet=True, "
+    script = tmp_path / "rng.py"  # the global stream as each epoch ends (train gives the caller its own back)
+    script.write_text("import importlib, os, sys, torch\nfrom imgclf.train import train\n"
+                      "module, states = importlib.import_module('imgclf.train'), []\n"
+                      "real = module.train_one_epoch\n"
+                      "def recorded(*args, **kwargs):\n"
+                      "    metrics = real(*args, **kwargs)\n    states.append(torch.get_rng_state())\n"
+                      "    return metrics\n"
+                      "module.train_one_epoch = recorded\n"
+                      "train(dataset='digits', model='mlp', model_options={'dropout': 0.5}, epochs=2, quiet=True, "
                       "precision='fp32', out=sys.argv[1])\n"
-                      "torch.save(torch.get_rng_state(), f'{sys.argv[1]}-rng{os.environ[\"RANK\"]}.pt')\n")
+                      "torch.save(states, f'{sys.argv[1]}-rng{os.environ[\"RANK\"]}.pt')\n")
     job = torchrun(script, tmp_path / "ddp")
     assert job.returncode == 0, job.stderr[-2000:]
-    # Both ranks started from the same seed; the same stream would give image i of each rank's half the same mask.
-    assert not torch.equal(*(torch.load(tmp_path / f"ddp-rng{r}.pt") for r in (0, 1)))
+    rank0, rank1 = (torch.load(tmp_path / f"ddp-rng{r}.pt") for r in (0, 1))
+    # Both ranks start from one seed: one stream would give image i of each rank's half the same mask.
+    assert len(rank0) == 2 and not any(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
 
 
 def test_two_ranks_stop_the_whitening_bias_and_share_batch_norm_statistics_with_lookahead(tmp_path):

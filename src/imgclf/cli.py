@@ -36,6 +36,7 @@ from imgclf.errors import ImgclfError, PeerLost, UsageError, one_line, one_line_
 console = Console(highlight=False, soft_wrap=True)
 # How long a rank other than 0 waits, on an error, for rank 0 to say it first (see main).
 SHARED_ERROR_GRACE_SECONDS = 10
+MODEL_HELP = "model name (see `imgclf models`); replaces the recipe's model and its options (its own name keeps them)"
 TTA_MARGIN_HELP = ("with TTA, give the other views only to images whose centre view leaves the top two classes "
                    "closer than this probability (1: every image every view; default: the run's recipe setting)")
 
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model into a run folder")
     p.add_argument("--dataset", help="dataset name (see `imgclf datasets`) or image-folder path")
-    p.add_argument("--model", help="model name (see `imgclf models`); replaces the recipe's model")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--recipe", help="recipe name (see `imgclf recipes`) or YAML file; flags override it")
     p.add_argument("--data-dir", type=_path, help="dataset folder (default: $IMGCLF_DATA or ~/.cache/imgclf)")
     p.add_argument("--epochs", type=int, help="passes over the training images")
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("summary", help="Keras-like table of a model's layers and parameters")
-    p.add_argument("--model", help="model name (see `imgclf models`); replaces the recipe's model")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--recipe", help="recipe name (see `imgclf recipes`) or YAML file")
     p.add_argument("--dataset", help="input shape and classes from this dataset (default: the recipe's)")
     p.add_argument("--data-dir", type=_path, help="where an image folder's decoded cache goes (as for train)")

@@ -978,7 +978,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, val_split: fl
                           "or 0")
     if not isinstance(name, str | os.PathLike) or name == "":  # Path("") would be the working directory
         raise ImgclfError(f"give a dataset name (see `imgclf datasets`) or an image folder, not {name!r}")
-    if data_dir is not None and (not isinstance(data_dir, str | os.PathLike) or os.fspath(data_dir) == ""):
+    if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
         raise ImgclfError(f"data_dir is a folder path, not {data_dir!r}")
     check_flags(grayscale=grayscale, download=download)
     if not is_whole(seed, 0, 2**32 - 1):

@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -276,6 +277,10 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         return _reuse_finished_run(config, run_dir, dataset_obj, rank_device, say, report, ctx)
     # Rank 0 reads the run folder, here and below: the other machines of a multi-machine run have no copy of it.
     recorded = ctx.from_main(lambda: read_json(run_dir / "model.json")) if mode == "resume" else {}
+    if mode == "resume" and dataset_obj is None and recorded.get("train_digest"):  # loaded by name, it would
+        # be carved by another seed, and any edit to the object would be lost: the object says which images
+        raise ImgclfError(f"{run_dir} holds a run started on a Dataset object; resume it with that Dataset "
+                          "(train(dataset=..., out=..., resume=True))")
     if mode == "resume" and dataset_obj is not None:
         if recorded.get("train_digest") is None or _other_images(recorded, dataset_obj):
             raise ImgclfError(f"{run_dir} holds a run started on other images than the Dataset passed; resume it "
@@ -301,9 +306,6 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick the fastest kernels once
     data = dataset_obj or load_config_dataset(config)
     data.check_trainable()
-    if mode == "resume" and dataset_obj is None and _other_images(recorded, data):
-        raise ImgclfError(f"{run_dir} holds a run started on a Dataset object with other images than "
-                          f"{config.data.dataset} loaded by name; resume it with the Dataset it started with")
     if cfg.early_stopping and (data.val is None or len(data.val) == 0):
         raise ImgclfError(f"early stopping watches the val accuracy, and {data.name} has no val split here; "
                           "set --val-split above 0, or drop --early-stopping")
@@ -320,6 +322,8 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
                       "give the base's weights with --set model.weights=FILE.safetensors (a vgg run's "
                       "model.safetensors will do)", stacklevel=3)
     _check_trainable(net, config.model.name, cfg, (c, h, w), len(data.train), ctx, device)
+    if mode == "new":  # a run started before these checks still resumes
+        _check_tta_shifts(cfg, h)
     if mode == "resume" and cfg.precision == "fp16" and device.type == "cpu":  # a GPU run, resumed on a CPU
         precision = resolve_precision("auto", device)
         say(f"[yellow]warning:[/] fp16 is for GPUs: this CPU goes on in {precision}")
@@ -413,7 +417,7 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
     # Only a Dataset object is compared by its pixels when it is trained into this folder again (a named dataset is
     # known by its config, an image folder by its files' stamp), so only then is the training split hashed (0.2 s
     # for CIFAR's).
-    train_digest = data.train.digest() if dataset_obj is not None or recorded.get("train_digest") else None
+    train_digest = data.train.digest() if dataset_obj is not None else None
     # A Dataset object's validation split was carved by the seed it was loaded with, not the run's (tune's repeated
     # executions train on one object with seeds S, S+1, ...).
     split = config.split_options() | ({"seed": dataset_obj.loaded_with["seed"]}
@@ -610,6 +614,17 @@ def _folder_changed(config: RunConfig, recorded: dict[str, Any], dataset_obj: Da
     return dataset_obj is None and bool(stamp) and Path(folder).is_dir() and folder_stamp(folder) != stamp
 
 
+def _check_tta_shifts(cfg: TrainConfig, height: int) -> None:
+    """TTA averages shifted views wherever augment has crop: refuse shifts that training never makes."""
+    padding = _crop_padding(cfg, height)
+    if "crop" in cfg.augment and padding == 0:
+        raise ImgclfError("crop_padding 0 makes augment crop shift nothing; drop crop from the augmentations, or "
+                          "use 1 or more pixels")
+    if "crop" in cfg.augment and (cfg.tta_shift or 0) > padding:
+        raise ImgclfError(f"tta_shift {cfg.tta_shift} would average views shifted further than crop_padding {padding} "
+                          f"moved any training image; use tta_shift {padding} or less, or a larger crop_padding")
+
+
 def _crop_padding(cfg: TrainConfig, height: int) -> int:
     """Pixels of translation of augment crop: the setting, else an eighth of the image (4 for 32x32)."""
     return cfg.crop_padding if cfg.crop_padding is not None else max(1, height // 8)
@@ -625,10 +640,12 @@ def _check_and_load_finished_run(config: RunConfig, run_dir: Path, dataset_obj: 
                                  rank_device: torch.device | None) -> TrainResult:
     recorded = read_json(run_dir / "model.json")
     digest, folder = recorded.get("train_digest"), config.data.dataset
-    if digest and _other_images(recorded, dataset_obj or load_config_dataset(config)):
+    if dataset_obj is not None and _other_images(recorded, dataset_obj):
         raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
-                          f"{'the Dataset passed' if dataset_obj else folder + ' loaded by name'}; choose another out "
-                          "(or delete the folder) to train on these")
+                          "the Dataset passed; choose another out (or delete the folder) to train on these")
+    if dataset_obj is None and digest:  # reloading the data to compare would cost a load, or a download
+        warnings.warn(f"{run_dir} was trained on a Dataset object, whose images may differ from {folder} loaded by "
+                      "name; pass that Dataset to check, or choose another out", stacklevel=4)
     if _folder_changed(config, recorded, dataset_obj):
         raise ImgclfError(f"{folder} changed (images added, removed or rewritten) since {run_dir} was trained "
                           "on it; choose another --out (or delete that run) to train on the folder as it is now")
@@ -656,13 +673,6 @@ def _check_trainable(net: torch.nn.Module, name: str, cfg: TrainConfig, shape: t
                                   ("tta_shift", cfg.tta_shift, cfg.tta)):
         if used and pixels is not None and pixels >= min(h, w):
             raise ImgclfError(f"{setting} {pixels} is not smaller than the {h}x{w} images; use fewer pixels")
-    padding = _crop_padding(cfg, h)
-    if "crop" in cfg.augment and padding == 0:  # TTA would still average shifted views, which training never showed
-        raise ImgclfError("crop_padding 0 makes augment crop shift nothing; drop crop from the augmentations, or "
-                          "use 1 or more pixels")
-    if "crop" in cfg.augment and (cfg.tta_shift or 0) > padding:
-        raise ImgclfError(f"tta_shift {cfg.tta_shift} would average views shifted further than crop_padding {padding} "
-                          f"moved any training image; use tta_shift {padding} or less, or a larger crop_padding")
     per_rank = min(cfg.batch_size, train_size) // ctx.world_size
     if per_rank < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
         raise ImgclfError(f"batches of {per_rank} image{'s' if per_rank != 1 else ''}"
@@ -719,10 +729,11 @@ def train_one_epoch(learner: Learner, train_set: TrainImages, cfg, epoch: int, s
         images = alternating_flip(images, epoch - 1, cfg.seed)
     # Alone, one generator shuffles and augments (as before ranks existed); with ranks, the shared one only
     # shuffles, and each rank's augmentation gets its own draws, reseeded per epoch so --resume replays it.
-    rank_seed = cfg.seed * 1_000_003 + (epoch - 1) * 1009 + ctx.rank + 1
-    augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(rank_seed)
+    augment_generator = generator if not ctx.enabled else torch.Generator(device=device).manual_seed(
+        cfg.seed * 1_000_003 + (epoch - 1) * 1009 + ctx.rank + 1)
     if ctx.enabled:  # dropout draws from the global streams (CPU and GPU), seeded alike on every rank: not the same
-        torch.manual_seed(2**32 + rank_seed)  # masks on each rank's images, and apart from the augmentation's draws
+        # masks on each rank's images, and a stream apart from the augmentation's (the CPU's takes 32 bits of a seed)
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank, 1]).generate_state(1)[0]))
     inner = distributed.unwrap(net)
     bias = whitening_bias(inner)
     bias_done = cfg.whiten_bias_epochs is not None and epoch > cfg.whiten_bias_epochs and bias is not None
