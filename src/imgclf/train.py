@@ -277,12 +277,12 @@ def _train(config: RunConfig, out, resume: bool, dataset_obj: Dataset | None, qu
         return _reuse_finished_run(config, run_dir, dataset_obj, rank_device, say, report, ctx)
     # Rank 0 reads the run folder, here and below: the other machines of a multi-machine run have no copy of it.
     recorded = ctx.from_main(lambda: read_json(run_dir / "model.json")) if mode == "resume" else {}
-    if mode == "resume" and dataset_obj is None and recorded.get("train_digest"):  # loaded by name, it would
-        # be carved by another seed, and any edit to the object would be lost: the object says which images
+    # Only the object says which images a run started on it trained on: loaded by name, any edit to them is lost.
+    if mode == "resume" and dataset_obj is None and recorded.get("train_digest"):
         raise ImgclfError(f"{run_dir} holds a run started on a Dataset object; resume it with that Dataset "
                           "(train(dataset=..., out=..., resume=True))")
     if mode == "resume" and dataset_obj is not None:
-        if recorded.get("train_digest") is None or _other_images(recorded, dataset_obj):
+        if recorded.get("train_digest") != dataset_obj.train.digest():  # None: a run started from a name
             raise ImgclfError(f"{run_dir} holds a run started on other images than the Dataset passed; resume it "
                               "with the Dataset it started with (or without one, if it started from a name)")
     # On rank 0, whose folder the stamp was taken of (another machine's copy has other file times), before decoding.
@@ -630,17 +630,11 @@ def _crop_padding(cfg: TrainConfig, height: int) -> int:
     return cfg.crop_padding if cfg.crop_padding is not None else max(1, height // 8)
 
 
-def _other_images(recorded: dict[str, Any], data: Dataset) -> bool:
-    """Whether a run that recorded the hash of its training images (one trained on a Dataset object) trained on
-    other images than data's."""
-    return bool(recorded.get("train_digest")) and data.train.digest() != recorded["train_digest"]
-
-
 def _check_and_load_finished_run(config: RunConfig, run_dir: Path, dataset_obj: Dataset | None,
                                  rank_device: torch.device | None) -> TrainResult:
     recorded = read_json(run_dir / "model.json")
     digest, folder = recorded.get("train_digest"), config.data.dataset
-    if dataset_obj is not None and _other_images(recorded, dataset_obj):
+    if dataset_obj is not None and digest and dataset_obj.train.digest() != digest:
         raise ImgclfError(f"{run_dir} holds a finished run of this configuration trained on other images than "
                           "the Dataset passed; choose another out (or delete the folder) to train on these")
     if dataset_obj is None and digest:  # reloading the data to compare would cost a load, or a download
