@@ -1,3 +1,4 @@
+import errno
 import gzip
 import hashlib
 import http.server
@@ -533,6 +534,46 @@ def test_download_and_extract_cifar10(tmp_path, monkeypatch, server):
     (killed / "data_batch_1").write_bytes(b"half")
     assert len(load_dataset("cifar10", tmp_path / "data", val_split=0).train) == 100
     assert [p.name for p in (tmp_path / "data" / "cifar10").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_local_archive_extracts_offline(tmp_path, monkeypatch):
+    make_cifar10(tmp_path / "src")
+    trust(monkeypatch, "cifar10", tmp_path / "src")
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    archive = tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz"
+    make_tarball(archive, {f: (tmp_path / "src" / f).read_bytes() for f in DATASETS["cifar10"]["files"]})
+    monkeypatch.setitem(DATASETS["cifar10"], "archive", ("cifar-10-python.tar.gz", md5(archive)))
+    assert len(load_dataset("cifar10", tmp_path / "data", val_split=0, download=False).train) == 100
+
+
+def test_a_disk_that_cannot_take_the_download_is_said_once_and_a_killed_download_is_swept(tmp_path, monkeypatch,
+                                                                                            server):
+    served, url = server
+    make_mnist(served)
+    trust(monkeypatch, "mnist", served)
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", [url, url])
+    tried = []
+
+    def full(source, target, length=0):
+        tried.append(source.url)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data.shutil, "copyfileobj", full)
+    with pytest.raises(ImgclfError, match=r"cannot write into .*mnist \(No space left on device\); free some space "
+                                          r"there, or point --data-dir"):
+        load_dataset("mnist", tmp_path / "full")
+    assert len(tried) == 1 and not (tmp_path / "full").exists()  # not the next mirror: the disk is the problem
+    monkeypatch.undo()
+    trust(monkeypatch, "mnist", served)
+    monkeypatch.setitem(DATASETS["mnist"], "mirrors", [url])
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    killed = tmp_path / "data" / "mnist" / ".train-images-idx3-ubyte.gz.abcd1234.part"  # seconds ago, by a kill -9
+    killed.write_bytes(b"half")
+    load_dataset("mnist", tmp_path / "data")
+    assert not killed.exists()
+    (tmp_path / "blocked").write_text("a file")
+    with pytest.raises(ImgclfError, match=r"blocked is a file, not a folder, so .*blocked/sub/mnist cannot be made"):
+        load_dataset("mnist", tmp_path / "blocked" / "sub")
 
 
 def test_unsafe_tarball_is_refused(tmp_path, monkeypatch):

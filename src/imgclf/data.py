@@ -4,6 +4,7 @@ These datasets fit in RAM, and batches sliced from one (N, C, H, W) tensor are f
 per-image DataLoader pipeline, so every source is decoded once into that form.
 """
 
+import errno
 import functools
 import gzip
 import hashlib
@@ -38,6 +39,7 @@ from imgclf.config import MAX_IMAGE_SIZE, RunConfig
 from imgclf.errors import ImgclfError, check_flags, did_you_mean, is_number, is_whole
 from imgclf.runs import (
     atomic_write,
+    file_in_the_way,
     folder_lock,
     missing_folders,
     outside_datasets,
@@ -369,10 +371,13 @@ def _verify(name: str, path: Path, digest: str, algorithm: str = "md5") -> None:
 
 def _download(urls: list[str], dest: Path, digest: str, algorithm: str = "md5") -> None:
     """Fetch dest from the first url that answers; raise OSError naming every url's failure if none does."""
-    sweep_stale(dest.parent, dest.name, ".part")  # what a killed download of this file left
+    sweep_stale(dest.parent, dest.name, ".part", seconds=0)  # what a killed download left: callers hold the lock
     failures = []
     for url in urls:
-        fd, tmp = temporary_file(dest.parent, dest.name, ".part")
+        try:
+            fd, tmp = temporary_file(dest.parent, dest.name, ".part")
+        except OSError as e:
+            raise _unwritable(dest.parent, e) from None
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT) as response:
                 size = int(response.headers.get("Content-Length") or 0)
@@ -389,11 +394,23 @@ def _download(urls: list[str], dest: Path, digest: str, algorithm: str = "md5") 
                 return
             else:  # a damaged transfer, a changed mirror or a captive portal's page: the next mirror may do better
                 failures.append(f"{url} failed its {algorithm} check (got {got}, want {digest})")
-        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+        except OSError as e:
+            if e.errno in _LOCAL_WRITE_ERRORS:  # the disk, not the server: another mirror would fail the same way
+                raise _unwritable(dest.parent, e) from None
+            failures.append(f"{url}: {e}")  # URLError and timeouts are OSErrors
+        except (ValueError, http.client.HTTPException) as e:
             failures.append(f"{url}: {e}")
         finally:
             Path(tmp).unlink(missing_ok=True)
     raise OSError(", ".join(failures))
+
+
+_LOCAL_WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _unwritable(folder: Path, error: OSError) -> ImgclfError:
+    return ImgclfError(f"cannot write into {folder} ({error.strerror or error}); free some space there, or point "
+                       "--data-dir (or IMGCLF_DATA) at a writable folder")
 
 
 # torchvision's ImageNet weights of VGG and ResNet-18 (IMAGENET1K_V1): a name's hex starts the file's sha256.
@@ -410,16 +427,31 @@ def pretrained_file(name: str, data_dir: str | Path | None = None) -> Path:
     folder = data_root(data_dir) / "weights"
     dest = folder / url.rsplit("/", 1)[1]
     if not dest.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        with folder_lock(folder):
-            if not dest.is_file():  # another process may have fetched it while this one waited
-                try:
+        made = _made_folder(folder)
+        try:
+            with folder_lock(folder):
+                if not dest.is_file():  # another process may have fetched it while this one waited
                     _download([url], dest, dest.stem.rsplit("-", 1)[1], "sha256")
-                except OSError as e:
-                    raise ImgclfError(f"cannot download the ImageNet weights {dest.name} ({e}); offline, put the "
-                                      f"file from {url} into {folder}") from None
+        except OSError as e:
+            raise ImgclfError(f"cannot download the ImageNet weights {dest.name} ({e}); offline, put the "
+                              f"file from {url} into {folder}") from None
+        finally:
+            remove_empty(made)  # a failed download leaves no empty folders behind
     _verify(f"ImageNet weights {name}", dest, dest.stem.rsplit("-", 1)[1], "sha256")
     return dest
+
+
+def _made_folder(folder: Path) -> list[Path]:
+    """Make folder (and its parents), or say in one line why it cannot be; returns the folders made."""
+    made = missing_folders(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ImgclfError(f"{file_in_the_way(folder)} is a file, not a folder, so {folder} cannot be made; move "
+                          "it, or point --data-dir (or IMGCLF_DATA) at another folder") from None
+    except OSError as e:
+        raise _unwritable(folder.parent, e) from None
+    return made
 
 
 def _extract(name: str, archive: Path, folder: Path, wanted: list[str]) -> None:
@@ -458,12 +490,11 @@ def _ensure_files(name: str, root: Path, download: bool) -> Path:
             return (f"put {need} in {folder}, or point --data-dir (or IMGCLF_DATA) at a folder that has "
                     f"{spec['folder']}/ with them")
 
-        if not download:
+        if not download and not (archive and (folder / archive).is_file()):  # a local archive only extracts
             raise ImgclfError(f"{name}: {', '.join(missing)} missing from {folder}; {where()}, "
                               "or allow downloads")
-        made = missing_folders(folder)
+        made = _made_folder(folder)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
             # Processes that start together (the ranks of --nproc, tune's workers, two commands) fetch each
             # file once, the others waiting for it.
             with folder_lock(folder):
@@ -475,8 +506,9 @@ def _ensure_files(name: str, root: Path, download: bool) -> Path:
                         _verify(name, folder / archive, archive_md5)
                         _extract(name, folder / archive, folder, missing)
         except OSError as e:
-            remove_empty(made)  # a failed download leaves no empty folders behind
             raise ImgclfError(f"{name}: could not download ({e}); {where()}") from e
+        finally:
+            remove_empty(made)  # a failed download leaves no empty folders behind (a good one fills them)
     for f, md5 in spec["files"].items():
         _verify(name, folder / f, md5)
     return folder

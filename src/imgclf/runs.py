@@ -77,6 +77,11 @@ def missing_folders(path: Path) -> list[Path]:
     return [folder for folder in (path, *path.parents) if not folder.exists()]
 
 
+def file_in_the_way(folder: Path) -> Path:
+    """The file that stands where folder, or one of its parents, should be (folder itself if none does)."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+
+
 def remove_empty(folders: list[Path]) -> None:
     """Remove these folders where still empty (deepest first): a failed write leaves none behind."""
     for folder in folders:
@@ -150,12 +155,13 @@ def temporary_file(folder: Path, name: str, suffix: str) -> tuple[int, str]:
     return tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=suffix)
 
 
-def sweep_stale(folder: Path, name: str, suffix: str) -> None:
+def sweep_stale(folder: Path, name: str, suffix: str, seconds: float = STRAY_SECONDS) -> None:
     """Delete the temporary files of `name` (temporary_file's) in `folder` that a killed write left: those
-    untouched for a minute (a write still going on, in another process, touches its file all the time)."""
+    untouched for a minute (a write still going on, in another process, touches its file all the time), or for
+    `seconds` (0 where the caller holds the folder's lock, so no other process writes one)."""
     for stray in folder.glob(f".{glob.escape(name)}.*{suffix}"):
         with contextlib.suppress(OSError):
-            if time.time() - stray.stat().st_mtime > STRAY_SECONDS:
+            if time.time() - stray.stat().st_mtime >= seconds:
                 stray.unlink()
 
 
@@ -167,9 +173,8 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], object]) -
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file where a folder should be: name it, not "File exists"
-        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), path.parent)
-        raise ImgclfError(f"{blocker} is a file, not a folder, so {path} cannot be written there; choose "
-                          "another --out") from None
+        raise ImgclfError(f"{file_in_the_way(path.parent)} is a file, not a folder, so {path} cannot be written "
+                          "there; choose another --out") from None
     try:
         fd, tmp = temporary_file(path.parent, path.name, ".tmp")
     except OSError as e:  # a read-only folder, say: name the file meant, not a temporary name
