@@ -405,7 +405,8 @@ def _download(urls: list[str], dest: Path, digest: str, algorithm: str = "md5") 
     raise OSError(", ".join(failures))
 
 
-_LOCAL_WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, getattr(errno, "EDQUOT", errno.ENOSPC))
+# Errors of writing an open file: not EACCES, which a refused connection can raise too (creating the file is apart).
+_LOCAL_WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _unwritable(folder: Path, error: OSError) -> ImgclfError:
