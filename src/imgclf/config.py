@@ -30,6 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # The train options that take one of a few names (augment: a list of them).
 NAMED_CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES,
                  "augment": AUGMENTATIONS}
+SPLIT_OPTIONS = ("val_split", "grayscale", "seed")  # what RunConfig.split_options gives, and model.json's split holds
 MAX_IMAGE_SIZE = 1024  # pixels a side: datasets are held in memory, and 60,000 images at 1024 px are 190 GB
 
 
@@ -122,7 +123,7 @@ class RunConfig:
     def split_options(self) -> dict[str, Any]:
         """The load_dataset options that decide which images a run holds out for validation (its model.json
         keeps them, so a loaded model rebuilds that split)."""
-        return {"val_split": self.data.val_split, "grayscale": self.data.grayscale, "seed": self.train.seed}
+        return dict(zip(SPLIT_OPTIONS, (self.data.val_split, self.data.grayscale, self.train.seed), strict=True))
 
     def what(self) -> dict[str, Any]:
         """to_dict() without the fields that say where, not what: two runs that differ only there are the same

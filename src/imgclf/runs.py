@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 
 from imgclf import __version__
-from imgclf.config import RunConfig
+from imgclf.config import SPLIT_OPTIONS
 from imgclf.device import resolve_device
 from imgclf.errors import ImgclfError, is_finite_number
 from imgclf.models import create_model
@@ -370,9 +370,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Train
         if not (len(mean) == len(std) == input_shape[0] and all(map(is_finite_number, mean + std))
                 and min(std) > 0):
             raise ValueError(f"mean and std are not {input_shape[0]} finite numbers each, std above 0")
-        split, keys = meta.get("split", {}), list(RunConfig().split_options())
-        if not isinstance(split, dict) or set(split) - set(keys):
-            raise ValueError(f"split is not a mapping of {', '.join(keys)}")
+        split = meta.get("split", {})
+        if not isinstance(split, dict) or set(split) - set(SPLIT_OPTIONS):
+            raise ValueError(f"split is not a mapping of {', '.join(SPLIT_OPTIONS)}")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ImgclfError) as e:
         raise ImgclfError(f"{meta_path} is not an imgclf model description ({type(e).__name__}: {e}); "
                           "retrain the run or restore the file") from None

@@ -27,7 +27,7 @@ from imgclf.config import (
     typed_option,
 )
 from imgclf.errors import ImgclfError, is_finite_number
-from imgclf.models import MODELS
+from imgclf.models import MODELS, check_model_options
 
 SPEC_KEYS = {"type", "low", "high", "step", "log", "choices", "value", "per_layer", "set"}
 TRAIN_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}  # what a train.X value must be
@@ -146,8 +146,12 @@ def _check_param(source: str, space: Space, name: str, spec: Any, model: str) ->
         if path == "train.threads":
             raise ImgclfError(f"{where}: threads cannot be searched; tune gives each of its --workers cores / workers "
                               "threads")
-        if path == "model.name" and (unknown := [v for v in _values_of(spec) if v not in MODELS]):
-            raise ImgclfError(f"{where}: unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+        if path == "model.name":
+            for value in _values_of(spec):
+                try:
+                    check_model_options(value, {})  # the one text of an unknown model, with "did you mean"
+                except ImgclfError as e:
+                    raise ImgclfError(f"{where}: {e}") from None
         if section == "train":
             _check_train_values(key, spec, where)
 
